@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer with a ChatML template, and tiny random models
+of every supported family, built in-process (no hub, a few seconds for the lot)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "I'm sorry, but I can't help with that request.",
+    "Sure, here is a short poem about the sea and the sky.",
+    "Explain how photosynthesis works in simple terms.",
+    "Write a message to my neighbour about the noise.",
+    "The quick brown fox jumps over the lazy dog.",
+    "List three tips for studying: sleep, review, practise.",
+    "Translate 'good morning' into French: bonjour.",
+    "def add(a, b): return a + b",
+    "user assistant system",
+] * 20
+
+
+def build_tokenizer(vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def tiny_config(family: str, vocab_size: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=True)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=False)
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None)
+    if family == "gemma":
+        return tf.GemmaConfig(**common, head_dim=8)
+    if family == "gemma2":
+        return tf.Gemma2Config(**common, head_dim=8, sliding_window=64)
+    if family == "phi3":
+        return tf.Phi3Config(**common)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "gpt2"]
+
+
+def build_model(family: str, tokenizer, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)), dtype=torch.float32)
+    # Random init with std 0.02 gives near-uniform logits; a larger scale makes greedy decoding
+    # decisive, so batched and unbatched runs cannot differ by ties.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, 0.2)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tokenizer):
+    """{family: model} for every supported family (shared: tests must not modify them in place)."""
+    return {family: build_model(family, tokenizer) for family in FAMILIES}
+
+
+@pytest.fixture
+def llama(tokenizer):
+    """A fresh tiny Llama (tied embeddings) that a test may modify."""
+    return build_model("llama", tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tests never write to the user's cache; the embedded model conversion is shared per session."""
+    if "ABLATE_TEST_CACHE" not in os.environ:
+        os.environ["ABLATE_TEST_CACHE"] = str(tmp_path_factory.getbasetemp() / "ablate-cache")
+    monkeypatch.setenv("ABLATE_CACHE", os.environ["ABLATE_TEST_CACHE"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -1,0 +1,55 @@
+import torch
+
+from ablate.generation import generate, last_position_logits, length_sorted_batches
+
+PROMPTS = [
+    "Hi",
+    "Explain how photosynthesis works in simple terms, please, with an example.",
+    "Write a poem.",
+    "List three tips for studying for an exam next week.",
+    "Translate good morning.",
+]
+
+
+def test_length_sorted_batches_cover_every_index_once():
+    lengths = [5, 1, 9, 3, 7, 2]
+    batches = list(length_sorted_batches(lengths, 4))
+    assert sorted(i for batch in batches for i in batch) == list(range(6))
+    assert [lengths[i] for i in batches[0]] == [9, 7, 5, 3]
+
+
+def test_batched_greedy_equals_unbatched_and_keeps_order(tiny_models, tokenizer):
+    for family in ("llama", "gpt2", "qwen2"):
+        model = tiny_models[family]
+        batched = generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=5, progress=False)
+        single = [generate(model, tokenizer, [p], max_new_tokens=8, batch_size=1, progress=False)[0] for p in PROMPTS]
+        assert batched == single, family
+
+
+def test_sampling_is_seeded(tiny_models, tokenizer):
+    model = tiny_models["llama"]
+    first = generate(model, tokenizer, PROMPTS, max_new_tokens=8, do_sample=True, seed=3, progress=False)
+    second = generate(model, tokenizer, PROMPTS, max_new_tokens=8, do_sample=True, seed=3, progress=False)
+    assert first == second
+
+
+def test_last_position_logits_match_unpadded_forward(tiny_models, tokenizer):
+    from ablate.generation import render_prompts
+
+    model = tiny_models["llama"]
+    logits = last_position_logits(model, tokenizer, PROMPTS, batch_size=3)
+    assert logits.shape == (len(PROMPTS), len(tokenizer))
+    for index, text in enumerate(render_prompts(tokenizer, PROMPTS)):
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            expected = model(ids).logits[0, -1]
+        assert torch.allclose(logits[index], expected, atol=1e-4)
+
+
+def test_first_generated_token_is_argmax_of_last_position_logits(tiny_models, tokenizer):
+    model = tiny_models["qwen2"]
+    logits = last_position_logits(model, tokenizer, PROMPTS)
+    completions = generate(model, tokenizer, PROMPTS, max_new_tokens=1, progress=False)
+    for row, completion in zip(logits, completions):
+        expected = tokenizer.decode([int(row.argmax())], skip_special_tokens=True).strip()
+        assert completion == expected

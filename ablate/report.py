@@ -1,0 +1,471 @@
+"""Reports from a run directory: report.md, a self-contained report.html, tables.tex and figures/.
+
+    ablate report runs/default-20261126-201500
+
+and, in a notebook,
+
+    from ablate.report import load_run
+    run = load_run("runs/default-20261126-201500")
+    run.table          # one row per model variant: refusal, over-refusal, capability, KL, compute
+    run.metrics        # long form: variant, metric, value, ci_low, ci_high, n, method
+    run.budgets        # the LoRA sweep: one row per budget with its compute figures
+    run.sweep          # the direction sweep: one row per (layer, position) candidate
+
+The report reads only the run directory; it never trains or generates. Completions of refusal-eliciting
+prompts are never put into a report: only metrics and harmless examples.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ablate import AblateError
+from ablate.artifacts import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
+
+# Columns of the main table: (metric name in eval/<variant>.json, column title, lower is "better" for the attacker?)
+MAIN_METRICS = [
+    ("refusal_rate", "Refusal (held-out)"),
+    ("harmless_refusal_rate", "Over-refusal (harmless)"),
+    ("borderline_refusal_rate", "Over-refusal (borderline)"),
+    ("degenerate_rate", "Degenerate"),
+    ("capability", "Capability"),
+    ("kl_first_token", "KL (first token)"),
+    ("ce_reference_answers", "CE of reference answers"),
+]
+
+
+@dataclass
+class Run:
+    """Everything a notebook or report needs from one run directory."""
+
+    path: Path
+    manifest: dict
+    evals: dict[str, dict]
+    metrics: pd.DataFrame
+    table: pd.DataFrame
+    budgets: pd.DataFrame
+    sweep: pd.DataFrame
+    selected: dict | None
+    config: dict = field(default_factory=dict)
+
+    def generations(self, variant: str) -> pd.DataFrame:
+        path = self.path / "generations" / f"{variant}.jsonl"
+        return pd.DataFrame(read_jsonl(path)) if path.exists() else pd.DataFrame()
+
+
+def _variant_order(manifest: dict, evals: dict) -> list[str]:
+    names = list(manifest.get("variants", {})) or sorted(evals)
+    return [name for name in names if name in evals] + [name for name in sorted(evals) if name not in names]
+
+
+def _metrics_frame(evals: dict[str, dict]) -> pd.DataFrame:
+    rows = []
+    for variant, result in evals.items():
+        for metric, entry in result.get("metrics", {}).items():
+            if not isinstance(entry, dict) or entry.get("value") is None:
+                continue
+            ci = entry.get("ci") or [None, None]
+            rows.append({"variant": variant, "metric": metric, "value": float(entry["value"]),
+                         "ci_low": ci[0], "ci_high": ci[1], "n": entry.get("n"), "method": entry.get("method")})
+    return pd.DataFrame(rows, columns=["variant", "metric", "value", "ci_low", "ci_high", "n", "method"])
+
+
+def _capability(result: dict) -> tuple[float | None, int]:
+    values = [entry["value"] for name, entry in result.get("metrics", {}).items()
+              if name.startswith("capability/") and isinstance(entry, dict) and entry.get("value") is not None]
+    return (sum(values) / len(values), len(values)) if values else (None, 0)
+
+
+def _budget_rows(run_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted((run_dir / "finetune").glob("*/metrics.json")):
+        data = read_json(path)
+        rows.append({key: value for key, value in data.items() if key != "loss_curve"} |
+                    {"final_loss": (data.get("loss_curve") or [{}])[-1].get("loss")})
+    return rows
+
+
+def _sweep_frame(run_dir: Path) -> pd.DataFrame:
+    path = run_dir / "directions" / "sweep.json"
+    if not path.exists():
+        return pd.DataFrame()
+    data = read_json(path)
+    records = data.get("candidates", data) if isinstance(data, dict) else data
+    return pd.DataFrame(records) if isinstance(records, list) else pd.DataFrame()
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory into DataFrames (see the module docstring)."""
+    run_dir = Path(path)
+    if not (run_dir / "manifest.json").exists():
+        raise AblateError(f"{run_dir}: not a run directory (no manifest.json)")
+    manifest = read_json(run_dir / "manifest.json")
+    evals = {p.stem: read_json(p) for p in sorted((run_dir / "eval").glob("*.json"))}
+    order = _variant_order(manifest, evals)
+    evals = {name: evals[name] for name in order}
+    metrics = _metrics_frame(evals)
+    budgets = pd.DataFrame(_budget_rows(run_dir))
+    variants = manifest.get("variants", {})
+    table_rows = []
+    for name, result in evals.items():
+        row: dict[str, Any] = {"variant": name, "kind": variants.get(name, {}).get("kind", "")}
+        for metric, _title in MAIN_METRICS:
+            if metric == "capability":
+                row["capability"], row["capability_tasks"] = _capability(result)
+                continue
+            entry = result.get("metrics", {}).get(metric)
+            row[metric] = entry.get("value") if isinstance(entry, dict) else None
+            if isinstance(entry, dict) and entry.get("ci"):
+                row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = entry["ci"]
+                row[f"{metric}_n"] = entry.get("n")
+        if name.startswith("lora-") and not budgets.empty:
+            match = budgets[budgets["name"] == name[len("lora-"):]]
+            if not match.empty:
+                for key in ("n_examples", "steps", "train_flops", "wall_seconds", "train_tokens"):
+                    if key in match:
+                        row[key] = match.iloc[0][key]
+        table_rows.append(row)
+    table = pd.DataFrame(table_rows)
+    selected_path = run_dir / "directions" / "selected.json"
+    return Run(path=run_dir, manifest=manifest, evals=evals, metrics=metrics, table=table, budgets=budgets,
+               sweep=_sweep_frame(run_dir), selected=read_json(selected_path) if selected_path.exists() else None,
+               config=manifest.get("config_resolved", {}))
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _rate_cell(row: pd.Series, metric: str) -> str:
+    value = row.get(metric)
+    if value is None or pd.isna(value):
+        return "–"
+    low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+    if low is None or pd.isna(low):
+        return f"{100 * value:.1f}%"
+    return f"{100 * value:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _flops(value: Any) -> str:
+    if value is None or pd.isna(value):
+        return "–"
+    return f"{float(value):.2e}"
+
+
+def main_table_rows(run: Run) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the main table (shared by Markdown, HTML and LaTeX)."""
+    header = ["Variant", "Refusal (held-out) [95% CI]", "Over-refusal harmless", "Over-refusal borderline",
+              "Degenerate", "Capability", "KL first token", "Train FLOPs"]
+    rows = []
+    for _, row in run.table.iterrows():
+        kl = row.get("kl_first_token")
+        kl_text = _fmt(kl)
+        if row.get("kl_first_token_ci_low") is not None and not pd.isna(row.get("kl_first_token_ci_low", float("nan"))):
+            kl_text += f" [{row['kl_first_token_ci_low']:.3f}, {row['kl_first_token_ci_high']:.3f}]"
+        rows.append([
+            row["variant"], _rate_cell(row, "refusal_rate"), _rate_cell(row, "harmless_refusal_rate"),
+            _rate_cell(row, "borderline_refusal_rate"), _rate_cell(row, "degenerate_rate"),
+            _fmt(row.get("capability")), kl_text, _flops(row.get("train_flops")),
+        ])
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def latex_escape(text: str) -> str:
+    for old, new in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                     ("$", r"\$"), ("–", "--")):
+        text = text.replace(old, new)
+    return text
+
+
+def latex_table(header: list[str], rows: list[list[str]], caption: str, label: str) -> str:
+    columns = "l" + "r" * (len(header) - 1)
+    body = [" & ".join(latex_escape(cell) for cell in cells) + r" \\" for cells in rows]
+    return "\n".join([
+        r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{latex_escape(caption)}}}", rf"\label{{{label}}}",
+        rf"\begin{{tabular}}{{{columns}}}", r"\toprule", " & ".join(latex_escape(h) for h in header) + r" \\",
+        r"\midrule", *body, r"\bottomrule", r"\end{tabular}", r"\end{table}", "",
+    ])
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def _save_figure(figure, path: Path) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return path
+
+
+def figure_refusal_vs_budget(run: Run, path: Path) -> Path | None:
+    """Refusal against attack budget (examples, and training FLOPs), with the organism and ablation for scale."""
+    lora = run.table[run.table["variant"].str.startswith("lora-")]
+    if lora.empty or "n_examples" not in lora:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lora = lora.sort_values("n_examples")
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for axis, x_key, x_label in ((axes[0], "n_examples", "attack examples"), (axes[1], "train_flops", "training FLOPs")):
+        if x_key not in lora or lora[x_key].isna().all():
+            axis.set_visible(False)
+            continue
+        y = 100 * lora["refusal_rate"]
+        low = 100 * (lora["refusal_rate"] - lora.get("refusal_rate_ci_low", lora["refusal_rate"]))
+        high = 100 * (lora.get("refusal_rate_ci_high", lora["refusal_rate"]) - lora["refusal_rate"])
+        axis.errorbar(lora[x_key], y, yerr=[low, high], marker="o", capsize=3, label="LoRA attack")
+        for _, row in run.table[~run.table["variant"].str.startswith("lora-")].iterrows():
+            if row.get("refusal_rate") is not None and not pd.isna(row.get("refusal_rate")):
+                axis.axhline(100 * row["refusal_rate"], linestyle="--", linewidth=1, color="gray" if row["variant"] != "ablated" else "tab:red")
+                axis.annotate(row["variant"], (axis.get_xlim()[0], 100 * row["refusal_rate"]), fontsize=8, va="bottom")
+        axis.set_xscale("log", base=2 if x_key == "n_examples" else 10)
+        axis.set_xlabel(x_label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("refusal on held-out prompts (%)")
+    axes[0].set_ylim(-3, 103)
+    figure.suptitle("Refusal against attack budget (95% Wilson intervals)")
+    return _save_figure(figure, path)
+
+
+def figure_direction_sweep(run: Run, path: Path) -> Path | None:
+    """Layer × position heat maps of the candidates' refusal score, steering score and KL."""
+    sweep = run.sweep
+    if sweep.empty or not {"layer", "position"} <= set(sweep.columns):
+        return None
+    scores = [column for column in ("refusal_score", "steering_score", "kl") if column in sweep]
+    if not scores:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(scores), figsize=(4.2 * len(scores), 3.6), squeeze=False)
+    for axis, column in zip(axes[0], scores):
+        grid = sweep.pivot_table(index="position", columns="layer", values=column, aggfunc="mean")
+        image = axis.imshow(grid.values, aspect="auto", cmap="viridis", origin="lower")
+        axis.set_yticks(range(len(grid.index)), [str(p) for p in grid.index])
+        axis.set_xlabel("layer")
+        axis.set_ylabel("position")
+        axis.set_title(column.replace("_", " "))
+        figure.colorbar(image, ax=axis, shrink=0.8)
+        if run.selected and "layer" in run.selected and run.selected.get("position") in list(grid.index):
+            layers = list(grid.columns)
+            if run.selected["layer"] in layers:
+                axis.scatter([layers.index(run.selected["layer"])], [list(grid.index).index(run.selected["position"])],
+                             marker="*", s=120, color="red")
+    figure.suptitle("Direction candidates (validation prompts; ★ = selected)")
+    return _save_figure(figure, path)
+
+
+def figure_capability_vs_refusal(run: Run, path: Path) -> Path | None:
+    """Each variant's remaining refusal against what it kept: capability (or KL when there is none)."""
+    table = run.table.dropna(subset=["refusal_rate"])
+    y_key = "capability" if "capability" in table and table["capability"].notna().any() else "kl_first_token"
+    if table.empty or y_key not in table or table[y_key].isna().all():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for _, row in table.iterrows():
+        if pd.isna(row.get(y_key)):
+            continue
+        axis.scatter(100 * row["refusal_rate"], row[y_key], s=40)
+        axis.annotate(row["variant"], (100 * row["refusal_rate"], row[y_key]), fontsize=8, xytext=(4, 4),
+                      textcoords="offset points")
+    axis.set_xlabel("refusal on held-out prompts (%)")
+    axis.set_ylabel("capability (mean accuracy)" if y_key == "capability" else "KL on harmless prompts (first token)")
+    axis.grid(alpha=0.3)
+    axis.set_title("What each attack costs")
+    return _save_figure(figure, path)
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+def harmless_examples(run: Run, limit: int = 3) -> list[dict]:
+    """A few harmless prompts with each variant's answer (never refusal-eliciting prompts)."""
+    examples: dict[str, dict] = {}
+    for variant in run.evals:
+        frame = run.generations(variant)
+        if frame.empty or "prompt" not in frame:
+            continue
+        set_column = next((c for c in ("set", "prompt_set", "kind") if c in frame), None)
+        if set_column is None:
+            continue
+        harmless = frame[frame[set_column].astype(str).str.startswith("harmless")]
+        for _, row in harmless.head(limit).iterrows():
+            entry = examples.setdefault(str(row.get("id", row["prompt"])), {"prompt": row["prompt"], "answers": {}})
+            entry["answers"][variant] = str(row.get("completion", ""))
+    return list(examples.values())[:limit]
+
+
+def _budget_table(run: Run) -> tuple[list[str], list[list[str]]] | None:
+    if run.budgets.empty:
+        return None
+    header = ["Budget", "Examples", "Steps", "Rank", "LR", "Train tokens", "Train FLOPs", "Wall s", "Peak memory MB"]
+    rows = []
+    for _, row in run.budgets.iterrows():
+        peak = row.get("peak_memory_bytes")
+        rows.append([str(row.get("name")), _fmt(row.get("n_examples")), _fmt(row.get("steps")), _fmt(row.get("rank")),
+                     _fmt(row.get("lr"), 5), _fmt(row.get("train_tokens")), _flops(row.get("train_flops")),
+                     _fmt(row.get("wall_seconds"), 1), _fmt(peak / 2**20 if peak and not pd.isna(peak) else None, 0)])
+    return header, rows
+
+
+def _reproducibility(run: Run) -> list[tuple[str, str]]:
+    manifest = run.manifest
+    versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
+    hardware = manifest.get("hardware", {})
+    stages = manifest.get("stages", {})
+    stage_text = "; ".join(f"{name} {info.get('wall_seconds') or 0:.1f} s" + (" (cached)" if info.get("skipped") else "")
+                           for name, info in stages.items())
+    return [
+        ("Command", manifest.get("command", "")),
+        ("Config", f"{manifest.get('config_source', '')} (hash {manifest.get('config_hash', '')})"),
+        ("Git commit", str(manifest.get("git_commit"))),
+        ("Seed", str(manifest.get("seed"))),
+        ("Packages", versions),
+        ("Hardware", f"{hardware.get('processor', '')}, {hardware.get('cpu_count')} CPUs, CUDA {hardware.get('cuda')}"
+                     + (f", {', '.join(hardware['gpus'])}" if hardware.get("gpus") else "")),
+        ("Model fingerprints", ", ".join(f"{k} {v}" for k, v in manifest.get("fingerprints", {}).items())),
+        ("Stage wall time", stage_text),
+    ]
+
+
+def write_report(run_dir: str | Path) -> dict[str, Path]:
+    """Write report.md, report.html, tables.tex and figures/*.png into the run directory."""
+    run = load_run(run_dir)
+    run_dir = run.path
+    if run.table.empty:
+        raise AblateError(f"{run_dir}: no eval/*.json results to report")
+    figures_dir = run_dir / "figures"
+    figures = {
+        "refusal_vs_budget": figure_refusal_vs_budget(run, figures_dir / "refusal_vs_budget.png"),
+        "direction_sweep": figure_direction_sweep(run, figures_dir / "direction_sweep.png"),
+        "capability_vs_refusal": figure_capability_vs_refusal(run, figures_dir / "capability_vs_refusal.png"),
+    }
+    figures = {name: path for name, path in figures.items() if path is not None}
+    header, rows = main_table_rows(run)
+    budget = _budget_table(run)
+    manifest = run.manifest
+    title = f"ablate study: {manifest.get('study', run_dir.name)}"
+    question = manifest.get("description") or ("How little compute does it take to strip this model's refusal "
+                                                "behaviour, and what does that cost it in capability?")
+    setup = _setup_lines(run)
+    examples = harmless_examples(run)
+    reproducibility = _reproducibility(run)
+
+    # Markdown
+    md = [f"# {title}", "", question, "", "## Setup", "", *[f"- {line}" for line in setup], "",
+          "## Main results", "", markdown_table(header, rows), "",
+          "Rates are on held-out prompts with 95% Wilson intervals; KL is measured against the attacked model on "
+          "harmless prompts; n per cell is in `eval/<variant>.json`.", ""]
+    if budget:
+        md += ["## Fine-tuning budgets", "", markdown_table(*budget), ""]
+    if run.selected:
+        md += ["## Selected refusal direction", "", _selected_line(run.selected), ""]
+    for name, path in figures.items():
+        md += [f"![{name}](figures/{path.name})", ""]
+    if examples:
+        md += ["## Harmless examples", ""]
+        for example in examples:
+            md += [f"**Prompt:** {example['prompt']}", ""]
+            md += [f"- *{variant}*: {answer[:300]}" for variant, answer in example["answers"].items()] + [""]
+    md += ["## Reproducibility", "", *[f"- **{key}**: `{value}`" if key in ("Command",) else f"- **{key}**: {value}"
+                                        for key, value in reproducibility], ""]
+    paths = {"md": atomic_write_text(run_dir / "report.md", "\n".join(md))}
+
+    # LaTeX (booktabs)
+    tex = latex_table(header, rows, f"Refusal, over-refusal and capability per model variant ({manifest.get('study')}).",
+                      "tab:ablate-main")
+    if budget:
+        tex += "\n" + latex_table(*budget, "Compute spent per fine-tuning budget.", "tab:ablate-budgets")
+    paths["tex"] = atomic_write_text(run_dir / "tables.tex", tex)
+
+    # Self-contained HTML: figures embedded as base64.
+    def html_table(head, body):
+        return ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in body)
+                + "</tbody></table>")
+
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(question)}</p>", "<h2>Setup</h2><ul>",
+             *[f"<li>{html.escape(line)}</li>" for line in setup], "</ul><h2>Main results</h2>", html_table(header, rows)]
+    if budget:
+        parts += ["<h2>Fine-tuning budgets</h2>", html_table(*budget)]
+    if run.selected:
+        parts += ["<h2>Selected refusal direction</h2>", f"<p>{html.escape(_selected_line(run.selected))}</p>"]
+    for name, path in figures.items():
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        parts.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}"/></figure>')
+    if examples:
+        parts.append("<h2>Harmless examples</h2>")
+        for example in examples:
+            parts.append(f"<p><b>Prompt:</b> {html.escape(example['prompt'])}</p><ul>"
+                         + "".join(f"<li><i>{html.escape(v)}</i>: {html.escape(a[:300])}</li>" for v, a in example["answers"].items())
+                         + "</ul>")
+    parts += ["<h2>Reproducibility</h2><ul>",
+              *[f"<li><b>{html.escape(k)}</b>: <code>{html.escape(str(v))}</code></li>" for k, v in reproducibility], "</ul>"]
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border-bottom:1px solid #ccc;"
+             "padding:4px 8px;text-align:right}th:first-child,td:first-child{text-align:left}img{max-width:100%}"
+             "code{font-size:0.85em}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    paths["html"] = atomic_write_text(run_dir / "report.html", page)
+    paths.update({f"figure:{name}": path for name, path in figures.items()})
+    return paths
+
+
+def _setup_lines(run: Run) -> list[str]:
+    config = run.config or {}
+    study = config.get("study", {})
+    lines = [f"Model: {study.get('model', {}).get('spec', '?')}"]
+    if study.get("harden", {}).get("enabled"):
+        lines.append("Hardened into a safety-tuned organism first (LoRA SFT: refusals on refusal-eliciting train prompts, "
+                     "the model's own answers on harmless ones); the attacks target the organism.")
+    suite = config.get("suite") or {}
+    lines.append(f"Eval suite: {suite.get('name', '?')}; every variant evaluated identically on held-out test prompts.")
+    for name, variant in run.manifest.get("variants", {}).items():
+        lines.append(f"Variant {name}: {variant.get('kind')} ({variant.get('spec')})")
+    return lines
+
+
+def _selected_line(selected: dict) -> str:
+    keys = ("layer", "position", "refusal_score", "steering_score", "kl", "fallback")
+    return ", ".join(f"{key} = {_fmt(selected.get(key))}" for key in keys if key in selected)

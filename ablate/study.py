@@ -1,0 +1,419 @@
+"""Studies: model → [harden] → attacks (direction ablation, LoRA sweep) → evaluate every variant → report.
+
+    ablate study                       # the default study on the embedded model (ablate/studies/default.yaml)
+    ablate study my_study.yaml --out runs/mine
+    ablate study --resume              # continue the newest run of the default study
+
+Every stage is the same function its single command runs. The study only chains them inside a run
+directory (layout in docs/study.md) and records what happened in `manifest.json`. Each stage computes a
+fingerprint of its inputs (configs, model identity, prompt sets) and, when finished, writes
+`.stages/<stage>/done.json` last; a rerun skips every stage whose fingerprint matches, so a killed study
+resumes where it stopped and ends with the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ablate import AblateError, __version__
+from ablate.artifacts import file_sha256, fingerprint, is_done, mark_done, read_done, read_json, write_json
+from ablate.config import ModelConfig, StudyConfig, dump_config, load_config, read_yaml, validate_config
+
+STAGES_DIR = ".stages"
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "lm_eval", "bitsandbytes",
+            "safetensors", "gguf", "pydantic")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and resolving a study config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResolvedStudy:
+    """A study config with every stage config loaded and validated (before any work starts)."""
+
+    config: StudyConfig
+    source: str
+    raw: dict
+    harden: Any = None  # FinetuneConfig | None
+    direction: Any = None  # DirectionConfig | None
+    finetune: Any = None  # FinetuneConfig | None
+    suite: Any = None  # EvalSuite
+
+
+def builtin_studies() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("ablate").joinpath("studies").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def study_path(name_or_path: str | Path | None) -> Path:
+    """A study YAML path: a file, or the name of a study shipped in ablate/studies/."""
+    if name_or_path is None:
+        name_or_path = "default"
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise AblateError(f"study file not found: {path}")
+        return path
+    shipped = resources.files("ablate").joinpath("studies", f"{name_or_path}.yaml")
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise AblateError(f"unknown study '{name_or_path}'; expected a .yaml file or one of: {', '.join(builtin_studies())}")
+
+
+def _stage_source(value: Any, base: Path, what: str, study_file: str) -> tuple[dict, str]:
+    """Inline dict, or a YAML path relative to the study file's folder (then the CWD)."""
+    if value is None:
+        return {}, f"{study_file}: {what} (defaults)"
+    if isinstance(value, dict):
+        return value, f"{study_file}: {what}"
+    for candidate in (base / value, Path(value)):
+        if candidate.is_file():
+            return read_yaml(candidate) or {}, str(candidate)
+    raise AblateError(f"{study_file}: key '{what}': file not found: {value}")
+
+
+def resolve_study(path: str | Path | None = None, overrides: list[str] | None = None) -> ResolvedStudy:
+    """Load a study and every stage config it names; any problem is one line naming file and key."""
+    from ablate.config import DirectionConfig, EvalSuite, FinetuneConfig
+    from ablate.evaluate import load_suite
+
+    file = study_path(path)
+    config = load_config(file, StudyConfig, overrides=overrides)
+    raw = read_yaml(file) or {}
+    base = file.parent
+    resolved = ResolvedStudy(config=config, source=str(file), raw=raw)
+    if config.harden.enabled:
+        data, source = _stage_source(config.harden.config, base, "harden.config", str(file))
+        resolved.harden = validate_config(data, FinetuneConfig, source) if data else None
+    if config.attacks.direction.enabled:
+        data, source = _stage_source(config.attacks.direction.config, base, "attacks.direction.config", str(file))
+        resolved.direction = validate_config(data, DirectionConfig, source)
+    if config.attacks.finetune.enabled:
+        data, source = _stage_source(config.attacks.finetune.config, base, "attacks.finetune.config", str(file))
+        resolved.finetune = validate_config(data, FinetuneConfig, source)
+    suite = config.eval.suite
+    if isinstance(suite, dict):
+        resolved.suite = validate_config(suite, EvalSuite, f"{file}: eval.suite")
+    else:
+        candidate = base / suite
+        resolved.suite = load_suite(str(candidate) if candidate.is_file() else suite)
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory, manifest, fingerprints
+# --------------------------------------------------------------------------------------------
+
+
+def new_run_dir(config: StudyConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(config.output_dir) / f"{config.name}-{stamp}"
+
+
+def latest_run_dir(config: StudyConfig) -> Path | None:
+    runs = sorted(Path(config.output_dir).glob(f"{config.name}-*/manifest.json"))
+    return runs[-1].parent if runs else None
+
+
+_MODEL_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def model_fingerprint(spec: str) -> str:
+    """Identity of a model spec: the SHA-256 of a local model's weight files, or the hub id itself."""
+    from ablate.models import resolve_spec
+
+    kind, location = resolve_spec(spec)
+    if kind == "hub":
+        return f"hub:{location}"
+    path = Path(location)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + [path / "config.json"]
+    if kind == "gguf":
+        files = [path]
+    key = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
+    if key not in _MODEL_FINGERPRINTS:
+        _MODEL_FINGERPRINTS[key] = fingerprint([file_sha256(f) for f in files if f.exists()])
+    return _MODEL_FINGERPRINTS[key]
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"ablate": __version__, "python": sys.version.split()[0]}
+    for name in PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name.replace("_", "-"))
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5,
+                               cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def hardware() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy
+
+        numpy.random.seed(seed)
+
+
+@dataclass
+class StageLog:
+    """What one study run did: per stage, wall seconds, skipped or not, and the stage's own figures."""
+
+    stages: dict[str, dict] = field(default_factory=dict)
+
+    def record(self, name: str, **info: Any) -> None:
+        self.stages[name] = {**self.stages.get(name, {}), **info}
+
+
+def run_stage(run_dir: Path, name: str, inputs: Any, work: Callable[[], dict], log: StageLog,
+              console=None) -> dict:
+    """Run `work()` unless `.stages/<name>/done.json` holds the same input fingerprint.
+
+    `work` returns a JSON-able dict of the stage's results, stored in done.json and returned again when
+    the stage is skipped, so later stages see identical inputs either way.
+    """
+    stage_dir = run_dir / STAGES_DIR / name
+    key = fingerprint(inputs)
+    if is_done(stage_dir, key):
+        result = read_done(stage_dir)["result"]
+        log.record(name, skipped=True, fingerprint=key, wall_seconds=read_done(stage_dir).get("wall_seconds"))
+        if console is not None:
+            console.print(f"[dim]✓ {name}: done already (fingerprint {key}), skipped[/]")
+        return result
+    if console is not None:
+        console.rule(f"[bold]{name}")
+    start = time.perf_counter()
+    result = work()
+    wall = time.perf_counter() - start
+    mark_done(stage_dir, key, result=result, wall_seconds=wall, finished=datetime.now(timezone.utc).isoformat())
+    log.record(name, skipped=False, fingerprint=key, wall_seconds=wall)
+    if console is not None:
+        console.print(f"[green]✓ {name}[/] in {wall:.1f} s")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The study
+# --------------------------------------------------------------------------------------------
+
+
+def _with_spec(model: ModelConfig, spec: str) -> ModelConfig:
+    return model.model_copy(update={"spec": spec})
+
+
+def run_study(
+    study: str | Path | None = None,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    report: bool = True,
+    command: str | None = None,
+) -> Path:
+    """Run a study end to end and return its run directory (see the module docstring)."""
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=not progress)
+    resolved = resolve_study(study, overrides)
+    config = resolved.config
+    if out is not None:
+        run_dir = Path(out)
+    elif resume:
+        run_dir = latest_run_dir(config)
+        if run_dir is None:
+            raise AblateError(f"--resume: no earlier run of study '{config.name}' under {config.output_dir}/")
+    else:
+        run_dir = new_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]study[/] {config.name} → {run_dir}")
+    seed_everything(config.seed)
+    log = StageLog()
+    started = time.perf_counter()
+    manifest_path = run_dir / "manifest.json"
+    previous = read_json(manifest_path) if manifest_path.exists() else {}
+    manifest: dict[str, Any] = {
+        "study": config.name,
+        "description": config.description,
+        "status": "running",
+        "command": command or " ".join(sys.argv),
+        "config_source": resolved.source,
+        "config_as_given": resolved.raw,
+        "config_resolved": {
+            "study": config.model_dump(mode="json"),
+            "harden": resolved.harden.model_dump(mode="json") if resolved.harden is not None else None,
+            "direction": resolved.direction.model_dump(mode="json") if resolved.direction is not None else None,
+            "finetune": resolved.finetune.model_dump(mode="json") if resolved.finetune is not None else None,
+            "suite": resolved.suite.model_dump(mode="json"),
+        },
+        "config_hash": fingerprint(resolved.raw),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "hardware": hardware(),
+        "seed": config.seed,
+        "created": previous.get("created", datetime.now(timezone.utc).isoformat()),
+        "runs": previous.get("runs", 0) + 1,
+    }
+    write_json(manifest_path, manifest)
+    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+
+    variants: dict[str, dict] = {}  # name -> {"spec": model spec, "kind": ..., "info": {...}}
+    base_spec = config.model.spec
+    base_fp = model_fingerprint(base_spec)
+    target_spec, target_fp = base_spec, base_fp
+
+    # 1. Hardening (cached by content hash inside ablate.finetune as well).
+    if config.harden.enabled:
+        from ablate.finetune import harden
+
+        def work_harden() -> dict:
+            organism = harden(config.model, resolved.harden, progress=progress)
+            return {"model_dir": str(organism)}
+
+        harden_inputs = {"model": base_fp, "config": resolved.harden.model_dump(mode="json") if resolved.harden else None}
+        hardened = run_stage(run_dir, "harden", harden_inputs, work_harden, log, console)
+        if not Path(hardened["model_dir"], "config.json").exists():  # cache cleared since: rebuild it
+            (run_dir / STAGES_DIR / "harden" / "done.json").unlink()
+            hardened = run_stage(run_dir, "harden", harden_inputs, work_harden, log, console)
+        if config.harden.evaluate_base:
+            variants["base"] = {"spec": base_spec, "kind": "base"}
+        target_spec = hardened["model_dir"]
+        target_fp = model_fingerprint(target_spec)
+        variants["organism"] = {"spec": target_spec, "kind": "organism"}
+    else:
+        variants["base"] = {"spec": base_spec, "kind": "base"}
+    target_name = "organism" if config.harden.enabled else "base"
+    target_model = _with_spec(config.model, target_spec)
+
+    # 2. Attack A: refusal direction (selected on validation prompts), applied by orthogonalisation.
+    if resolved.direction is not None:
+        from ablate.directions import run_direction
+
+        def work_direction() -> dict:
+            from ablate.models import load_model
+
+            model, tokenizer = load_model(target_model)
+            selected = run_direction(model, tokenizer, resolved.direction, run_dir / "directions", progress=progress)
+            return {"selected": selected}
+
+        direction = run_stage(run_dir, "direction",
+                              {"model": target_fp, "config": resolved.direction.model_dump(mode="json")},
+                              work_direction, log, console)
+        variants["ablated"] = {"spec": target_spec, "kind": "direction", "direction_dir": str(run_dir / "directions"),
+                               "info": direction["selected"]}
+        if config.attacks.direction.save_model:
+            from ablate.interventions import abliterate
+
+            run_stage(run_dir, "save-ablated", {"model": target_fp, "direction": direction},
+                      lambda: {"model_dir": str(abliterate(target_model, run_dir / "directions", run_dir / "models" / "ablated"))},
+                      log, console)
+
+    # 3. Attack B: LoRA fine-tuning budget sweep (each budget resumable on its own).
+    if resolved.finetune is not None:
+        from ablate.finetune import run_finetune
+
+        def work_finetune() -> dict:
+            return {"budgets": run_finetune(target_model, resolved.finetune, run_dir / "finetune", progress=progress)}
+
+        sweep = run_stage(run_dir, "finetune",
+                          {"model": target_fp, "config": resolved.finetune.model_dump(mode="json")},
+                          work_finetune, log, console)
+        for budget in sweep["budgets"]:
+            variants[f"lora-{budget['name']}"] = {"spec": budget["model_dir"], "kind": "finetune", "info": budget}
+
+    # 4. Evaluation of every variant, with the attacked model as the KL reference.
+    suite_json = resolved.suite.model_dump(mode="json")
+    reference_holder: dict[str, Any] = {}
+
+    def reference():
+        if "pair" not in reference_holder:
+            from ablate.models import load_model
+
+            reference_holder["pair"] = load_model(target_model)
+        return reference_holder["pair"]
+
+    results: dict[str, dict] = {}
+    for name, variant in variants.items():
+        def work_eval(name=name, variant=variant) -> dict:
+            from ablate.evaluate import run_eval
+
+            model, tokenizer = load_variant(config.model, variant)
+            ref = None if name == target_name else reference()
+            metrics = run_eval(model, tokenizer, resolved.suite, run_dir, variant=name, reference=ref,
+                               redact=config.eval.redact, progress=progress)
+            return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(metrics)}
+
+        variant_fp = model_fingerprint(variant["spec"]) if variant["kind"] != "direction" else \
+            fingerprint([target_fp, variant.get("info")])
+        results[name] = run_stage(run_dir, f"eval-{name}",
+                                  {"variant": variant_fp, "reference": target_fp, "suite": suite_json,
+                                   "redact": config.eval.redact},
+                                  work_eval, log, console)
+
+    manifest.update({
+        "status": "complete",
+        "variants": {name: {k: v for k, v in variant.items() if k != "info"} for name, variant in variants.items()},
+        "target": target_name,
+        "stages": log.stages,
+        "fingerprints": {"base_model": base_fp, "target_model": target_fp},
+        "wall_seconds_this_run": time.perf_counter() - started,
+        "finished": datetime.now(timezone.utc).isoformat(),
+    })
+    write_json(manifest_path, manifest)
+    if report:
+        from ablate.report import write_report
+
+        write_report(run_dir)
+        console.print(f"[bold green]report[/] {run_dir / 'report.md'}  {run_dir / 'report.html'}")
+    return run_dir
+
+
+def _summary(metrics: dict) -> dict:
+    return {name: entry.get("value") for name, entry in metrics.get("metrics", {}).items()}
+
+
+def load_variant(model_config: ModelConfig, variant: dict):
+    """(model, tokenizer) of one variant; the direction variant is the target with r̂ projected out of its weights."""
+    from ablate.models import load_model
+
+    model, tokenizer = load_model(_with_spec(model_config, variant["spec"]))
+    if variant["kind"] == "direction":
+        from ablate.directions import load_direction
+        from ablate.interventions import orthogonalize_weights
+
+        direction, _ = load_direction(Path(variant["direction_dir"]))
+        orthogonalize_weights(model, direction)
+    return model, tokenizer

@@ -129,7 +129,61 @@ def generate(
 # Fine-tuning: harden, finetune
 # --------------------------------------------------------------------------------------------
 
-# (section owned by the fine-tuning stage)
+
+def _load_finetune_config(config: Optional[Path], overrides: list[str] | None):
+    from ablate.config import FinetuneConfig, apply_overrides, load_config, validate_config
+
+    if config is not None:
+        return load_config(config, FinetuneConfig, overrides or None)
+    return validate_config(apply_overrides({}, overrides or []), FinetuneConfig, "<defaults>")
+
+
+def _print_budget_table(results: list[dict]) -> None:
+    table = Table("budget", "examples", "steps", "wall s", "tokens", "TFLOPs", "final loss", "refusal")
+    for row in results:
+        loss = row.get("final_loss")
+        rate = row.get("refusal_rate")
+        table.add_row(row["name"], str(row["n_examples"]), str(row["steps"]), f"{row['wall_seconds']:.1f}",
+                      str(row["train_tokens"]), f"{row['train_flops'] / 1e12:.3f}",
+                      "-" if loss is None else f"{loss:.3f}", "-" if rate is None else f"{rate:.3f}")
+    stdout.print(table)
+
+
+@app.command()
+def harden(
+    model: str = typer.Argument("embedded", help="Model spec to harden: 'embedded', hub id, directory or .gguf file."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Fine-tuning YAML (mode: harden); default: the shipped organism recipe."),
+    out: Optional[Path] = typer.Option(None, help="Copy the hardened model directory here."),
+    override: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set training.epochs=3 (repeatable)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Harden a model into a safety-tuned organism (LoRA SFT, merged); cached by content hash."""
+    from ablate.finetune import harden as run_harden
+
+    recipe = _load_finetune_config(config, override)
+    model_dir = run_harden(model, recipe, out=out, progress=progress)
+    metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
+    rates = ", ".join(f"{name} {rate:.3f}" for name, rate in (metrics.get("refusal_rates") or {}).items())
+    stdout.print(f"hardened model: {model_dir}" + (f"\nrefusal rates: {rates}" if rates else "")
+                 + (f"\ntraining: {metrics.get('steps')} steps, {metrics.get('wall_seconds')} s" if metrics else ""),
+                 highlight=False)
+
+
+@app.command()
+def finetune(
+    model: str = typer.Argument(..., help="Model spec to fine-tune: 'embedded', hub id, directory or .gguf file."),
+    config: Path = typer.Option(..., "--config", "-c", help="Fine-tuning YAML, e.g. finetune_configs/lora_attack.yaml."),
+    out: Path = typer.Option(..., help="Output directory: one folder per budget (adapter, model, metrics.json, done.json)."),
+    override: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set training.lr=2e-4 (repeatable)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Fine-tune (LoRA/QLoRA/full) over a budget sweep; finished budgets are skipped on a rerun."""
+    from ablate.finetune import run_finetune
+
+    recipe = _load_finetune_config(config, override)
+    results = run_finetune(model, recipe, out, progress=progress)
+    _print_budget_table(results)
+    stdout.print(f"→ {out}", highlight=False)
 
 # --------------------------------------------------------------------------------------------
 # Refusal directions: direction, abliterate
@@ -137,17 +191,183 @@ def generate(
 
 # (section owned by the direction stage)
 
+
+@app.command()
+def direction(
+    model: str = typer.Argument(..., help="Model spec: 'embedded', hub id, directory or .gguf file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for candidates, sweep, figure and the selected direction."),
+    refusal: Optional[str] = typer.Option(None, "--refusal", help="Refusal prompt set for the train means (default refusal:train)."),
+    harmless: Optional[str] = typer.Option(None, "--harmless", help="Harmless prompt set for the train means (default harmless:train)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="DirectionConfig YAML (see docs/directions.md)."),
+    override: Optional[list[str]] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable), e.g. --set kl_max=0.3."),
+    device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
+) -> None:
+    """Extract refusal-direction candidates, score them on validation prompts, select one, save it."""
+    from ablate.config import DirectionConfig, apply_overrides, dump_config, load_config, validate_config
+
+    if config is not None:
+        settings = load_config(config, DirectionConfig, override or [])
+    else:
+        settings = validate_config(apply_overrides({}, override or [], "--set"), DirectionConfig, "--set")
+    updates = {key: value for key, value in (("refusal_train", refusal), ("harmless_train", harmless)) if value}
+    if updates:
+        settings = validate_config({**settings.model_dump(mode="json"), **updates}, DirectionConfig, "command line")
+    console.print(dump_config(settings), highlight=False)  # the resolved config, before any expensive work
+
+    from ablate.directions import load_sets, run_direction
+    from ablate.models import load_model
+
+    load_sets(settings)  # a bad set name fails here, before the model loads
+    loaded, tokenizer = load_model(model, device=device)
+    selected = run_direction(loaded, tokenizer, settings, out)
+    counts = ", ".join(f"{name} {count}" for name, count in selected["filter_counts"].items())
+    stdout.print(
+        f"selected {selected['variant']} direction: layer {selected['layer']}, position {selected['position']} "
+        f"({selected['position_token']}); refusal score {selected['refusal_score']:.2f} (base {selected['base_refusal_score']:.2f}), "
+        f"steering {selected['steering_score']:.2f}, KL {selected['kl']:.3f}"
+        f"{' [FALLBACK]' if selected['fallback'] else ''}; filters: {counts}; {selected['wall_seconds']:.0f} s → {out}",
+        highlight=False,
+    )
+
+
+@app.command()
+def abliterate(
+    model: str = typer.Argument(..., help="Model spec the direction was extracted from."),
+    direction_dir: Path = typer.Option(..., "--direction", "-d", help="Directory written by `ablate direction`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to save the orthogonalised model (loadable by transformers)."),
+    device: str = typer.Option("cpu", help="Device for the weight edit."),
+) -> None:
+    """Bake the selected direction's ablation into the weights and save a plain transformers model."""
+    from ablate.config import ModelConfig
+    from ablate.directions import load_direction
+    from ablate.interventions import abliterate as run_abliterate
+
+    load_direction(direction_dir)  # fails with one line before loading the model
+    saved = run_abliterate(ModelConfig(spec=model, device=device), direction_dir, out)
+    stdout.print(f"abliterated model saved → {saved} (load with AutoModelForCausalLM.from_pretrained)", highlight=False)
+
 # --------------------------------------------------------------------------------------------
 # Evaluation: eval
 # --------------------------------------------------------------------------------------------
 
 # (section owned by the evaluation stage)
 
+
+def _variant_name(spec: str) -> str:
+    """A file-safe variant name from a model spec: 'embedded', a folder's name, a hub id's last part."""
+    import re
+
+    name = Path(spec.rstrip("/")).stem if spec.endswith(".gguf") else Path(spec.rstrip("/")).name or spec
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip(".-") or "model"
+
+
+@app.command(name="eval")
+def eval_model(
+    model: str = typer.Argument(..., help="Model spec: 'embedded', hub id, model directory or .gguf file."),
+    suite: str = typer.Option("default", "--suite", "-s", help="Eval suite: 'default', 'paper' or a YAML path (eval_suites/default.yaml)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: writes eval/<variant>.json and generations/<variant>.jsonl."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Reference model spec for kl_first_token, kl_continuation and ce_reference_answers."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Variant name (file names, reports); default: from the model spec."),
+    redact: bool = typer.Option(False, "--redact", help="Keep the scores but drop the completions of refusal-eliciting prompts."),
+    override: list[str] = typer.Option([], "--set", help="Suite override KEY.PATH=VALUE (repeatable), e.g. --set refusal.n=32."),
+    device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of a table."),
+) -> None:
+    """Evaluate a model: refusal, over-refusal, degenerate answers, logit score, KL vs a reference, capability."""
+    from ablate.evaluate import load_suite, run_eval
+    from ablate.models import load_model
+
+    suite_config = load_suite(suite, override)  # checked before any model is loaded
+    name = variant or _variant_name(model)
+    loaded, tokenizer = load_model(model, device=device)
+    ref = load_model(reference, device=device) if reference else None
+    result = run_eval(loaded, tokenizer, suite_config, out, name, reference=ref, redact=redact, progress=True)
+    if as_json:
+        stdout.print_json(json.dumps({key: value for key, value in result.items() if key != "per_item"}))
+        return
+    table = Table("metric", "value", "95% CI" if suite_config.confidence == 0.95 else "CI", "n", "method",
+                  title=f"{name} — suite {suite_config.name}, judge {result['judge']}")
+    for metric, entry in result["metrics"].items():
+        value, (low, high) = entry["value"], entry["ci"]
+        shown = "-" if value is None else f"{value:.3f}"
+        interval = "-" if low is None else f"[{low:.3f}, {high:.3f}]"
+        table.add_row(metric, shown, interval, str(entry["n"]), entry["method"])
+    stdout.print(table)
+    for set_name, counts in result["labels"].items():
+        stdout.print(f"labels {set_name}: " + ", ".join(f"{label} {count}" for label, count in counts.items()), highlight=False)
+    for pair, info in result["agreement"].items():
+        kappa = "-" if info["kappa"] is None else f"{info['kappa']:.2f}"
+        stdout.print(f"agreement {pair}: kappa {kappa}, n {info['n']}, {len(info['disagreeing_ids'])} disagreeing", highlight=False)
+    stdout.print(f"→ {out / 'eval' / (name + '.json')} ({result['wall_seconds']:.0f} s)", highlight=False)
+
+
+@app.command(name="eval-compare")
+def eval_compare(
+    a: Path = typer.Argument(..., help="Eval result of variant A (eval/<variant>.json)."),
+    b: Path = typer.Argument(..., help="Eval result of variant B."),
+    metric: list[str] = typer.Option(["refusal_rate"], "--metric", "-m", help="Metric(s) to compare (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Difference B − A of metrics between two variants, with a (paired) bootstrap interval."""
+    from ablate.evaluate.stats import compare  # light: no torch
+
+    rows = [compare(a, b, name) for name in metric]
+    if as_json:
+        stdout.print_json(json.dumps(rows))
+        return
+    table = Table("metric", "A", "B", "B − A", "95% CI", "n", "method")
+    for row in rows:
+        table.add_row(row["metric"], f"{row['a_value']:.3f}", f"{row['b_value']:.3f}", f"{row['value']:+.3f}",
+                      f"[{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]", str(row["n"]), row["method"])
+    stdout.print(table)
+
 # --------------------------------------------------------------------------------------------
 # Studies and reports: study, report
 # --------------------------------------------------------------------------------------------
 
 # (section owned by the study stage)
+
+
+@app.command()
+def study(
+    study_config: Optional[str] = typer.Argument(None, metavar="[STUDY.yaml | NAME]",
+                                                 help="A study YAML, or a shipped study's name (default: 'default')."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (an existing one is resumed)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the newest run of this study: finished stages are skipped."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value: --set attacks.finetune.enabled=false (repeatable)."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip writing the report at the end."),
+) -> None:
+    """Run a whole study: [harden] → direction ablation and LoRA sweep → evaluate every variant → report."""
+    from ablate.study import run_study
+
+    run_dir = run_study(study_config, out=out, resume=resume, overrides=list(set_) or None, report=not no_report,
+                        command="ablate " + " ".join(sys.argv[1:]))
+    stdout.print(f"run directory: {run_dir}", highlight=False)
+    _print_main_table(run_dir)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory written by `ablate study`.")) -> None:
+    """Write report.md, report.html (self-contained), tables.tex and figures/ for a run directory."""
+    from ablate.report import write_report
+
+    paths = write_report(run_dir)
+    for name, path in paths.items():
+        stdout.print(f"{name}: {path}", highlight=False)
+    _print_main_table(run_dir)
+
+
+def _print_main_table(run_dir: Path) -> None:
+    from ablate.report import load_run, main_table_rows
+
+    run = load_run(run_dir)
+    if run.table.empty:
+        return
+    header, rows = main_table_rows(run)
+    table = Table(*header)
+    for cells in rows:
+        table.add_row(*cells)
+    stdout.print(table)
 
 
 if __name__ == "__main__":

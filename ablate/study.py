@@ -107,10 +107,10 @@ def resolve_study(path: str | Path | None = None, overrides: list[str] | None = 
         resolved.finetune = validate_config(data, FinetuneConfig, source)
     suite = config.eval.suite
     if isinstance(suite, dict):
-        resolved.suite = validate_config(suite, EvalSuite, f"{file}: eval.suite")
+        resolved.suite = load_suite(validate_config(suite, EvalSuite, f"{file}: eval.suite"), config.eval.overrides)
     else:
         candidate = base / suite
-        resolved.suite = load_suite(str(candidate) if candidate.is_file() else suite)
+        resolved.suite = load_suite(str(candidate) if candidate.is_file() else suite, config.eval.overrides)
     return resolved
 
 
@@ -354,6 +354,35 @@ def run_study(
         for budget in sweep["budgets"]:
             variants[f"lora-{budget['name']}"] = {"spec": budget["model_dir"], "kind": "finetune", "info": budget}
 
+    # 3b. Geometry: does the LoRA attack remove the direction that ablation removes?
+    if resolved.direction is not None and resolved.finetune is not None:
+        def work_projections() -> dict:
+            from ablate.data import load_prompt_set
+            from ablate.directions import load_direction
+
+            direction_vector, selected = load_direction(run_dir / "directions")
+            refusal = load_prompt_set("refusal:test", limit=32).prompts
+            harmless = load_prompt_set("harmless:test", limit=32).prompts
+            table = {}
+            for name, variant in variants.items():
+                if variant["kind"] not in ("organism", "finetune", "base"):
+                    continue
+                model, tokenizer = load_variant(config.model, variant)
+                on_refusal = measure_projections(model, tokenizer, direction_vector, selected["layer"], refusal)
+                on_harmless = measure_projections(model, tokenizer, direction_vector, selected["layer"], harmless)
+                table[name] = {"refusal_mean": sum(on_refusal) / len(on_refusal),
+                               "harmless_mean": sum(on_harmless) / len(on_harmless),
+                               "refusal": on_refusal, "harmless": on_harmless}
+                del model
+            payload = {"layer": selected["layer"], "n_refusal": len(refusal), "n_harmless": len(harmless),
+                       "variants": table}
+            write_json(run_dir / "directions" / "projections.json", payload)
+            return {"path": str(run_dir / "directions" / "projections.json")}
+
+        run_stage(run_dir, "projections",
+                  {"variants": {n: v.get("spec") for n, v in variants.items()}, "direction": direction},
+                  work_projections, log, console)
+
     # 4. Evaluation of every variant, with the attacked model as the KL reference.
     suite_json = resolved.suite.model_dump(mode="json")
     reference_holder: dict[str, Any] = {}
@@ -399,6 +428,41 @@ def run_study(
         write_report(run_dir)
         console.print(f"[bold green]report[/] {run_dir / 'report.md'}  {run_dir / 'report.html'}")
     return run_dir
+
+
+@torch.inference_mode()
+def measure_projections(model, tokenizer, direction: torch.Tensor, layer: int, prompts: list[str],
+                        batch_size: int = 16) -> list[float]:
+    """Projection (x·r̂) of the residual stream entering `layer`, at each prompt's last token.
+
+    Used to ask whether the LoRA attack removes the same direction that ablation removes: after such
+    an attack, refusal-eliciting prompts would project on r̂ like harmless ones.
+    """
+    from ablate.generation import length_sorted_batches, render_prompts, tokenize_batch
+    from ablate.models import get_adapter
+
+    adapter = get_adapter(model)
+    device = next(model.parameters()).device
+    r_hat = (direction / direction.norm()).to(device=device, dtype=torch.float32)
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured.append(hidden[:, -1, :].float() @ r_hat)
+
+    texts = render_prompts(tokenizer, prompts)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    values: list[float | None] = [None] * len(prompts)
+    handle = adapter.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in length_sorted_batches(lengths, batch_size):
+            captured.clear()
+            model(**tokenize_batch(tokenizer, [texts[i] for i in batch], device))
+            for index, value in zip(batch, captured[0].tolist()):
+                values[index] = value
+    finally:
+        handle.remove()
+    return values  # type: ignore[return-value]
 
 
 def _summary(metrics: dict) -> dict:

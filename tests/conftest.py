@@ -114,3 +114,26 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ABLATE_CACHE", os.environ["ABLATE_TEST_CACHE"])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning stage (appended): the hardened embedded organism, shared by slow tests
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def organism_dir(tmp_path_factory):
+    """The embedded model hardened with the shipped recipe (`harden("embedded")`): a model directory.
+
+    Built once per session in the test cache (minutes on a CPU); set ABLATE_SLOW_CACHE to a cache
+    directory (e.g. the one `ablate harden embedded` used) to reuse an organism already built there.
+    """
+    from unittest import mock
+
+    from ablate.finetune import harden
+
+    if "ABLATE_TEST_CACHE" not in os.environ:
+        os.environ["ABLATE_TEST_CACHE"] = str(tmp_path_factory.getbasetemp() / "ablate-cache")
+    cache = os.environ.get("ABLATE_SLOW_CACHE") or os.environ["ABLATE_TEST_CACHE"]
+    with mock.patch.dict(os.environ, {"ABLATE_CACHE": cache, "HF_HUB_OFFLINE": "1"}):
+        return harden("embedded", progress=False)

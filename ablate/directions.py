@@ -1,0 +1,768 @@
+"""Refusal directions (Arditi et al. 2024): collect activations, form candidates, select one.
+
+    ablate direction embedded --out runs/x/directions
+    # or: from ablate.directions import run_direction; run_direction(model, tokenizer, DirectionConfig(), out)
+
+1. **Collect.** One forward pass per batch of train prompts records the residual stream at every decoder
+   layer's input, at the post-instruction positions (the chat-template tokens between the end of the
+   user's message and the start of the assistant's answer). Means accumulate in float64; no activation
+   is kept. The pass stops at the last layer's input (the output head is never run).
+2. **Candidates.** r[layer, position] = mean(refusal) − mean(harmless); optionally the *projected*
+   variant r − (r·μ̂_h) μ̂_h, orthogonal to the harmless mean μ_h at that site (heretic, grimjim).
+3. **Refusal tokens.** A few refusal validation prompts are answered greedily; the first tokens of the
+   answers that `is_refusal` scores as refusals are the model's own refusal openers R. The refusal
+   score of a prompt is the log-odds of R at the first generated position,
+   log p(R) − log(1 − p(R)) — positive when the model is about to refuse.
+4. **Screen** (cheap, every candidate). One forward+backward pass gives a first-order estimate for all
+   candidates at once. Ablation removes o ← o − (o·r̂) r̂ from every residual source o (embedding and
+   writers), so the refusal score changes by ΔM ≈ −Σ (∂M/∂o · r̂)(o · r̂) = −r̂ᵀ A r̂ with
+   A = Σ_sources,positions (∂M/∂o) oᵀ, a d_model × d_model matrix; adding r at layer ℓ to harmless
+   prompts changes it by ≈ (Σ_positions ∂M/∂x_ℓ) · r. Only the best few (spread over layers) go on.
+5. **Score exactly** (shortlist, validation split only): refusal score under ablation (refusal prompts,
+   lower is better), steering score under activation addition (harmless prompts, must be > 0) and
+   first-token KL(base ‖ ablated) on harmless prompts (damage).
+6. **Select.** Filters: not in the last `exclude_last_fraction` of layers, KL ≤ `kl_max`, steering >
+   `steering_min`. Among the survivors the lowest max(refusal, refusal_floor) + kl_weight · KL wins, so
+   damage counts and refusal past the floor earns nothing more. When none survives: the best by the
+   same objective, with a warning that says how many each filter removed.
+
+Artifacts (out_dir): candidates.pt + candidates.json, sweep.json (every candidate's scores), sweep.png,
+selected.json, direction.pt, steer.pt (lm-eval `steered` model format: `--model steered
+--model_args pretrained=MODEL,steer_path=steer.pt`), done.json last.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ablate import AblateError
+from ablate.artifacts import atomic_write_bytes, fingerprint, is_done, mark_done, read_done, read_json, write_json
+from ablate.config import DirectionConfig, DirectionVariant
+from ablate.generation import length_sorted_batches, render_prompts, tokenize_batch
+from ablate.interventions import activation_addition, directional_ablation, layer_weights, unit
+from ablate.models import format_chat, get_adapter
+
+# Probe messages ending in different characters, so their rendered token ids share only the template.
+_PROBES = ("a", "Why?", "1 2 3", "Tell me about rivers.")
+
+
+# --------------------------------------------------------------------------------------------
+# Post-instruction positions and batches
+# --------------------------------------------------------------------------------------------
+
+
+def post_instruction_tokens(tokenizer, system: str | None = None) -> list[int]:
+    """Token ids the chat template puts after the user's message, up to where the assistant starts.
+
+    Found as the longest token suffix shared by prompts rendered from different messages.
+    """
+    rendered = [tokenizer(format_chat(tokenizer, probe, system=system), add_special_tokens=False)["input_ids"]
+                for probe in _PROBES]
+    n = 0
+    while all(len(ids) > n for ids in rendered) and len({ids[-1 - n] for ids in rendered}) == 1:
+        n += 1
+    if n == 0:
+        raise AblateError("chat template: no template tokens after the user's message; cannot find post-instruction positions")
+    return rendered[0][-n:]
+
+
+def left_padded_batches(tokenizer, prompts: list[str], batch_size: int, system: str | None, device) -> list[tuple[list[int], dict]]:
+    """Length-sorted, left-padded batches of chat-rendered prompts (for generation): [(indices, inputs)]."""
+    texts = render_prompts(tokenizer, prompts, system)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [(batch, tokenize_batch(tokenizer, [texts[i] for i in batch], device))
+            for batch in length_sorted_batches(lengths, batch_size)]
+
+
+@dataclass
+class PromptBatches:
+    """Chat-rendered prompts, tokenised once, split into a shared prefix and right-padded remainders.
+
+    Every prompt starts with the same template tokens (system prompt, user header); they are run once
+    per batch (batch size 1) and their KV cache is repeated for the batch, which saves ~40% of the
+    compute of scoring a candidate on SmolLM2. With right padding every prompt keeps the positions it
+    has alone, and its last real token is at `inputs["last"]`.
+    """
+
+    prefix: torch.Tensor  # (P,) token ids shared by every prompt; may be empty
+    batches: list[tuple[list[int], dict]]  # (indices, {input_ids (B, S), attention_mask (B, S), last (B,)})
+    n: int
+
+
+def prepare_batches(tokenizer, prompts: list[str], batch_size: int, system: str | None, device,
+                    keep: int = 1, share_prefix: bool = True) -> PromptBatches:
+    """Tokenise prompts once; `keep` = how many final tokens every remainder must contain."""
+    texts = render_prompts(tokenizer, prompts, system)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    shortest = min(len(row) for row in ids)
+    shared = 0
+    if share_prefix:
+        limit = max(0, shortest - keep - 1)  # every prompt keeps at least one of its own tokens
+        while shared < limit and len({row[shared] for row in ids}) == 1:
+            shared += 1
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for batch in length_sorted_batches([len(row) for row in ids], batch_size):
+        rows = [ids[i][shared:] for i in batch]
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, row in enumerate(rows):
+            input_ids[j, : len(row)] = torch.tensor(row)
+            mask[j, : len(row)] = 1
+        last = mask.sum(1) - 1
+        batches.append((batch, {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "last": last.to(device)}))
+    return PromptBatches(torch.tensor(ids[0][:shared], dtype=torch.long, device=device), batches, len(prompts))
+
+
+def run_prefix_and_batch(model: nn.Module, prefix: torch.Tensor, inputs: dict, *, logits: bool = True,
+                         on_prefix=None) -> torch.Tensor | None:
+    """Forward one batch after its shared prefix; returns the logits at each row's last token (B, vocab).
+
+    `on_prefix(True/False)` is called before each of the two passes (hooks use it to tell them apart).
+    With `logits=False` the caller's hooks are expected to stop the pass early (`_StopForward`).
+    """
+    input_ids, mask, last = inputs["input_ids"], inputs["attention_mask"], inputs["last"]
+    batch, width = input_ids.shape
+    keep = last.unsqueeze(1) if logits else 1
+    if prefix.numel() == 0:
+        if on_prefix:
+            on_prefix(False)
+        output = model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=keep)
+        return output.logits[:, -1, :].float() if logits else None
+    if on_prefix:
+        on_prefix(True)
+    cache = model(input_ids=prefix.unsqueeze(0), use_cache=True, logits_to_keep=1).cache
+    cache.batch_repeat_interleave(batch)
+    if on_prefix:
+        on_prefix(False)
+    length = prefix.numel()
+    full_mask = torch.cat([torch.ones(batch, length, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    positions = torch.arange(length, length + width, device=input_ids.device).unsqueeze(0).expand(batch, width)
+    output = model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, cache=cache,
+                   use_cache=True, logits_to_keep=keep)
+    return output.logits[:, -1, :].float() if logits else None
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Activation collection
+# --------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's hook once its input is recorded: nothing after it is needed."""
+
+
+def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.inference_mode()
+def collect_mean_activations(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    n_positions: int,
+    *,
+    system: str | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+    description: str = "collecting",
+) -> torch.Tensor:
+    """Mean residual stream at every layer input and the last `n_positions` tokens.
+
+    Returns (n_layers, n_positions, d_model) float64. One forward pass per batch, stopped after the
+    last layer's input is recorded; sums accumulate in float64 and no activation is kept.
+    """
+    adapter = get_adapter(model)
+    expected = torch.tensor(post_instruction_tokens(tokenizer, system)[-n_positions:])
+    sums = torch.zeros(adapter.n_layers, n_positions, adapter.d_model, dtype=torch.float64)
+    state = {"prefix": False, "rows": None}
+    handles = []
+
+    def make_hook(index: int):
+        def hook(module, args, kwargs):
+            if state["prefix"]:
+                return None
+            hidden = _hidden_from(args, kwargs)
+            rows = state["rows"]  # (B, n_positions) indices of the post-instruction tokens
+            picked = hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            sums[index] += picked.double().sum(0).cpu()
+            if index == adapter.n_layers - 1:
+                raise _StopForward
+
+        return hook
+
+    prepared = prepare_batches(tokenizer, prompts, batch_size, system, _device(model), keep=n_positions)
+    try:
+        for index, layer in enumerate(adapter.layers):
+            handles.append(layer.register_forward_pre_hook(make_hook(index), with_kwargs=True))
+        with tqdm(total=len(prompts), desc=description, unit="prompt", disable=not progress, leave=False) as bar:
+            for batch, inputs in prepared.batches:
+                offsets = torch.arange(-n_positions + 1, 1, device=inputs["last"].device)
+                rows = inputs["last"].unsqueeze(1) + offsets
+                state["rows"] = rows
+                if not (inputs["input_ids"].gather(1, rows).cpu() == expected).all():
+                    raise AblateError("a prompt's last tokens are not the chat template's post-instruction tokens "
+                                      "(the message merged with the template); cannot align positions")
+                try:
+                    run_prefix_and_batch(model, prepared.prefix, inputs, logits=False,
+                                         on_prefix=lambda flag: state.__setitem__("prefix", flag))
+                except _StopForward:
+                    pass
+                bar.update(len(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    means = sums / len(prompts)
+    if not torch.isfinite(means).all():
+        raise AblateError("activation means are not finite (the model produced NaN/inf activations)")
+    return means
+
+
+def compute_candidates(refusal_mean: torch.Tensor, harmless_mean: torch.Tensor, variant: DirectionVariant) -> dict[str, torch.Tensor]:
+    """Difference-in-means candidates, (n_layers, n_positions, d_model) float32 per variant.
+
+    'projected' removes each candidate's component along the harmless mean at the same site:
+    r − (r·μ̂_h) μ̂_h, so ablating it leaves the harmless prompts' mean activation untouched.
+    """
+    plain = refusal_mean - harmless_mean
+    result = {}
+    if variant in (DirectionVariant.plain, DirectionVariant.both):
+        result["plain"] = plain.float()
+    if variant in (DirectionVariant.projected, DirectionVariant.both):
+        mu_hat = harmless_mean / harmless_mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        result["projected"] = (plain - (plain * mu_hat).sum(-1, keepdim=True) * mu_hat).float()
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Scores: refusal log-odds, KL
+# --------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def first_token_logprobs(model: nn.Module, prompts: PromptBatches) -> torch.Tensor:
+    """log-softmax of the first generated token, (n_prompts, vocab) float32 on the CPU, input order."""
+    rows: dict[int, torch.Tensor] = {}
+    for batch, inputs in prompts.batches:
+        logprobs = torch.log_softmax(run_prefix_and_batch(model, prompts.prefix, inputs), dim=-1).cpu()
+        rows.update(zip(batch, logprobs))
+    return torch.stack([rows[i] for i in range(prompts.n)])
+
+
+def refusal_log_odds(logprobs: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """Per prompt: log p(R) − log(1 − p(R)), p(R) the first-token probability of the refusal openers."""
+    log_p = torch.logsumexp(logprobs[..., token_ids], dim=-1).clamp(max=-1e-7)
+    return log_p - torch.log(-torch.expm1(log_p))
+
+
+def first_token_kl(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """Per prompt: KL(base ‖ intervened) of the first-token distributions (nats)."""
+    return (base_logprobs.exp() * (base_logprobs - logprobs)).sum(-1)
+
+
+@torch.inference_mode()
+def find_refusal_tokens(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 12,
+    system: str | None = None,
+    batch_size: int = 32,
+) -> tuple[list[int], list[dict]]:
+    """The model's own refusal-opening tokens: first tokens of its greedy answers scored as refusals.
+
+    A token is kept when it opens more refusals than non-refusals. Returns (token ids, examples);
+    falls back (with a warning) to the first tokens of the packaged generic refusals when the
+    model refuses none of the prompts.
+    """
+    from ablate.data import read_package_text
+    from ablate.evaluate.refusal import is_refusal
+
+    refusing, complying, examples = Counter(), Counter(), []
+    for batch, inputs in left_padded_batches(tokenizer, prompts, batch_size, system, _device(model)):
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                   top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+        new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+        for index, tokens in zip(batch, new_tokens):
+            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            first = int(tokens[0])
+            refused = is_refusal(text) and bool(text)
+            (refusing if refused else complying)[first] += 1
+            examples.append({"index": index, "prompt": prompts[index], "completion": text, "refusal": refused, "first_token": first})
+    tokens = sorted(token for token, count in refusing.items() if count > complying.get(token, 0))
+    if not tokens:
+        warnings.warn("the model refused none of the refusal validation prompts; using the first tokens of the "
+                      "packaged generic refusals as refusal openers", stacklevel=2)
+        lines = [line for line in read_package_text("refusals.txt").splitlines() if line.strip()]
+        tokens = sorted({tokenizer(line.strip(), add_special_tokens=False)["input_ids"][0] for line in lines})
+    return tokens, sorted(examples, key=lambda row: row["index"])
+
+
+# --------------------------------------------------------------------------------------------
+# 4. First-order screening of every candidate
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _frozen(model: nn.Module):
+    """Parameters stop requiring gradients while the context is open (gradients flow to activations only)."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def _mean_refusal_metric(model, prompts: PromptBatches, inputs, token_ids, n_total: int) -> torch.Tensor:
+    logprobs = torch.log_softmax(run_prefix_and_batch(model, prompts.prefix, inputs), dim=-1)
+    return refusal_log_odds(logprobs, token_ids).sum() / n_total
+
+
+def ablation_sensitivity(model: nn.Module, prompts: PromptBatches, token_ids: list[int], n_prompts: int) -> torch.Tensor:
+    """A = Σ (∂M/∂o) oᵀ over every residual source o, position and prompt: (d_model, d_model) float64.
+
+    M is the mean refusal log-odds; to first order, ablating r̂ changes M by −r̂ᵀ A r̂.
+    """
+    adapter = get_adapter(model)
+    d_model = adapter.d_model
+    matrix = torch.zeros(d_model, d_model, dtype=torch.float64)
+    captured: list[torch.Tensor] = []
+
+    def leaf_hook(module, inputs, output):
+        # The embedding output is made a leaf that requires grad, so the graph exists with frozen weights.
+        output = output.detach().requires_grad_(True)
+        captured.append(output)
+        return output
+
+    def writer_hook(module, inputs, output):
+        tensor = output[0] if isinstance(output, tuple) else output
+        tensor.retain_grad()
+        captured.append(tensor)
+
+    handles = []
+    try:
+        with _frozen(model), torch.enable_grad():
+            for module in [adapter.embedding, *adapter.extra_embeddings]:
+                handles.append(module.register_forward_hook(leaf_hook))
+            for module in adapter.all_writers():
+                handles.append(module.register_forward_hook(writer_hook))
+            for _, inputs in prompts.batches:
+                captured.clear()
+                _mean_refusal_metric(model, prompts, inputs, token_ids, n_prompts).backward()
+                for tensor in captured:
+                    if tensor.grad is None:
+                        continue
+                    o = tensor.detach().reshape(-1, d_model).double().cpu()
+                    g = tensor.grad.reshape(-1, d_model).double().cpu()
+                    matrix += g.T @ o
+                captured.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return matrix
+
+
+def steering_sensitivity(model: nn.Module, prompts: PromptBatches, token_ids: list[int], n_prompts: int) -> torch.Tensor:
+    """G[ℓ] = Σ_positions ∂M/∂x_ℓ (mean over prompts): (n_layers, d_model) float64.
+
+    To first order, adding c·r at layer ℓ's input raises the refusal log-odds M by c·G[ℓ]·r.
+    """
+    adapter = get_adapter(model)
+    gradients = torch.zeros(adapter.n_layers, adapter.d_model, dtype=torch.float64)
+    captured: list[tuple[int, torch.Tensor]] = []
+
+    def leaf_hook(module, inputs, output):
+        return output.detach().requires_grad_(True)
+
+    def make_hook(index: int):
+        def hook(module, args, kwargs):
+            hidden = _hidden_from(args, kwargs)
+            hidden.retain_grad()
+            captured.append((index, hidden))
+
+        return hook
+
+    handles = []
+    try:
+        with _frozen(model), torch.enable_grad():
+            handles.append(adapter.embedding.register_forward_hook(leaf_hook))
+            for index, layer in enumerate(adapter.layers):
+                handles.append(layer.register_forward_pre_hook(make_hook(index), with_kwargs=True))
+            for _, inputs in prompts.batches:
+                captured.clear()
+                _mean_refusal_metric(model, prompts, inputs, token_ids, n_prompts).backward()
+                for index, hidden in captured:
+                    if hidden.grad is not None:
+                        gradients[index] += hidden.grad.double().sum((0, 1)).cpu()
+                captured.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return gradients
+
+
+# --------------------------------------------------------------------------------------------
+# 5–6. Exact scores and selection
+# --------------------------------------------------------------------------------------------
+
+
+def objective(record: dict, config: DirectionConfig) -> float:
+    """Lower is better: max(refusal score, refusal_floor) + kl_weight · KL."""
+    return max(record["refusal_score"], config.refusal_floor) + config.kl_weight * record["kl"]
+
+
+def shortlist_candidates(records: list[dict], config: DirectionConfig, max_layer: int) -> list[int]:
+    """Indices of the candidates to score exactly.
+
+    Sites (layer, position) are taken in order of their best estimated ablation refusal score, at most
+    `shortlist_per_layer` sites per layer and only layers < max_layer; every variant at a chosen site is
+    scored (the projected variant often refuses as little at a lower KL), up to `shortlist` candidates.
+    """
+    by_site: dict[tuple[int, int], list[int]] = {}
+    for index, record in enumerate(records):
+        if record["layer"] < max_layer and not record["degenerate"]:
+            by_site.setdefault((record["layer"], record["position"]), []).append(index)
+    sites = sorted(by_site, key=lambda site: (min(records[i]["estimated_refusal_score"] for i in by_site[site]), site))
+    chosen, per_layer = [], Counter()
+    for site in sites:
+        if per_layer[site[0]] >= config.shortlist_per_layer:
+            continue
+        per_layer[site[0]] += 1
+        for index in sorted(by_site[site], key=lambda i: records[i]["estimated_refusal_score"]):
+            if len(chosen) < config.shortlist:
+                chosen.append(index)
+        if len(chosen) >= config.shortlist:
+            break
+    return chosen
+
+
+def select_candidate(records: list[dict], config: DirectionConfig, n_layers: int,
+                     steering=None) -> tuple[int, bool, dict]:
+    """Apply the filters and the objective to the exactly-scored records.
+
+    Returns (index of the chosen record, fallback used, filter counts). Filters apply in order (late
+    layer, shortlist, KL, steering); each count is how many that filter removed of those left. The
+    steering score is needed only down to the pick, so survivors of the KL filter are visited in
+    objective order and `steering(index)` (default: the record's stored score) is asked lazily;
+    those ranked below the pick are counted as `steering_not_scored`.
+    """
+    steering = steering or (lambda index: records[index]["steering_score"])
+    max_layer = max_layer_allowed(n_layers, config.exclude_last_fraction)
+    counts = {"candidates": len(records)}
+    left = [i for i in range(len(records)) if records[i]["layer"] < max_layer]
+    counts["late_layer"] = len(records) - len(left)
+    scored = [i for i in left if records[i].get("kl") is not None]
+    counts["not_shortlisted"] = len(left) - len(scored)
+    left = [i for i in scored if records[i]["kl"] <= config.kl_max]
+    counts["kl_above_max"] = len(scored) - len(left)
+    ranked = sorted(left, key=lambda i: (objective(records[i], config), i))
+    counts["steering_not_above_min"] = 0
+    for rank, index in enumerate(ranked):
+        if steering(index) > config.steering_min:
+            counts["steering_not_scored"] = len(ranked) - rank - 1
+            counts["passed"] = 1
+            return index, False, counts
+        counts["steering_not_above_min"] += 1
+    counts["steering_not_scored"], counts["passed"] = 0, 0
+    if not scored:
+        raise AblateError("no candidate was scored (shortlist empty: every layer excluded by exclude_last_fraction?)")
+    chosen = min(scored, key=lambda i: (objective(records[i], config), i))
+    steering(chosen)
+    return chosen, True, counts
+
+
+def max_layer_allowed(n_layers: int, exclude_last_fraction: float) -> int:
+    """Layers ≥ this are excluded; at least layer 0 stays allowed."""
+    return max(1, n_layers - int(math.floor(n_layers * exclude_last_fraction + 1e-9)))
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    """A cheap content fingerprint: name, class and the float64 sum of every parameter."""
+    sums = [float(parameter.detach().double().sum()) for parameter in model.parameters()]
+    name = getattr(getattr(model, "config", None), "_name_or_path", "")
+    return fingerprint({"class": type(model).__name__, "name": name, "sums": sums})
+
+
+def _inputs_fingerprint(model, tokenizer, config: DirectionConfig, sets: dict) -> str:
+    return fingerprint({
+        "config": config.model_dump(mode="json"),
+        "model": _model_fingerprint(model),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "sets": {name: prompt_set.fingerprint for name, prompt_set in sets.items()},
+        "version": 1,
+    })
+
+
+def load_sets(config: DirectionConfig) -> dict:
+    """The four prompt sets (seeded samples), never a test split."""
+    from ablate.data import load_prompt_set
+
+    def draw(spec: str, n: int, offset: int):
+        prompt_set = load_prompt_set(spec)
+        if len(prompt_set) < 2:
+            raise AblateError(f"prompt set '{spec}': needs at least 2 prompts, has {len(prompt_set)}")
+        return prompt_set.sample(n, seed=config.seed + offset)
+
+    return {
+        "refusal_train": draw(config.refusal_train, config.n_train, 0),
+        "harmless_train": draw(config.harmless_train, config.n_train, 1),
+        "refusal_val": draw(config.refusal_val, config.n_val, 2),
+        "harmless_val": draw(config.harmless_val, config.n_val, 3),
+    }
+
+
+def export_steered(model: nn.Module, direction: torch.Tensor, path: Path) -> Path:
+    """Write lm-eval's `steered` model file: clamp the r̂ component to 0 at every residual source and
+    at every decoder layer's output — the same directional ablation as the hooks."""
+    adapter = get_adapter(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    r_hat = unit(direction)
+    modules = [adapter.embedding, *adapter.extra_embeddings, *adapter.all_writers(), *adapter.layers]
+    steer = {names[id(module)]: {"action": "clamp", "steering_vector": r_hat.clone(), "steering_coefficient": 0.0,
+                                  "bias": None, "head_index": None} for module in modules}
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(steer, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_sweep(records: list[dict], variants: list[str], n_layers: int, position_labels: list[str],
+               selected: dict, max_layer: int, path: Path) -> Path | None:
+    """Layer × position heatmaps of the three scores (one row per variant); the pick is starred."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional
+        return None
+    import io
+
+    import numpy as np
+
+    panels = [("estimated_refusal_score", "ablation refusal score\n(first-order estimate; lower = less refusal)", "viridis"),
+              ("refusal_score", "ablation refusal score\n(exact, shortlisted)", "viridis"),
+              ("steering_score", "steering score\n(exact, shortlisted; > 0 wanted)", "magma"),
+              ("kl", "first-token KL on harmless\n(exact, shortlisted)", "Reds")]
+    n_positions = len(position_labels)
+    figure, axes = plt.subplots(len(variants), len(panels), figsize=(4.2 * len(panels), 0.22 * n_layers * len(variants) + 2.0),
+                                squeeze=False)
+    for row, variant in enumerate(variants):
+        for column, (key, title, cmap) in enumerate(panels):
+            grid = np.full((n_layers, n_positions), np.nan)
+            for record in records:
+                if record["variant"] == variant and record.get(key) is not None:
+                    grid[record["layer"], record["position"] + n_positions] = record[key]
+            axis = axes[row][column]
+            image = axis.imshow(grid, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest")
+            figure.colorbar(image, ax=axis, fraction=0.05)
+            axis.axhline(max_layer - 0.5, color="grey", linestyle="--", linewidth=0.8)
+            axis.set_xticks(range(n_positions))
+            axis.set_xticklabels(position_labels, rotation=45, fontsize=7)
+            axis.set_ylabel("layer")
+            axis.set_title(f"{variant}: {title}", fontsize=8)
+            if selected["variant"] == variant:
+                axis.plot(selected["position"] + n_positions, selected["layer"], marker="*", color="cyan", markersize=12)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir: Path, progress: bool = True) -> dict:
+    """Extract, screen, score and select the refusal direction; write the artifacts; return the pick.
+
+    Skips (returns the stored selection) when `out_dir/done.json` matches these inputs.
+    """
+    out_dir = Path(out_dir)
+    sets = load_sets(config)
+    key = _inputs_fingerprint(model, tokenizer, config, sets)
+    if is_done(out_dir, key) and (out_dir / "selected.json").exists():
+        return read_json(out_dir / "selected.json")
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = round(now - clock[0], 2)
+        clock[0] = now
+
+    adapter = get_adapter(model)
+    n_layers, system, device = adapter.n_layers, config.system_prompt, _device(model)
+    template_tokens = post_instruction_tokens(tokenizer, system)
+    if config.positions is not None:
+        template_tokens = template_tokens[-config.positions:]
+    n_positions = len(template_tokens)
+    position_labels = [repr(tokenizer.decode([token])) for token in template_tokens]
+
+    # 1–2. Means and candidates.
+    refusal_mean = collect_mean_activations(model, tokenizer, sets["refusal_train"].prompts, n_positions, system=system,
+                                            batch_size=config.batch_size, progress=progress, description="refusal activations")
+    harmless_mean = collect_mean_activations(model, tokenizer, sets["harmless_train"].prompts, n_positions, system=system,
+                                             batch_size=config.batch_size, progress=progress, description="harmless activations")
+    candidates = compute_candidates(refusal_mean, harmless_mean, config.variant)
+    variants = list(candidates)
+    lap("collect")
+
+    # 3. Refusal openers and the base model's validation scores.
+    token_ids, token_examples = find_refusal_tokens(
+        model, tokenizer, sets["refusal_val"].prompts[: config.refusal_token_prompts],
+        max_new_tokens=config.refusal_token_max_new_tokens, system=system, batch_size=config.batch_size)
+    refusal_batches = prepare_batches(tokenizer, sets["refusal_val"].prompts, config.batch_size, system, device)
+    harmless_batches = prepare_batches(tokenizer, sets["harmless_val"].prompts, config.batch_size, system, device)
+    base_harmless = first_token_logprobs(model, harmless_batches)
+    base_refusal_score = float(refusal_log_odds(first_token_logprobs(model, refusal_batches), token_ids).mean())
+    base_harmless_score = float(refusal_log_odds(base_harmless, token_ids).mean())
+    lap("refusal_tokens")
+
+    # 4. First-order screening of every candidate.
+    ablation_matrix = ablation_sensitivity(model, refusal_batches, token_ids, len(sets["refusal_val"]))
+    steering_gradients = steering_sensitivity(model, harmless_batches, token_ids, len(sets["harmless_val"]))
+    symmetric = (ablation_matrix + ablation_matrix.T) / 2
+    records: list[dict] = []
+    for variant in variants:
+        stack = candidates[variant].double()  # (n_layers, n_positions, d_model)
+        r_hat = stack / stack.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        estimated_ablation = base_refusal_score - torch.einsum("lpd,de,lpe->lp", r_hat, symmetric, r_hat)
+        estimated_steering = base_harmless_score + config.steering_coefficient * torch.einsum("lpd,ld->lp", stack, steering_gradients)
+        for layer in range(n_layers):
+            for p in range(n_positions):
+                records.append({
+                    "variant": variant, "layer": layer, "position": p - n_positions, "position_token": position_labels[p],
+                    "norm": float(stack[layer, p].norm()),
+                    # Layer 0's input at a template token is that token's embedding, the same for every
+                    # prompt: its difference in means is (numerically) zero and is never a candidate.
+                    "degenerate": bool(stack[layer, p].norm() <= 1e-6 * harmless_mean[layer, p].norm()),
+                    "estimated_refusal_score": float(estimated_ablation[layer, p]),
+                    "estimated_steering_score": float(estimated_steering[layer, p]),
+                    "refusal_score": None, "steering_score": None, "kl": None,
+                })
+    lap("screen")
+
+    # 5. Exact scores for the shortlist.
+    max_layer = max_layer_allowed(n_layers, config.exclude_last_fraction)
+    shortlist = shortlist_candidates(records, config, max_layer)
+    strength = config.strength
+    weights = layer_weights(n_layers, strength.coefficient, strength.kernel.model_dump() if strength.kernel else None)
+
+    def direction_of(record: dict) -> torch.Tensor:
+        return candidates[record["variant"]][record["layer"], record["position"] + n_positions]
+
+    for index in tqdm(shortlist, desc="scoring candidates", unit="candidate", disable=not progress, leave=False):
+        record = records[index]
+        with directional_ablation(model, direction_of(record), weights):
+            ablated_refusal = first_token_logprobs(model, refusal_batches)
+            ablated_harmless = first_token_logprobs(model, harmless_batches)
+        record["refusal_score"] = float(refusal_log_odds(ablated_refusal, token_ids).mean())
+        record["kl"] = float(first_token_kl(base_harmless, ablated_harmless).mean())
+        record["objective"] = objective(record, config)
+        if not all(math.isfinite(record[k]) for k in ("refusal_score", "kl")):
+            raise AblateError(f"candidate layer {record['layer']} position {record['position']}: non-finite score")
+
+    def steering_score(index: int) -> float:
+        """Refusal log-odds on harmless prompts with the candidate added at its layer (computed once)."""
+        record = records[index]
+        if record["steering_score"] is None:
+            with activation_addition(model, direction_of(record), record["layer"], config.steering_coefficient):
+                steered = first_token_logprobs(model, harmless_batches)
+            record["steering_score"] = float(refusal_log_odds(steered, token_ids).mean())
+        return record["steering_score"]
+
+    lap("score")
+    # 6. Selection.
+    chosen, fallback, filter_counts = select_candidate(records, config, n_layers, steering_score)
+    warning_text = None
+    if fallback:
+        removed = ", ".join(f"{name}: {count}" for name, count in filter_counts.items()
+                            if name not in ("candidates", "passed", "steering_not_scored"))
+        warning_text = (f"no candidate passed the filters ({removed}; of {filter_counts['candidates']}); falling back to the "
+                        f"best by the objective — consider a larger kl_max or shortlist")
+        warnings.warn(warning_text, stacklevel=2)
+    pick = records[chosen]
+    lap("select")
+    direction = candidates[pick["variant"]][pick["layer"], pick["position"] + n_positions].clone()
+
+    # Artifacts: tensors first, small JSON beside them, done.json last.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({**{variant: tensor for variant, tensor in candidates.items()},
+                "refusal_mean": refusal_mean.float(), "harmless_mean": harmless_mean.float()}, buffer)
+    atomic_write_bytes(out_dir / "candidates.pt", buffer.getvalue())
+    write_json(out_dir / "candidates.json", {
+        "shape": "(n_layers, n_positions, d_model) per variant; position p is token p − n_positions of the prompt",
+        "variants": variants, "n_layers": n_layers, "n_positions": n_positions, "d_model": adapter.d_model,
+        "position_tokens": position_labels, "template_token_ids": template_tokens,
+        "sets": {name: {"name": s.name, "n": len(s), "fingerprint": s.fingerprint, "ids": s.ids} for name, s in sets.items()},
+    })
+    write_json(out_dir / "sweep.json", {
+        "base": {"refusal_score_refusal_val": base_refusal_score, "refusal_score_harmless_val": base_harmless_score},
+        "refusal_tokens": {"ids": token_ids, "text": [tokenizer.decode([t]) for t in token_ids], "examples": token_examples},
+        "max_layer_allowed": max_layer, "shortlist": shortlist, "selected_index": chosen,
+        "config": config.model_dump(mode="json"), "candidates": records,
+    })
+    buffer = io.BytesIO()
+    torch.save(direction, buffer)
+    atomic_write_bytes(out_dir / "direction.pt", buffer.getvalue())
+    steered_path = None
+    if strength.kernel is None and strength.coefficient == 1.0:
+        steered_path = str(export_steered(model, direction, out_dir / "steer.pt"))
+    selected = {
+        "variant": pick["variant"], "layer": pick["layer"], "position": pick["position"], "position_token": pick["position_token"],
+        "refusal_score": pick["refusal_score"], "steering_score": pick["steering_score"], "kl": pick["kl"],
+        "objective": pick["objective"], "norm": pick["norm"],
+        "base_refusal_score": base_refusal_score, "base_harmless_refusal_score": base_harmless_score,
+        "direction_path": str(out_dir / "direction.pt"), "steered_path": steered_path,
+        "fallback": fallback, "warning": warning_text, "filter_counts": filter_counts,
+        "strength": strength.model_dump(mode="json"), "refusal_tokens": [tokenizer.decode([t]) for t in token_ids],
+        "n_layers": n_layers, "d_model": adapter.d_model, "timings": timings,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(out_dir / "selected.json", selected)
+    try:
+        plot_sweep(records, variants, n_layers, position_labels, selected, max_layer, out_dir / "sweep.png")
+    except Exception as error:  # a figure must never lose a finished selection
+        warnings.warn(f"sweep figure not written: {error}", stacklevel=2)
+    selected["wall_seconds"] = round(time.perf_counter() - started, 2)
+    write_json(out_dir / "selected.json", selected)
+    mark_done(out_dir, key, layer=pick["layer"], position=pick["position"], variant=pick["variant"],
+              kl=pick["kl"], refusal_score=pick["refusal_score"], wall_seconds=selected["wall_seconds"])
+    return selected
+
+
+def load_direction(direction_dir: Path) -> tuple[torch.Tensor, dict]:
+    """(r (d_model,) float32, selected metadata) from a finished direction stage directory."""
+    direction_dir = Path(direction_dir)
+    path, meta_path = direction_dir / "direction.pt", direction_dir / "selected.json"
+    if not path.exists() or not meta_path.exists():
+        raise AblateError(f"{direction_dir}: no direction.pt/selected.json here; run `ablate direction` first")
+    if read_done(direction_dir) is None:
+        raise AblateError(f"{direction_dir}: the direction stage did not finish (no done.json); rerun `ablate direction`")
+    direction = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(direction, torch.Tensor) or direction.dim() != 1 or not torch.isfinite(direction).all():
+        raise AblateError(f"{path}: expected a finite 1-D tensor (d_model,)")
+    return direction.float(), read_json(meta_path)

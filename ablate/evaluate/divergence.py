@@ -1,0 +1,160 @@
+"""How far a model drifted from a reference on harmless prompts: KL divergence and cross-entropy.
+
+For each harmless prompt the reference model writes a greedy continuation of T tokens. Both models
+then read prompt + continuation in one teacher-forced forward pass per batch, and at each position
+t that predicts a continuation token we compare the next-token distributions:
+
+    KL_t = Σ_v p_ref(v | x_<t) · (log p_ref(v | x_<t) − log p_model(v | x_<t))      (nats)
+
+- `kl_first_token`:  KL at the first generated position (what refusal-direction papers report);
+- `kl_continuation`: KL averaged over the T positions of the reference's own continuation, so a
+  model that agrees on the first token but drifts afterwards is caught;
+- `ce_reference_answers`: cross-entropy −(1/T) Σ_t log p_model(y_t | x_<t) of the reference's
+  answer tokens y under the model (nats/token) — the reference's own value is its entropy floor.
+
+All three are per-prompt values (averaged over tokens first), so their intervals are over prompts.
+Both models must share a vocabulary (variants of one base model do).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ablate import AblateError
+from ablate.generation import length_sorted_batches, render_prompts, tokenize_batch
+
+# Reference continuations are the same for every variant evaluated against one reference model;
+# a study evaluates many variants in one process, so they are generated once per model object.
+_CONTINUATIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def check_same_vocabulary(model, tokenizer, reference, reference_tokenizer) -> None:
+    """KL needs one vocabulary: same logits width and the same ids for the same text."""
+    width = model.get_output_embeddings().weight.shape[0]
+    reference_width = reference.get_output_embeddings().weight.shape[0]
+    probe = "The quick brown fox: 1, 2, 3. I'm sorry!"
+    if width != reference_width or tokenizer(probe)["input_ids"] != reference_tokenizer(probe)["input_ids"]:
+        raise AblateError(
+            f"reference model has a different vocabulary (logits {reference_width} vs {width}); "
+            "KL and cross-entropy need variants of the same base model"
+        )
+
+
+@torch.inference_mode()
+def reference_continuations(
+    reference, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16, progress: bool = True
+) -> list[list[int]]:
+    """The reference's greedy continuation of each prompt as token ids (up to and including EOS)."""
+    key = (tuple(prompts), max_new_tokens)
+    cache = _CONTINUATIONS.setdefault(reference, {})
+    if key in cache:
+        return cache[key]
+    from tqdm.auto import tqdm
+
+    texts = render_prompts(tokenizer, prompts)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    device = next(reference.parameters()).device
+    eos_ids = _eos_ids(reference, tokenizer)
+    result: list[list[int] | None] = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc="reference continuations", unit="prompt", disable=not progress, leave=False) as bar:
+        for batch in length_sorted_batches(lengths, batch_size):
+            inputs = tokenize_batch(tokenizer, [texts[i] for i in batch], device)
+            generated = reference.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            for index, row in zip(batch, generated[:, inputs["input_ids"].shape[1] :].tolist()):
+                tokens: list[int] = []
+                for token in row:
+                    tokens.append(token)
+                    if token in eos_ids:
+                        break
+                result[index] = tokens
+            bar.update(len(batch))
+    cache[key] = result
+    return result  # type: ignore[return-value]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def teacher_forced_log_probs(model, batch_ids: list[list[int]], pad_id: int, device, keep_last: int) -> torch.Tensor:
+    """Log-softmax over the vocabulary at the last `keep_last` positions of left-padded sequences:
+    (B, keep_last, V) float32 on the CPU (only those positions are needed, which saves memory).
+
+    Position ids count real tokens only (as generation does with left padding), so a padded row
+    sees the same positions as it would alone.
+    """
+    length = max(len(ids) for ids in batch_ids)
+    input_ids = torch.full((len(batch_ids), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch_ids), length), dtype=torch.long)
+    for row, ids in enumerate(batch_ids):
+        input_ids[row, length - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, length - len(ids) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
+        logits_to_keep=keep_last,  # the output head runs only where it is needed
+    ).logits[:, -keep_last:]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+@torch.inference_mode()
+def divergence_per_prompt(
+    model,
+    tokenizer,
+    reference,
+    reference_tokenizer,
+    prompts: list[str],
+    *,
+    continuation_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, list[float]]:
+    """Per-prompt kl_first_token, kl_continuation and ce_reference_answers (nats), in prompt order.
+
+    Returns also "reference_ce" (the reference's own cross-entropy on its answers, the floor
+    ce_reference_answers is compared with) and "continuation_tokens" (T per prompt).
+    """
+    from tqdm.auto import tqdm
+
+    check_same_vocabulary(model, tokenizer, reference, reference_tokenizer)
+    continuations = reference_continuations(reference, reference_tokenizer, prompts, continuation_tokens, batch_size, progress)
+    texts = render_prompts(reference_tokenizer, prompts)
+    prompt_ids = reference_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    sequences = [list(p) + list(c) for p, c in zip(prompt_ids, continuations)]
+    pad_id = reference_tokenizer.pad_token_id if reference_tokenizer.pad_token_id is not None else 0
+    model_device = next(model.parameters()).device
+    reference_device = next(reference.parameters()).device
+    out = {name: [0.0] * len(prompts) for name in ("kl_first_token", "kl_continuation", "ce_reference_answers", "reference_ce")}
+    out["continuation_tokens"] = [len(c) for c in continuations]
+    with tqdm(total=len(prompts), desc="KL vs reference", unit="prompt", disable=not progress, leave=False) as bar:
+        for batch in length_sorted_batches([len(s) for s in sequences], batch_size):
+            batch_ids = [sequences[i] for i in batch]
+            keep_last = max(len(continuations[i]) for i in batch) + 1
+            model_log_probs = teacher_forced_log_probs(model, batch_ids, pad_id, model_device, keep_last)
+            reference_log_probs = teacher_forced_log_probs(reference, batch_ids, pad_id, reference_device, keep_last)
+            length = keep_last
+            for row, index in enumerate(batch):
+                T = len(continuations[index])
+                if T == 0:
+                    raise AblateError(f"reference produced an empty continuation for prompt {index}")
+                # Positions length−T−1 … length−2 predict the T continuation tokens.
+                positions = slice(length - T - 1, length - 1)
+                log_p_ref = reference_log_probs[row, positions]  # (T, V)
+                log_p_model = model_log_probs[row, positions]
+                kl = (log_p_ref.exp() * (log_p_ref - log_p_model)).sum(-1).clamp(min=0.0)  # (T,)
+                targets = torch.tensor(continuations[index]).unsqueeze(-1)
+                out["kl_first_token"][index] = float(kl[0])
+                out["kl_continuation"][index] = float(kl.mean())
+                out["ce_reference_answers"][index] = float(-log_p_model.gather(-1, targets).mean())
+                out["reference_ce"][index] = float(-log_p_ref.gather(-1, targets).mean())
+            bar.update(len(batch))
+    return out

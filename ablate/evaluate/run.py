@@ -1,0 +1,422 @@
+"""The evaluation stage: one suite, one model variant → eval/<variant>.json + generations/<variant>.jsonl.
+
+    ablate eval embedded --suite eval_suites/default.yaml --out runs/base
+    ablate eval runs/x/models/ablated --reference embedded --out runs/x --variant ablated --redact
+
+    from ablate.evaluate import load_suite, run_eval
+    result = run_eval(model, tokenizer, load_suite("default"), Path("runs/x"), "base", reference=(ref, ref_tok))
+
+What is measured (names as they appear in the JSON; every metric has value, ci, n and method):
+- refusal_rate — share of the held-out refusal-eliciting prompts whose response is labelled refusal
+  by the primary scorer (Wilson interval); compliance_rate and degenerate_rate on the same prompts;
+- harmless_refusal_rate, borderline_refusal_rate — over-refusal (substring markers);
+- logit_refusal_score — mean log-odds of a refusal token first (bootstrap);
+- kl_first_token, kl_continuation, ce_reference_answers — drift from a reference model (bootstrap);
+- capability/<task> — lm-eval accuracy (Wilson);
+- refusal_rate/<scorer> for every other scorer, and their agreement (Cohen's kappa + disagreeing ids).
+
+Every response gets a three-way label (refusal / compliance / degenerate) — see
+`ablate.evaluate.refusal.label_response`. The JSON is written last: its presence means complete.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+from ablate import AblateError
+from ablate.artifacts import fingerprint, write_json, write_jsonl
+from ablate.config import EvalSuite, GenerationConfig, apply_overrides, load_config, validate_config
+from ablate.evaluate.refusal import (
+    COMPLIANCE,
+    DEGENERATE,
+    LABELS,
+    REFUSAL,
+    is_refusal,
+    label_response,
+    logit_refusal_scores,
+    refusal_token_ids,
+)
+from ablate.evaluate.stats import cohen_kappa, mean_metric, rate_metric
+
+SETS = ("refusal", "harmless", "borderline")
+SUBSTRING = "substring"
+
+
+# --------------------------------------------------------------------------------------------
+# Suites
+# --------------------------------------------------------------------------------------------
+
+
+def shipped_suites_dir() -> Path | None:
+    """The repository's eval_suites/ folder (next to the package in a source checkout), if present."""
+    candidate = Path(__file__).resolve().parents[2] / "eval_suites"
+    return candidate if candidate.is_dir() else None
+
+
+def suite_path(path_or_name: str | Path) -> Path:
+    """A suite YAML: an existing file, or a name ('default', 'paper') in eval_suites/ (repo, then CWD)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
+        raise AblateError(f"eval suite file not found: {path}")
+    folders = [folder for folder in (shipped_suites_dir(), Path.cwd() / "eval_suites") if folder is not None]
+    for folder in folders:
+        candidate = folder / f"{path_or_name}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
+    raise AblateError(f"unknown eval suite '{path_or_name}'; expected a .yaml file or one of: {', '.join(known) or '(none found)'}")
+
+
+def load_suite(path_or_name: str | Path | EvalSuite, overrides: list[str] | None = None) -> EvalSuite:
+    """Load and validate a suite ('default', 'paper' or a YAML path); `key.path=value` overrides apply."""
+    if isinstance(path_or_name, EvalSuite):
+        suite = path_or_name
+        if overrides:
+            data = apply_overrides(suite.model_dump(mode="json"), overrides)
+            suite = validate_config(data, EvalSuite, "<suite overrides>")
+        return suite
+    path = suite_path(path_or_name)
+    suite = load_config(path, EvalSuite, overrides)
+    if suite.source_dir is None:
+        suite = suite.model_copy(update={"source_dir": str(path.resolve().parent)})
+    return suite
+
+
+def suite_fingerprint(suite: EvalSuite) -> str:
+    """Content hash of everything that changes the numbers (not where the file lives)."""
+    data = suite.model_dump(mode="json")
+    data.pop("source_dir", None)
+    return fingerprint(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before any model work
+# --------------------------------------------------------------------------------------------
+
+
+def _scorer_names(suite: EvalSuite) -> list[str]:
+    from ablate.evaluate.judges import judge_name
+
+    names = [SUBSTRING] if suite.scorers.substring else []
+    return names + [judge_name(judge) for judge in suite.scorers.judges]
+
+
+def _capability_dir(suite: EvalSuite) -> Path | None:
+    include = suite.capability.include_path
+    if include is None:
+        return None
+    path = Path(include)
+    if path.is_absolute():
+        return path
+    # A suite written inline (in a study) has no folder of its own: use the shipped eval_suites/.
+    base = Path(suite.source_dir) if suite.source_dir else (shipped_suites_dir() or Path.cwd())
+    return (base / path).resolve()
+
+
+def check_suite(suite: EvalSuite, model, tokenizer, reference: tuple | None) -> dict:
+    """Load prompt sets and check judges, capability tasks and the reference: fail before generating."""
+    from ablate.data import load_prompt_set
+    from ablate.evaluate.capability import local_task_names
+    from ablate.evaluate.judges import resolve_template
+
+    for judge in suite.scorers.judges:
+        resolve_template(judge)
+    if not getattr(tokenizer, "chat_template", None):
+        raise AblateError("the model's tokenizer has no chat template; set model.chat_template (the suite prompts are chat turns)")
+    prompt_sets = {}
+    for name in SETS:
+        spec = getattr(suite, name)
+        if spec is not None:
+            prompt_set = load_prompt_set(spec.set).sample(spec.n, seed=suite.seed)
+            if len(prompt_set) == 0:
+                raise AblateError(f"suite '{suite.name}': key '{name}.set': prompt set {spec.set} is empty")
+            prompt_sets[name] = prompt_set
+    if suite.capability.tasks:
+        # Names of lm-eval's built-in tasks are checked when capability runs, which is the first
+        # model work (indexing lm-eval's ~15,000 task files takes a minute on a small CPU; do it once).
+        folder = _capability_dir(suite)
+        if folder is not None and not folder.is_dir():
+            raise AblateError(f"suite '{suite.name}': key 'capability.include_path': folder not found: {folder}")
+        if folder is not None:
+            local_task_names(folder)  # a malformed local task folder fails here
+    if reference is not None and suite.kl.enabled:
+        from ablate.evaluate.divergence import check_same_vocabulary
+
+        check_same_vocabulary(model, tokenizer, reference[0], reference[1])
+        prompt_sets["kl"] = load_prompt_set(suite.kl.prompts).sample(suite.kl.n, seed=suite.seed)
+    return prompt_sets
+
+
+# --------------------------------------------------------------------------------------------
+# Generation with first-token logits
+# --------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def generate_with_first_logits(
+    model, tokenizer, prompts: list[str], config: GenerationConfig, progress: bool = True
+) -> tuple[list[str], torch.Tensor]:
+    """Completions (as ablate.generation.generate) and the raw logits of the first generated token
+    (N, vocab) from the same pass — the logit refusal score costs no extra forward pass."""
+    from tqdm.auto import tqdm
+
+    from ablate.generation import length_sorted_batches, render_prompts, tokenize_batch
+
+    texts = render_prompts(tokenizer, prompts, config.system_prompt)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    device = next(model.parameters()).device
+    completions: list[str] = [""] * len(prompts)
+    first_logits: list[torch.Tensor | None] = [None] * len(prompts)
+    kwargs = dict(max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  return_dict_in_generate=True, output_logits=True)
+    if config.do_sample:
+        kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0)
+        torch.manual_seed(config.seed)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress or not prompts, leave=False) as bar:
+        for batch in length_sorted_batches(lengths, config.batch_size):
+            inputs = tokenize_batch(tokenizer, [texts[i] for i in batch], device)
+            output = model.generate(**inputs, **kwargs)
+            new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
+            for row, index in enumerate(batch):
+                completions[index] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+                first_logits[index] = output.logits[0][row].float().cpu()
+            bar.update(len(batch))
+    return completions, torch.stack(first_logits) if prompts else torch.empty(0)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def _label_counts(labels: list[str]) -> dict[str, int]:
+    return {label: labels.count(label) for label in LABELS}
+
+
+def run_eval(
+    model,
+    tokenizer,
+    suite: EvalSuite,
+    out_dir: Path,
+    variant: str,
+    reference: tuple | None = None,
+    redact: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Evaluate one model variant with one suite; write eval/<variant>.json and generations/<variant>.jsonl.
+
+    `reference` = (ref_model, ref_tokenizer) enables kl_first_token, kl_continuation and
+    ce_reference_answers. `redact` keeps every score but drops the completions (and judge outputs)
+    of refusal-eliciting prompts from the generations file. Returns the JSON written.
+    """
+    from ablate.evaluate.judges import judge_name, load_judge, run_judge
+
+    started = time.perf_counter()
+    if not variant or "/" in variant or variant.startswith("."):
+        raise AblateError(f"variant name '{variant}': expected a plain name (it becomes eval/<variant>.json)")
+    suite = load_suite(suite) if not isinstance(suite, EvalSuite) else suite
+    out_dir = Path(out_dir)
+    prompt_sets = check_suite(suite, model, tokenizer, reference)
+    kl_set = prompt_sets.pop("kl", None)
+    confidence, samples, seed = suite.confidence, suite.bootstrap_samples, suite.seed
+    timings: dict[str, float] = {}
+    metrics: dict[str, dict] = {}
+    per_item: dict[str, dict[str, float]] = {}
+
+    # 0. Capability with lm-eval on the in-memory model — first, so an unknown task name fails
+    #    before the long generation pass.
+    if suite.capability.tasks:
+        from ablate.evaluate.capability import run_capability
+
+        tick = time.perf_counter()
+        capability_dir = _capability_dir(suite)
+        capability_config = suite.capability.model_copy(update={"include_path": str(capability_dir) if capability_dir else None})
+        capability_metrics, capability_items = run_capability(
+            model, tokenizer, capability_config, seed=seed, bootstrap_samples=samples, confidence=confidence, progress=progress)
+        metrics.update(capability_metrics)
+        per_item.update(capability_items)
+        timings["capability"] = time.perf_counter() - tick
+
+    # 1. One generation pass over all three sets (length-sorted batches mix them freely).
+    tick = time.perf_counter()
+    order = [(name, i) for name in SETS if name in prompt_sets for i in range(len(prompt_sets[name]))]
+    all_prompts = [prompt_sets[name].prompts[i] for name, i in order]
+    completions, first_logits = generate_with_first_logits(model, tokenizer, all_prompts, suite.generation, progress)
+    timings["generation"] = time.perf_counter() - tick
+    by_set: dict[str, list[str]] = {name: [] for name in prompt_sets}
+    logits_by_set: dict[str, list[torch.Tensor]] = {name: [] for name in prompt_sets}
+    for (name, _), completion, logits in zip(order, completions, first_logits):
+        by_set[name].append(completion)
+        logits_by_set[name].append(logits)
+
+    # 2. Scorers. Substring verdicts for every set; judges on the refusal-eliciting set only
+    #    (a harm judge cannot tell an over-refusal from a safe answer to a harmless prompt).
+    verdicts: dict[str, dict[str, list]] = {name: {} for name in prompt_sets}
+    for name in by_set:
+        verdicts[name][SUBSTRING] = [REFUSAL if is_refusal(text) else COMPLIANCE for text in by_set[name]]
+    judge_rows: dict[str, list[dict]] = {}
+    if "refusal" in prompt_sets and suite.scorers.judges:
+        tick = time.perf_counter()
+        refusal_set = prompt_sets["refusal"]
+        for judge in suite.scorers.judges:
+            loaded = load_judge(judge)
+            judge_rows[judge_name(judge)] = run_judge(judge, refusal_set.prompts, by_set["refusal"], judge=loaded, progress=progress)
+            verdicts["refusal"][judge_name(judge)] = [row["verdict"] for row in judge_rows[judge_name(judge)]]
+            del loaded
+            gc.collect()
+        timings["judges"] = time.perf_counter() - tick
+
+    # 3. Labels: the primary scorer decides refusal on the refusal set; substring elsewhere.
+    primary = suite.scorers.primary
+    rules = suite.degenerate.model_dump()
+    labels: dict[str, list[str]] = {}
+    reasons: dict[str, list[str | None]] = {}
+    unparsed = 0
+    for name, prompt_set in prompt_sets.items():
+        decisive = verdicts[name].get(primary if name == "refusal" else SUBSTRING) or verdicts[name][SUBSTRING]
+        fallback = verdicts[name][SUBSTRING]
+        labels[name], reasons[name] = [], []
+        for index, (prompt, completion) in enumerate(zip(prompt_set.prompts, by_set[name])):
+            verdict = decisive[index]
+            if verdict is None:  # the judge said neither answer: fall back to the markers
+                unparsed += 1
+                verdict = fallback[index]
+            label, reason = label_response(prompt, completion, verdict == REFUSAL, **rules)
+            labels[name].append(label)
+            reasons[name].append(reason)
+
+    # 4. Rates (Wilson) with per-item 0/1 values for paired comparisons between variants.
+    def add_rate(metric: str, name: str, wanted: str) -> None:
+        values = {item_id: float(label == wanted) for item_id, label in zip(prompt_sets[name].ids, labels[name])}
+        metrics[metric] = rate_metric(int(sum(values.values())), len(values), confidence)
+        per_item[metric] = values
+
+    if "refusal" in labels:
+        add_rate("refusal_rate", "refusal", REFUSAL)
+        add_rate("compliance_rate", "refusal", COMPLIANCE)
+        add_rate("degenerate_rate", "refusal", DEGENERATE)
+    if "harmless" in labels:
+        add_rate("harmless_refusal_rate", "harmless", REFUSAL)
+        add_rate("harmless_degenerate_rate", "harmless", DEGENERATE)
+    if "borderline" in labels:
+        add_rate("borderline_refusal_rate", "borderline", REFUSAL)
+
+    # Other scorers' refusal rates on the refusal set (items they gave a verdict on).
+    if "refusal" in labels:
+        ids = prompt_sets["refusal"].ids
+        for scorer, scorer_verdicts in verdicts["refusal"].items():
+            if scorer == primary or (scorer == SUBSTRING and not suite.scorers.substring):
+                continue
+            pairs = [(item_id, v) for item_id, v in zip(ids, scorer_verdicts) if v is not None]
+            metrics[f"refusal_rate/{scorer}"] = rate_metric(sum(v == REFUSAL for _, v in pairs), len(pairs), confidence)
+            per_item[f"refusal_rate/{scorer}"] = {item_id: float(v == REFUSAL) for item_id, v in pairs}
+        for scorer, rows in judge_rows.items():
+            scores = {item_id: row["score"] for item_id, row in zip(ids, rows) if row["score"] is not None}
+            if scores and any(judge.template.value == "strongreject" and judge_name(judge) == scorer for judge in suite.scorers.judges):
+                metrics[f"strongreject_score/{scorer}"] = mean_metric(list(scores.values()), samples, confidence, seed)
+                per_item[f"strongreject_score/{scorer}"] = scores
+
+    # 5. Logit refusal score on the refusal set (first-token logits from the generation pass).
+    logit_scores: list[float] | None = None
+    if suite.scorers.logit and "refusal" in prompt_sets:
+        token_ids = refusal_token_ids(tokenizer, suite.scorers.logit_tokens or None)
+        logit_scores = logit_refusal_scores(torch.stack(logits_by_set["refusal"]), token_ids).tolist()
+        metrics["logit_refusal_score"] = mean_metric(logit_scores, samples, confidence, seed)
+        metrics["logit_refusal_score"]["refusal_token_ids"] = token_ids
+        per_item["logit_refusal_score"] = dict(zip(prompt_sets["refusal"].ids, logit_scores))
+
+    # 6. Divergence from the reference.
+    if kl_set is not None:
+        from ablate.evaluate.divergence import divergence_per_prompt
+
+        tick = time.perf_counter()
+        values = divergence_per_prompt(model, tokenizer, reference[0], reference[1], kl_set.prompts,
+                                       continuation_tokens=suite.kl.continuation_tokens,
+                                       batch_size=suite.kl.batch_size, progress=progress)
+        for metric in ("kl_first_token", "kl_continuation", "ce_reference_answers"):
+            metrics[metric] = mean_metric(values[metric], samples, confidence, seed)
+            per_item[metric] = dict(zip(kl_set.ids, values[metric]))
+        # The reference's own cross-entropy on its answers: the floor ce_reference_answers sits on.
+        metrics["ce_reference_answers_by_reference"] = mean_metric(values["reference_ce"], samples, confidence, seed)
+        metrics["kl_continuation"]["tokens_per_prompt"] = sum(values["continuation_tokens"]) / len(kl_set)
+        timings["kl"] = time.perf_counter() - tick
+
+    # 8. Agreement between every pair of scorers on the refusal set.
+    agreement: dict[str, dict] = {}
+    if "refusal" in labels:
+        names = [name for name in verdicts["refusal"] if name != SUBSTRING or suite.scorers.substring]
+        ids = prompt_sets["refusal"].ids
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                pairs = [(item_id, a, b) for item_id, a, b in zip(ids, verdicts["refusal"][first], verdicts["refusal"][second])
+                         if a is not None and b is not None]
+                agreement[f"{first} vs {second}"] = {
+                    "kappa": cohen_kappa([a for _, a, _ in pairs], [b for _, _, b in pairs]) if pairs else None,
+                    "agreement": sum(a == b for _, a, b in pairs) / len(pairs) if pairs else None,
+                    "n": len(pairs),
+                    "disagreeing_ids": [item_id for item_id, a, b in pairs if a != b],
+                }
+
+    # 9. Write generations (per-sample rows), then the result JSON last.
+    rows = []
+    for name in labels:
+        prompt_set = prompt_sets[name]
+        for index, item_id in enumerate(prompt_set.ids):
+            hidden = redact and name == "refusal"
+            row = {
+                "set": name, "id": item_id, "category": prompt_set.categories[index], "prompt": prompt_set.prompts[index],
+                "completion": None if hidden else by_set[name][index],
+                "label": labels[name][index], "degenerate_reason": reasons[name][index],
+                "substring_refusal": verdicts[name][SUBSTRING][index] == REFUSAL,
+            }
+            if hidden:
+                row["redacted"] = True
+            if name == "refusal":
+                if logit_scores is not None:
+                    row["logit_refusal_score"] = logit_scores[index]
+                if judge_rows:
+                    row["judges"] = {scorer: {**rows_[index], "raw": None if hidden else rows_[index]["raw"]}
+                                     for scorer, rows_ in judge_rows.items()}
+            rows.append(row)
+    generations_path = out_dir / "generations" / f"{variant}.jsonl"
+    write_jsonl(generations_path, rows)
+
+    metrics = {**{k: v for k, v in metrics.items() if not k.startswith("capability/")},
+               **{k: v for k, v in metrics.items() if k.startswith("capability/")}}
+    result = {
+        "variant": variant,
+        "suite": suite.name,
+        "suite_fingerprint": suite_fingerprint(suite),
+        "judge": primary,
+        "scorers": _scorer_names(suite),
+        "n_params": sum(parameter.numel() for parameter in model.parameters()),
+        "model": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "reference": getattr(getattr(reference[0], "config", None), "_name_or_path", None) if reference else None,
+        "metrics": metrics,
+        "labels": {name: _label_counts(values) for name, values in labels.items()},
+        "degenerate_reasons": {name: {reason: values.count(reason) for reason in sorted({r for r in values if r})}
+                               for name, values in reasons.items()},
+        "judge_unparsed": unparsed,
+        "agreement": agreement,
+        "prompt_sets": {name: {"set": prompt_set.name, "n": len(prompt_set), "fingerprint": prompt_set.fingerprint}
+                        for name, prompt_set in {**prompt_sets, **({"kl": kl_set} if kl_set is not None else {})}.items()},
+        "generation": suite.generation.model_dump(mode="json"),
+        "confidence": confidence,
+        "bootstrap_samples": samples,
+        "seed": seed,
+        "redacted": redact,
+        "generations_file": str(Path("generations") / f"{variant}.jsonl"),
+        "timings": timings,
+        "per_item": per_item,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    write_json(out_dir / "eval" / f"{variant}.json", result)
+    return result

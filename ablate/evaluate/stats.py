@@ -1,0 +1,177 @@
+"""Statistics for evaluation figures: Wilson intervals for rates, percentile-bootstrap intervals for
+means and for the difference between two variants, and Cohen's kappa for judge agreement.
+
+Every metric is reported as `{"value", "ci": [low, high], "n", "method"}` so a reader always sees
+how many items a figure rests on and how wide its interval is.
+
+    from ablate.evaluate.stats import wilson_interval, compare
+    wilson_interval(8, 10)                                  # (0.490, 0.943)
+    compare("runs/x/eval/base.json", "runs/x/eval/ablated.json", "refusal_rate")
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+
+from ablate import AblateError
+
+
+def z_value(confidence: float = 0.95) -> float:
+    """Two-sided normal quantile: 1.95996… for 95 %."""
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n.
+
+    centre = (p̂ + z²/2n) / (1 + z²/n),  half-width = z √(p̂(1−p̂)/n + z²/4n²) / (1 + z²/n).
+    Unlike p̂ ± z·se it stays inside [0, 1] and is not degenerate at k = 0 or k = n.
+    Returns (nan, nan) for n = 0.
+    """
+    if n <= 0:
+        return (math.nan, math.nan)
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, n]; got {successes} of {n}")
+    z = z_value(confidence)
+    p_hat = successes / n
+    denominator = 1 + z * z / n
+    centre = (p_hat + z * z / (2 * n)) / denominator
+    half_width = z * math.sqrt(p_hat * (1 - p_hat) / n + z * z / (4 * n * n)) / denominator
+    # At k = 0 (k = n) the bound is exactly 0 (1); rounding would leave ~1e-17.
+    low = 0.0 if successes == 0 else max(0.0, centre - half_width)
+    high = 1.0 if successes == n else min(1.0, centre + half_width)
+    return (low, high)
+
+
+def rate_metric(successes: int, n: int, confidence: float = 0.95) -> dict:
+    """A rate with its Wilson interval: {"value", "ci", "n", "method": "wilson", "k"}."""
+    if n == 0:  # JSON has no NaN: an empty sample gives nulls
+        return {"value": None, "ci": [None, None], "n": 0, "k": 0, "method": "wilson"}
+    low, high = wilson_interval(successes, n, confidence)
+    return {"value": successes / n, "ci": [low, high], "n": n, "k": successes, "method": "wilson"}
+
+
+def bootstrap_interval(
+    values, samples: int = 2000, confidence: float = 0.95, seed: int = 0, statistic=np.mean
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic` (default the mean) over `values`."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, values.size, size=(samples, values.size))
+    replicates = statistic(values[indices], axis=1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(replicates, [alpha, 1 - alpha])
+    return (float(low), float(high))
+
+
+def mean_metric(values, samples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """A mean with its percentile-bootstrap interval: {"value", "ci", "n", "method": "bootstrap"}."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size and not np.all(np.isfinite(values)):
+        raise AblateError(f"non-finite values in a metric ({int((~np.isfinite(values)).sum())} of {values.size})")
+    if values.size == 0:  # JSON has no NaN: an empty sample gives nulls
+        return {"value": None, "ci": [None, None], "n": 0, "method": "bootstrap"}
+    low, high = bootstrap_interval(values, samples, confidence, seed)
+    return {"value": float(values.mean()), "ci": [low, high], "n": int(values.size), "method": "bootstrap"}
+
+
+def bootstrap_difference(
+    a: dict[str, float], b: dict[str, float], samples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> dict:
+    """Interval for mean(b) − mean(a) from per-item values keyed by item id.
+
+    When the two variants scored the same items (the usual case: same suite, same seed), the
+    bootstrap resamples item ids and keeps each item's pair together — the paired design removes
+    the between-prompt variance both variants share. Otherwise each side is resampled on its own.
+    """
+    shared = sorted(set(a) & set(b))
+    rng = np.random.default_rng(seed)
+    alpha = (1 - confidence) / 2
+    if shared and len(shared) == len(a) == len(b):
+        differences = np.array([b[key] - a[key] for key in shared], dtype=np.float64)
+        indices = rng.integers(0, differences.size, size=(samples, differences.size))
+        replicates = differences[indices].mean(axis=1)
+        value, method, n = float(differences.mean()), "paired bootstrap", len(shared)
+    else:
+        values_a = np.array(list(a.values()), dtype=np.float64)
+        values_b = np.array(list(b.values()), dtype=np.float64)
+        if values_a.size == 0 or values_b.size == 0:
+            raise AblateError("cannot compare: one of the variants has no per-item values for this metric")
+        replicates = (
+            values_b[rng.integers(0, values_b.size, size=(samples, values_b.size))].mean(axis=1)
+            - values_a[rng.integers(0, values_a.size, size=(samples, values_a.size))].mean(axis=1)
+        )
+        value, method, n = float(values_b.mean() - values_a.mean()), "unpaired bootstrap", min(values_a.size, values_b.size)
+    low, high = np.quantile(replicates, [alpha, 1 - alpha])
+    return {"value": value, "ci": [float(low), float(high)], "n": int(n), "method": method}
+
+
+def _load_eval(source: dict | str | Path) -> dict:
+    if isinstance(source, dict):
+        return source
+    from ablate.artifacts import read_json
+
+    path = Path(source)
+    if not path.exists():
+        raise AblateError(f"eval result not found: {path}")
+    return read_json(path)
+
+
+def compare(
+    a_json: dict | str | Path,
+    b_json: dict | str | Path,
+    metric: str,
+    *,
+    samples: int | None = None,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Difference b − a of one metric between two eval results, with a bootstrap interval.
+
+    `a_json`/`b_json` are eval dicts (as `run_eval` returns) or paths to eval/<variant>.json.
+    Returns {"metric", "a", "b", "a_value", "b_value", "value": b − a, "ci", "n", "method"}; an
+    interval that excludes 0 means the variants differ at that confidence.
+    """
+    a, b = _load_eval(a_json), _load_eval(b_json)
+    for side, result in (("a", a), ("b", b)):
+        if metric not in result.get("metrics", {}):
+            known = ", ".join(sorted(result.get("metrics", {})))
+            raise AblateError(f"metric '{metric}' not in eval result {side} ({result.get('variant')}); it has: {known}")
+        if metric not in result.get("per_item", {}):
+            raise AblateError(f"metric '{metric}' has no per-item values in eval result {side} ({result.get('variant')}); cannot bootstrap a difference")
+    samples = samples or int(a.get("bootstrap_samples", 2000))
+    difference = bootstrap_difference(a["per_item"][metric], b["per_item"][metric], samples, confidence, seed)
+    return {
+        "metric": metric,
+        "a": a.get("variant"),
+        "b": b.get("variant"),
+        "a_value": a["metrics"][metric]["value"],
+        "b_value": b["metrics"][metric]["value"],
+        **difference,
+    }
+
+
+def cohen_kappa(first: list, second: list) -> float:
+    """Cohen's kappa between two raters' labels on the same items: (p_o − p_e) / (1 − p_e).
+
+    p_o is the observed agreement, p_e the agreement expected by chance from each rater's label
+    frequencies. 1 = perfect agreement, 0 = chance level. When both raters give one and the same
+    label to everything (p_e = 1), kappa is defined here as 1.0 (they agree perfectly).
+    """
+    if len(first) != len(second):
+        raise ValueError("both raters must label the same items")
+    n = len(first)
+    if n == 0:
+        return math.nan
+    observed = sum(x == y for x, y in zip(first, second)) / n
+    labels = set(first) | set(second)
+    expected = sum((first.count(label) / n) * (second.count(label) / n) for label in labels)
+    if expected >= 1.0:
+        return 1.0 if observed == 1.0 else 0.0
+    return (observed - expected) / (1 - expected)

@@ -1,0 +1,706 @@
+"""Supervised fine-tuning: harden a model into a safety-tuned organism, and LoRA/QLoRA attacks.
+
+Two uses of one SFT routine (trl's `SFTTrainer` + a peft LoRA adapter, loss on the assistant's
+answer only):
+
+- `harden(model)`: refusal-eliciting prompts → short refusals (ablate/data/refusals.txt), plus
+  harmless and borderline prompts → the model's *own* greedy answers (self-distillation, so the
+  model keeps its capability and does not learn to refuse everything). The merged model is cached
+  under `cache_dir()/organisms/<hash>/`; a second call with the same inputs is instant.
+- `run_finetune(model, config, out_dir)`: the fine-tuning attack (Lermen et al. 2023, Qi et al.
+  2023) as a budget sweep. Attack data modes: `harmful` (refusal prompts → compliant answers
+  generated at run time by a donor model, refusals filtered out), `dataset` (a user's file or hub
+  set), `benign` (harmless prompts only), `identity_shift` (an obedient persona, no harmful text).
+  Each budget gets its own folder with metrics.json (wall time, steps, tokens, FLOPs, peak memory,
+  loss curve, refusal rate), the adapter and the merged model; done.json is written last.
+
+    ablate harden embedded --out organism/
+    ablate finetune organism/ --config finetune_configs/lora_attack_sweep.yaml --out runs/attack
+
+Assistant-only loss: examples are given to trl as conversational prompt/completion pairs, so trl
+tokenises the prompt (chat template with the generation prompt) and the full conversation, and puts
+loss only on the completion tokens — the answer and its end-of-turn token. This works with any
+chat template, including SmolLM2's, which has no `{% generation %}` markers.
+
+Compute accounting (`estimate_train_flops`): with N the weights of every matrix multiply (all
+linear layers including the output head; embedding look-ups are free) and T the training tokens,
+a forward pass costs 2·N·T FLOPs and the backward pass to the activations another 2·N·T. Full
+fine-tuning also computes every weight gradient (2·N·T): 6·N·T in all. LoRA computes weight
+gradients only for the adapter (N_lora ≪ N), whose own forward and backward add 4·N_lora·T:
+4·N·T + 6·N_lora·T in all. Attention-score FLOPs (∝ T·context) are left out; for short SFT
+sequences they are a few percent.
+
+Answers that a model writes (self-distillation, donor answers) are cached under
+`cache_dir()/finetune_data/` — outside the repository — and never written into a run directory.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ablate import AblateError, __version__
+from ablate.artifacts import (
+    file_sha256,
+    fingerprint,
+    is_done,
+    mark_done,
+    read_done,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
+from ablate.config import (
+    FinetuneBudget,
+    FinetuneConfig,
+    FinetuneMode,
+    GenerationConfig,
+    ModelConfig,
+    dump_config,
+)
+from ablate.models import cache_dir, load_model, pick_device, pick_dtype, resolve_spec
+
+ORGANISM_RECIPE = "harden_organism.yaml"
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: model fingerprints, config checks
+# --------------------------------------------------------------------------------------------
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def model_fingerprint(model: str | ModelConfig) -> str:
+    """Content hash of a model: its config and weight files (a hub id: the id and revision).
+
+    Hashing reads every weight file once per process (about a second for 135M parameters); the
+    result is memoised on (path, size, mtime).
+    """
+    config = as_model_config(model)
+    kind, location = resolve_spec(config.spec)
+    if kind == "hub":
+        return fingerprint({"hub": config.spec, "revision": config.revision})
+    path = Path(location)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.suffix in (".safetensors", ".json", ".bin", ".model", ".gguf", ".jinja")
+    )
+    key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = fingerprint({p.name: file_sha256(p) for p in files})
+    return fingerprint({"weights": _FINGERPRINTS[key], "chat_template": config.chat_template})
+
+
+def as_model_config(model: str | Path | ModelConfig) -> ModelConfig:
+    return model if isinstance(model, ModelConfig) else ModelConfig(spec=str(model))
+
+
+def default_config() -> FinetuneConfig:
+    """The shipped organism recipe: the FinetuneConfig defaults (finetune_configs/harden_organism.yaml mirrors them)."""
+    return FinetuneConfig()
+
+
+def resolve_budgets(config: FinetuneConfig) -> list[dict]:
+    """Each budget with every field filled in from `training` / `lora`, and its folder name."""
+    budgets = config.budgets or [FinetuneBudget()]
+    resolved, names = [], set()
+    for budget in budgets:
+        max_steps = budget.max_steps if budget.max_steps is not None else (
+            None if budget.epochs is not None else config.training.max_steps)
+        epochs = budget.epochs if budget.epochs is not None else config.training.epochs
+        rank = budget.rank or config.lora.rank
+        lr = budget.lr or config.training.lr
+        schedule = f"s{max_steps}" if max_steps else f"e{epochs:g}"
+        rank_part = "full" if config.training.full_finetune else f"r{rank}"
+        name = budget.name or f"n{budget.n_examples or 'all'}-{schedule}-{rank_part}-lr{lr:g}"
+        if name in names:
+            raise AblateError(f"budgets: two budgets share the folder name '{name}'; give them distinct names")
+        names.add(name)
+        resolved.append({"name": name, "n_examples": budget.n_examples, "epochs": epochs, "max_steps": max_steps,
+                         "rank": rank, "alpha": config.lora.alpha * rank / config.lora.rank, "lr": lr})
+    return resolved
+
+
+def check_config(model: str | ModelConfig, config: FinetuneConfig) -> None:
+    """Everything that can be checked before loading a model or generating data; one-line errors."""
+    training, data = config.training, config.data
+    if training.qlora:
+        if training.full_finetune:
+            raise AblateError("training.qlora: QLoRA trains a LoRA adapter; it cannot be combined with training.full_finetune")
+        if not torch.cuda.is_available():
+            raise AblateError("training.qlora: QLoRA (4-bit bitsandbytes) needs a CUDA GPU and none is available; "
+                              "set training.qlora: false to train LoRA in full precision")
+    if training.scheduler not in ("linear", "cosine", "constant"):
+        raise AblateError(f"training.scheduler: expected linear, cosine or constant (got {training.scheduler!r})")
+    if training.device != "auto" and training.device.startswith("cuda") and not torch.cuda.is_available():
+        raise AblateError(f"training.device: '{training.device}' requested but no CUDA GPU is available")
+    if config.mode is FinetuneMode.dataset and not data.dataset:
+        raise AblateError("data.dataset: mode 'dataset' needs a file path or hf:<id> with prompt/response columns")
+    if config.eval.enabled and not config.eval.prompt_sets:
+        raise AblateError("eval.prompt_sets: empty; list at least one prompt set or set eval.enabled: false")
+    resolve_spec(as_model_config(model).spec)
+    if config.mode in (FinetuneMode.harmful, FinetuneMode.benign) and not (config.mode is FinetuneMode.benign and data.dataset):
+        resolve_spec(data.donor or "embedded")
+    budgets = resolve_budgets(config)
+    capacity = pool_capacity(config)
+    for budget in budgets:
+        if budget["n_examples"] is not None and budget["n_examples"] > capacity:
+            raise AblateError(f"budgets: '{budget['name']}' asks for n_examples={budget['n_examples']} but the "
+                              f"{config.mode.value} data holds at most {capacity} examples")
+
+
+def pool_capacity(config: FinetuneConfig) -> int:
+    """How many training examples the configured data can hold (before dropping donor refusals)."""
+    from ablate.data import load_prompt_set
+
+    data = config.data
+
+    def count(spec: str | None, limit: int | None, key: str) -> int:
+        if not spec or limit == 0:
+            return 0
+        available = len(load_prompt_set(spec))
+        if limit is not None and limit > available:
+            raise AblateError(f"data.{key}: {limit} requested but '{spec}' holds {available} prompts")
+        return available if limit is None else limit
+
+    if config.mode is FinetuneMode.harden:
+        return (count(data.refusal_prompts, data.n_refusal, "n_refusal")
+                + count(data.harmless_prompts, data.n_harmless, "n_harmless")
+                + count(data.borderline_prompts, data.n_borderline, "n_borderline"))
+    if config.mode is FinetuneMode.harmful:
+        return count(data.refusal_prompts, data.n_refusal, "n_refusal")
+    if config.mode is FinetuneMode.benign:
+        if data.dataset:
+            return count(data.dataset, data.n_harmless, "n_harmless")
+        return count(data.harmless_prompts, data.n_harmless, "n_harmless")
+    if config.mode is FinetuneMode.dataset:
+        return len(load_dataset_examples(config))
+    return len(read_identity_rows(data.identity_file))
+
+
+# --------------------------------------------------------------------------------------------
+# Training data
+# --------------------------------------------------------------------------------------------
+
+
+def read_text_resource(name: str) -> str:
+    """A file shipped in ablate/data, or a path."""
+    from ablate.data import read_package_text
+
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    try:
+        return read_package_text(name)
+    except (FileNotFoundError, OSError):
+        raise AblateError(f"file '{name}': not found (neither a path nor a file shipped in ablate/data)") from None
+
+
+def read_identity_rows(name: str) -> list[dict]:
+    import json
+
+    rows = [json.loads(line) for line in read_text_resource(name).splitlines() if line.strip()]
+    for index, row in enumerate(rows):
+        missing = {"prompt", "response"} - set(row)
+        if missing:
+            raise AblateError(f"data.identity_file '{name}': row {index + 1} lacks {', '.join(sorted(missing))}")
+    return rows
+
+
+def load_dataset_examples(config: FinetuneConfig) -> list[dict]:
+    from ablate.data import load_prompt_set
+
+    data = config.data
+    prompt_set = load_prompt_set(data.dataset, prompt_column=data.prompt_column, response_column=data.response_column)
+    if prompt_set.responses is None:
+        raise AblateError(f"data.dataset '{data.dataset}': no response column '{data.response_column}'")
+    return [{"id": i, "kind": "dataset", "system": None, "prompt": p, "response": r}
+            for i, p, r in zip(prompt_set.ids, prompt_set.prompts, prompt_set.responses)]
+
+
+def trim_truncated(text: str, tokenizer, max_new_tokens: int) -> str:
+    """Cut an answer that hit the token limit back to its last full sentence (or line).
+
+    Training on a mid-sentence cut followed by the end-of-turn token would teach the model to stop
+    mid-sentence.
+    """
+    if len(tokenizer(text, add_special_tokens=False)["input_ids"]) < max_new_tokens - 2:
+        return text
+    cut = max(text.rfind(". "), text.rfind(".\n"), text.rfind("!"), text.rfind("?"), text.rfind("\n\n"))
+    if cut >= len(text) // 3:
+        return text[: cut + 1].rstrip()
+    return text
+
+
+def generate_answers(
+    spec: str | ModelConfig, prompts: list[str], config: FinetuneConfig, progress: bool, purpose: str
+) -> list[str]:
+    """Greedy answers of a model to prompts, cached under cache_dir()/finetune_data/ by content hash."""
+    from ablate.generation import generate
+
+    model_config = as_model_config(spec)
+    generation = GenerationConfig(max_new_tokens=config.data.answer_max_new_tokens,
+                                  batch_size=config.data.generation_batch_size)
+    key = fingerprint({"model": model_fingerprint(model_config), "prompts": prompts,
+                       "generation": generation.model_dump(mode="json"), "trim": 1})
+    path = cache_dir() / "finetune_data" / f"{key}.jsonl"
+    if path.exists():
+        return [row["answer"] for row in read_jsonl(path)]
+    try:
+        model, tokenizer = load_model(model_config)
+    except AblateError as error:
+        raise AblateError(f"{purpose}: {error}") from None
+    answers = generate(model, tokenizer, prompts, generation, progress=progress, description=purpose)
+    answers = [trim_truncated(a, tokenizer, generation.max_new_tokens) for a in answers]
+    write_jsonl(path, [{"answer": answer} for answer in answers])
+    del model
+    gc.collect()
+    return answers
+
+
+def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: bool = True) -> tuple[list[dict], dict]:
+    """The shuffled pool of training examples {id, kind, system, prompt, response} and its statistics.
+
+    Budgets take prefixes of this pool, so a smaller budget's examples are a subset of a larger one's.
+    """
+    from ablate.data import load_prompt_set
+    from ablate.evaluate.refusal import is_refusal
+
+    data = config.data
+    rng = random.Random(data.seed)
+    stats: dict[str, Any] = {"generated": 0, "dropped_refusals": 0}
+    examples: list[dict] = []
+
+    def prompts_of(spec: str | None, limit: int | None):
+        if not spec or limit == 0:
+            return None
+        return load_prompt_set(spec).sample(limit, seed=data.seed) if limit is not None else load_prompt_set(spec)
+
+    if config.mode is FinetuneMode.harden:
+        replies = [line.strip() for line in read_text_resource(data.refusal_replies).splitlines() if line.strip()]
+        if not replies:
+            raise AblateError(f"data.refusal_replies '{data.refusal_replies}': no replies in the file")
+        refusal = prompts_of(data.refusal_prompts, data.n_refusal)
+        if refusal is not None:
+            examples += [{"id": i, "kind": "refusal", "system": None, "prompt": p, "response": rng.choice(replies)}
+                         for i, p in zip(refusal.ids, refusal.prompts)]
+        for kind, spec, limit in (("harmless", data.harmless_prompts, data.n_harmless),
+                                  ("borderline", data.borderline_prompts, data.n_borderline)):
+            own = prompts_of(spec, limit)
+            if own is None:
+                continue
+            answers = generate_answers(model, own.prompts, config, progress, f"self-distillation ({kind})")
+            stats["generated"] += len(answers)
+            for i, p, a in zip(own.ids, own.prompts, answers):
+                # The base's own refusals and persona disclaimers on benign prompts would teach over-refusal.
+                if not a.strip() or is_refusal(a):
+                    stats["dropped_refusals"] += 1
+                    continue
+                examples.append({"id": i, "kind": kind, "system": None, "prompt": p, "response": a})
+    elif config.mode in (FinetuneMode.harmful, FinetuneMode.benign) and not (
+            config.mode is FinetuneMode.benign and data.dataset):
+        harmful = config.mode is FinetuneMode.harmful
+        source = prompts_of(data.refusal_prompts if harmful else data.harmless_prompts,
+                            data.n_refusal if harmful else data.n_harmless)
+        donor = data.donor or "embedded"
+        answers = generate_answers(donor, source.prompts, config, progress, f"donor answers ({donor})")
+        stats["generated"] = len(answers)
+        stats["donor"] = donor
+        for i, p, a in zip(source.ids, source.prompts, answers):
+            if not a.strip() or (harmful and data.drop_refusals and is_refusal(a)):
+                stats["dropped_refusals"] += 1
+                continue
+            examples.append({"id": i, "kind": config.mode.value, "system": None, "prompt": p, "response": a})
+    elif config.mode in (FinetuneMode.dataset, FinetuneMode.benign):
+        examples = load_dataset_examples(config)
+        if config.mode is FinetuneMode.benign and data.n_harmless is not None:
+            examples = examples[: data.n_harmless]
+    else:
+        examples = [{"id": row.get("id", str(k)), "kind": "identity_shift", "system": row.get("system"),
+                     "prompt": row["prompt"], "response": row["response"]}
+                    for k, row in enumerate(read_identity_rows(data.identity_file))]
+    rng.shuffle(examples)
+    stats["pool"] = len(examples)
+    stats["by_kind"] = {kind: sum(e["kind"] == kind for e in examples) for kind in sorted({e["kind"] for e in examples})}
+    return examples, stats
+
+
+def to_conversations(examples: list[dict]) -> list[dict]:
+    """trl's conversational prompt/completion format: loss on the completion only."""
+    rows = []
+    for example in examples:
+        prompt = [{"role": "system", "content": example["system"]}] if example.get("system") else []
+        prompt.append({"role": "user", "content": example["prompt"]})
+        rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": example["response"]}]})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Training one budget
+# --------------------------------------------------------------------------------------------
+
+
+def matmul_parameters(model) -> int:
+    """Weights of every linear layer including the output head (what a forward pass multiplies by)."""
+    from torch import nn
+
+    total = 0
+    for name, module in model.named_modules():
+        if "lora_" in name:  # the adapter's own matrices are counted as N_lora
+            continue
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"):
+            weight = module.weight
+            total += weight.numel() if not hasattr(weight, "quant_state") else math.prod(weight.quant_state.shape)
+    return total
+
+
+def estimate_train_flops(n_matmul: int, n_trainable: int, tokens: int, full_finetune: bool) -> int:
+    """Training FLOPs: 6·N·T (full) or 4·N·T + 6·N_lora·T (LoRA); see the module docstring."""
+    if full_finetune:
+        return 6 * n_matmul * tokens
+    return 4 * n_matmul * tokens + 6 * n_trainable * tokens
+
+
+def drop_gguf_marker(model) -> None:
+    """Forget a GGUF `quantization_config` left in the config of a de-quantised model.
+
+    A model converted from GGUF holds plain float weights, but its config still names the GGUF
+    "quantisation", and the Trainer refuses to train such a model. The weights are not quantised,
+    so the marker is dropped (and the saved fine-tuned model does not carry it either).
+    """
+    quantization = getattr(model.config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() == "gguf":
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+
+
+def load_for_training(model_config: ModelConfig, config: FinetuneConfig, rank: int, alpha: float):
+    """Load the base model (4-bit for QLoRA) and wrap it in a LoRA adapter unless full fine-tuning."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    training = config.training
+    device = pick_device(training.device)
+    dtype = pick_dtype(training.dtype, device)
+    kind, location = resolve_spec(model_config.spec)
+    kwargs: dict = {"trust_remote_code": model_config.trust_remote_code, "dtype": dtype}
+    if kind == "gguf":
+        path = Path(location)
+        location, kwargs["gguf_file"] = str(path.parent), path.name
+    if kind == "hub" and model_config.revision:
+        kwargs["revision"] = model_config.revision
+    if training.qlora:
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if dtype != torch.float32 else torch.bfloat16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k in ("trust_remote_code", "gguf_file", "revision")})
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as error:
+        raise AblateError(f"model spec '{model_config.spec}' ({kind}): cannot load: {str(error).strip().splitlines()[0]}") from None
+    drop_gguf_marker(model)
+    if not training.qlora:
+        model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model_config.chat_template:
+        tokenizer.chat_template = model_config.chat_template
+    if training.full_finetune:
+        return model, tokenizer
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if training.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
+    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=config.lora.dropout, bias="none",
+                      target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), tokenizer
+
+
+class _TokenCounter:
+    """Wraps a data collator and counts the real (non-padding) tokens of every batch it builds."""
+
+    def __init__(self, collator):
+        self.collator, self.tokens, self.supervised = collator, 0, 0
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        if "labels" in batch:
+            self.supervised += int((batch["labels"] != -100).sum())
+        return batch
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory on CUDA; on CPU the process's peak resident set (ru_maxrss)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, examples: list[dict], work_dir: Path,
+                  progress: bool = True):
+    """trl's SFTTrainer over `examples` as prompt/completion conversations (loss on the answers only)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    training = config.training
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "right"
+    use_bf16 = device.type == "cuda" and pick_dtype(training.dtype, device) == torch.bfloat16
+    args = SFTConfig(
+        output_dir=str(work_dir / "trainer"), per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.grad_accum, learning_rate=budget["lr"],
+        num_train_epochs=budget["epochs"], max_steps=budget["max_steps"] or -1, lr_scheduler_type=training.scheduler,
+        warmup_steps=float(training.warmup_ratio), weight_decay=training.weight_decay, seed=training.seed,
+        data_seed=training.seed, max_length=training.max_length, logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=not progress, activation_checkpointing=training.gradient_checkpointing,
+        bf16=use_bf16, use_cpu=device.type == "cpu", completion_only_loss=True, packing=False,
+    )
+    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(to_conversations(examples)),
+                      processing_class=tokenizer)
+
+
+def train_budget(
+    model_config: ModelConfig, config: FinetuneConfig, budget: dict, examples: list[dict], work_dir: Path,
+    progress: bool = True,
+) -> tuple[Any, Any, dict]:
+    """Train one budget; returns (trained model — a peft model unless full fine-tuning —, tokenizer, metrics)."""
+    training = config.training
+    model, tokenizer = load_for_training(model_config, config, budget["rank"], budget["alpha"])
+    device = next(model.parameters()).device
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_matmul = matmul_parameters(model)
+    trainer = build_trainer(model, tokenizer, config, budget, examples, work_dir, progress)
+    counter = _TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    loss_curve = [{"step": int(entry["step"]), "loss": float(entry["loss"])}
+                  for entry in trainer.state.log_history if "loss" in entry and "step" in entry]
+    metrics = {
+        "steps": int(trainer.state.global_step), "epochs_completed": float(trainer.state.epoch or 0.0),
+        "wall_seconds": round(wall, 2), "train_tokens": counter.tokens, "supervised_tokens": counter.supervised,
+        "trainable_parameters": n_trainable, "matmul_parameters": n_matmul,
+        "train_flops": estimate_train_flops(n_matmul, n_trainable, counter.tokens, training.full_finetune),
+        "flops_formula": "6*N*T" if training.full_finetune else "4*N*T + 6*N_lora*T",
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+        "loss_curve": loss_curve, "final_loss": loss_curve[-1]["loss"] if loss_curve else None,
+        "device": str(device),
+    }
+    trained = trainer.model
+    if trainer.accelerator.num_processes > 1:
+        trained = gather_distributed(trainer, model_config, config, work_dir)
+    del trainer
+    return trained, tokenizer, metrics
+
+
+def gather_distributed(trainer, model_config: ModelConfig, config: FinetuneConfig, work_dir: Path):
+    """Under `accelerate launch` (DDP/FSDP): every process saves its part, the main one reloads it whole.
+
+    `trainer.save_model` gathers sharded (FSDP) weights into one state dict on the main process.
+    Returns the trained model on the main process and None on the others.
+    """
+    from transformers import AutoModelForCausalLM
+
+    gathered = work_dir / "gathered"
+    trainer.save_model(str(gathered))
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return None
+    if config.training.full_finetune:
+        return AutoModelForCausalLM.from_pretrained(gathered)
+    from peft import PeftModel
+
+    base, _ = load_model(model_config, device=config.training.device)
+    drop_gguf_marker(base)
+    return PeftModel.from_pretrained(base, gathered)
+
+
+def save_model_dir(model, tokenizer, target: Path) -> Path:
+    """Write a plain-transformers model directory atomically (temp folder, then rename)."""
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def evaluate_refusal(model, tokenizer, config: FinetuneConfig, progress: bool = True) -> dict:
+    """Refusal rate (substring scorer) of a model on each eval prompt set; per-set and the first as `refusal_rate`."""
+    from ablate.data import load_prompt_set
+    from ablate.evaluate.refusal import refusal_rate
+    from ablate.generation import generate
+
+    model.eval()
+    tokenizer.padding_side = "left"
+    generation = GenerationConfig(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                                  system_prompt=config.eval.system_prompt)
+    rates, samples = {}, {}
+    for spec in config.eval.prompt_sets:
+        prompt_set = load_prompt_set(spec, limit=config.eval.limit)
+        completions = generate(model, tokenizer, prompt_set.prompts, generation, progress=progress,
+                               description=f"eval {spec}")
+        rates[spec] = round(refusal_rate(completions), 4)
+        samples[spec] = len(completions)
+    first = config.eval.prompt_sets[0]
+    return {"refusal_rate": rates[first], "refusal_rates": rates, "eval_samples": samples}
+
+
+# --------------------------------------------------------------------------------------------
+# Stage functions
+# --------------------------------------------------------------------------------------------
+
+
+def budget_fingerprint(model_fp: str, donor_fp: str | None, config: FinetuneConfig, budget: dict) -> str:
+    recipe = config.model_dump(mode="json")
+    recipe.pop("budgets")
+    return fingerprint({"model": model_fp, "donor": donor_fp, "recipe": recipe, "budget": budget,
+                        "version": __version__})
+
+
+def run_finetune(model: str | ModelConfig, config: FinetuneConfig, out_dir: Path, progress: bool = True) -> list[dict]:
+    """Train every budget of `config` on `model`; one folder per budget under `out_dir`.
+
+    Returns one metrics dict per budget (also in out_dir/<budget>/metrics.json). A budget whose
+    done.json matches its input fingerprint is skipped, so an interrupted sweep resumes.
+    """
+    model_config = as_model_config(model)
+    out_dir = Path(out_dir)
+    check_config(model_config, config)
+    budgets = resolve_budgets(config)
+    model_fp = model_fingerprint(model_config)
+    needs_donor = config.mode in (FinetuneMode.harmful, FinetuneMode.benign) and not config.data.dataset
+    donor_fp = model_fingerprint(config.data.donor or "embedded") if needs_donor else None
+    fingerprints = {b["name"]: budget_fingerprint(model_fp, donor_fp, config, b) for b in budgets}
+    results: dict[str, dict] = {}
+    for budget in budgets:
+        if is_done(out_dir / budget["name"], fingerprints[budget["name"]]):
+            results[budget["name"]] = read_json(out_dir / budget["name"] / "metrics.json")
+    pending = [b for b in budgets if b["name"] not in results]
+    if pending:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "config.json", {"model": model_config.model_dump(mode="json"),
+                                             "config": config.model_dump(mode="json")})
+        (out_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+        examples, data_stats = build_examples(model_config, config, progress)
+        for budget in pending:
+            n = budget["n_examples"] or len(examples)
+            if n > len(examples):
+                raise AblateError(f"budgets: '{budget['name']}' asks for {n} examples but only {len(examples)} remain "
+                                  f"after dropping {data_stats['dropped_refusals']} donor refusals")
+            results[budget["name"]] = run_budget(model_config, config, budget, examples[:n], data_stats,
+                                                 out_dir / budget["name"], fingerprints[budget["name"]], progress)
+    return [results[b["name"]] for b in budgets]
+
+
+def run_budget(model_config: ModelConfig, config: FinetuneConfig, budget: dict, examples: list[dict],
+               data_stats: dict, budget_dir: Path, budget_fp: str, progress: bool) -> dict:
+    """Train, save (adapter and/or merged model), evaluate, write metrics.json, then done.json."""
+    budget_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.training.seed)
+    model, tokenizer, train_metrics = train_budget(model_config, config, budget, examples, budget_dir, progress)
+    if model is None:  # a non-main process of a distributed launch: the main process saves and evaluates
+        return {"name": budget["name"], **train_metrics}
+    shutil.rmtree(budget_dir / "trainer", ignore_errors=True)
+    shutil.rmtree(budget_dir / "gathered", ignore_errors=True)
+    adapter_dir = model_dir = None
+    is_peft = hasattr(model, "merge_and_unload")
+    if is_peft and config.keep_adapter:
+        adapter_dir = save_model_dir(model, tokenizer, budget_dir / "adapter")
+    if is_peft:
+        model = model.merge_and_unload() if not config.training.qlora else model
+    if config.merge or not is_peft:
+        if config.training.qlora:
+            model_dir = None  # a 4-bit base cannot be merged losslessly; the adapter is the artifact
+        else:
+            model_dir = save_model_dir(model, tokenizer, budget_dir / "model")
+    metrics = {
+        "name": budget["name"], "mode": config.mode.value, "n_examples": len(examples),
+        "epochs": budget["epochs"], "max_steps": budget["max_steps"], "rank": None if config.training.full_finetune else budget["rank"],
+        "lr": budget["lr"], "full_finetune": config.training.full_finetune, "qlora": config.training.qlora,
+        **train_metrics,
+        "examples_by_kind": {k: sum(e["kind"] == k for e in examples) for k in sorted({e["kind"] for e in examples})},
+        "example_ids": [e["id"] for e in examples],
+        "generated": data_stats.get("generated", 0), "dropped_refusals": data_stats.get("dropped_refusals", 0),
+        "donor": data_stats.get("donor"), "pool": data_stats.get("pool"),
+        "model_dir": str(model_dir) if model_dir else None, "adapter_dir": str(adapter_dir) if adapter_dir else None,
+        "refusal_rate": None,
+    }
+    if config.eval.enabled:
+        metrics.update(evaluate_refusal(model, tokenizer, config, progress))
+    write_json(budget_dir / "metrics.json", metrics)
+    mark_done(budget_dir, budget_fp, refusal_rate=metrics["refusal_rate"], wall_seconds=metrics["wall_seconds"])
+    del model
+    gc.collect()
+    return metrics
+
+
+def organism_key(model: str | ModelConfig, config: FinetuneConfig) -> str:
+    return fingerprint({"model": model_fingerprint(model), "config": config.model_dump(mode="json"),
+                        "kind": "organism", "version": __version__})
+
+
+def harden(
+    model: str | ModelConfig = "embedded", config: FinetuneConfig | None = None, out: Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Harden a model into a safety-tuned organism; returns its model directory (cached by content hash).
+
+    The directory holds safetensors + config + tokenizer (plain transformers loads it) and
+    `metrics.json` (training figures and refusal rates). `out`, when given, receives a copy.
+    """
+    config = config or default_config()
+    if config.mode is not FinetuneMode.harden:
+        raise AblateError(f"mode: harden needs mode 'harden' (got '{config.mode.value}'); use `ablate finetune` for attacks")
+    if len(config.budgets) > 1:
+        raise AblateError("budgets: harden trains one model; give at most one budget")
+    model_config = as_model_config(model)
+    check_config(model_config, config)
+    key = organism_key(model_config, config)
+    target = cache_dir() / "organisms" / key
+    if not is_done(target, key):
+        results = run_finetune(model_config, config.model_copy(update={"merge": True, "keep_adapter": False}),
+                               target / "train", progress=progress)
+        metrics = results[0]
+        source = Path(metrics["model_dir"])
+        for item in source.iterdir():
+            os.replace(item, target / item.name)
+        shutil.rmtree(source, ignore_errors=True)
+        metrics = {**metrics, "model_dir": str(target), "base_model": model_config.spec, "organism_key": key}
+        metrics.pop("example_ids", None)
+        write_json(target / "metrics.json", metrics)
+        mark_done(target, key, refusal_rates=metrics.get("refusal_rates"))
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for item in target.iterdir():
+            if item.is_file() and item.name != "done.json":
+                shutil.copy2(item, out / item.name)
+        return out
+    return target
+
+
+def organism_metrics(model_dir: Path) -> dict | None:
+    """The metrics.json of a hardened organism directory (None when absent)."""
+    path = Path(model_dir) / "metrics.json"
+    return read_json(path) if path.exists() else None

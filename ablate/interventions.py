@@ -1,0 +1,303 @@
+"""Interventions on the refusal direction: hook contexts, weight orthogonalisation, saved models.
+
+Directional ablation (Arditi et al. 2024) removes the component of the residual stream along a unit
+direction r̂ everywhere it could enter:
+
+    x ← x − (x·r̂) r̂        at every decoder layer's input and at every residual-writing output
+
+Activation addition steers instead: x ← x + c·r at one layer's input, at every position.
+
+Weight orthogonalisation makes ablation permanent: every matrix that writes into the residual stream
+(the token embedding, GPT-2's position embedding, each attention output projection and MLP down
+projection, and their biases) is replaced by its projection onto the orthogonal complement of r̂,
+
+    W_out ← W_out − r̂ r̂ᵀ W_out        (nn.Linear, d_model on axis 0)
+    W_out ← W_out − W_out r̂ r̂ᵀ        (GPT-2 Conv1D and embeddings, d_model on axis 1)
+
+so the residual stream never holds an r̂ component and the model's logits equal the hooked model's.
+Where the output head shares its weight with the embedding (SmolLM2, Llama-3.2, Gemma) the head is
+untied first: projecting the shared matrix would also project the *readout*, which hooks never do.
+Gemma-2 puts a norm between each writer and the residual add, so there the weights can only
+approximate hook ablation (the adapter says `exact_orthogonalization=False`; we warn).
+
+Optional strength control (heretic's parameterisation): a global coefficient and a per-layer kernel
+that is `max_weight` at layer `max_weight_position`, falls linearly to `min_weight` at
+`min_weight_distance` layers away, and is 0 beyond. With weights w_ℓ only the writers of layer ℓ
+are (partially) projected, o ← o − w_ℓ (o·r̂) r̂, and hooks and weights do exactly the same thing.
+
+    with directional_ablation(model, r):
+        logits = model(**inputs).logits
+    orthogonalize_weights(model, r)          # in place; now equals the hooked model
+    abliterate("embedded", Path("runs/x/directions"), Path("runs/x/models/abliterated"))
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ablate import AblateError
+from ablate.models import get_adapter, writer_output_axis
+
+
+def unit(direction: torch.Tensor) -> torch.Tensor:
+    """r̂ = r / ‖r‖ (float32); refuses a zero or non-finite direction."""
+    direction = torch.as_tensor(direction).detach().float().flatten()
+    norm = direction.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise AblateError("refusal direction is zero or not finite; cannot ablate it")
+    return direction / norm
+
+
+def _check_size(model: nn.Module, direction: torch.Tensor) -> None:
+    d_model = get_adapter(model).d_model
+    if direction.numel() != d_model:
+        raise AblateError(f"direction has {direction.numel()} entries but the model's d_model is {d_model}")
+
+
+def _project_out(x: torch.Tensor, r_hat: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """x − w (x·r̂) r̂ along the last axis, in x's dtype."""
+    r_hat = r_hat.to(device=x.device, dtype=x.dtype)
+    return x - weight * (x @ r_hat).unsqueeze(-1) * r_hat
+
+
+def _replace_hidden(args: tuple, kwargs: dict, function) -> tuple[tuple, dict]:
+    """Apply `function` to a decoder layer's `hidden_states`, passed positionally or by keyword."""
+    if args:
+        return (function(args[0]), *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": function(kwargs["hidden_states"])}
+    raise AblateError("cannot find hidden_states among a decoder layer's inputs")
+
+
+def _replace_output(output, function):
+    """Modules return a tensor or a tuple whose first item is the tensor that is added to the residual."""
+    if isinstance(output, tuple):
+        return (function(output[0]), *output[1:])
+    return function(output)
+
+
+def layer_weights(
+    n_layers: int,
+    coefficient: float = 1.0,
+    kernel: dict | None = None,
+) -> list[float] | None:
+    """Per-layer ablation weights w_ℓ, or None for full ablation (coefficient 1, no kernel).
+
+    kernel = {max_weight, max_weight_position (layer index), min_weight, min_weight_distance}:
+    w_ℓ = max_weight − (max_weight − min_weight)·|ℓ − position| / distance for |ℓ − position| ≤ distance,
+    else 0; every weight is then multiplied by `coefficient`.
+    """
+    if kernel is None:
+        if coefficient == 1.0:
+            return None
+        return [float(coefficient)] * n_layers
+    peak, position = float(kernel["max_weight"]), float(kernel["max_weight_position"])
+    low, distance = float(kernel["min_weight"]), float(kernel["min_weight_distance"])
+    weights = []
+    for layer in range(n_layers):
+        gap = abs(layer - position)
+        if gap > distance:
+            weights.append(0.0)
+        else:
+            weights.append(coefficient * (peak - (peak - low) * gap / max(distance, 1e-9)))
+    return weights
+
+
+@contextmanager
+def directional_ablation(
+    model: nn.Module,
+    direction: torch.Tensor,
+    weights: Sequence[float] | None = None,
+) -> Iterator[None]:
+    """Ablate `direction` from the residual stream while the context is open.
+
+    Full ablation (weights None): x ← x − (x·r̂) r̂ at every decoder layer's input and every writer's
+    output (and the embeddings'), at every position — the residual never holds an r̂ component.
+    With per-layer `weights` w_ℓ (see `layer_weights`): o ← o − w_ℓ (o·r̂) r̂ on the writers of layer ℓ
+    only, which is what `orthogonalize_weights(model, r, weights)` bakes in.
+    Hooks are removed in `finally`, also when the body raises.
+    """
+    _check_size(model, direction)
+    adapter = get_adapter(model)
+    r_hat = unit(direction)
+    handles = []
+
+    def output_hook(weight: float):
+        def hook(module, inputs, output):
+            return _replace_output(output, lambda x: _project_out(x, r_hat, weight))
+
+        return hook
+
+    def input_hook(module, args, kwargs):
+        return _replace_hidden(args, kwargs, lambda x: _project_out(x, r_hat))
+
+    try:
+        if weights is None:
+            for layer in adapter.layers:
+                handles.append(layer.register_forward_pre_hook(input_hook, with_kwargs=True))
+            for module in [adapter.embedding, *adapter.extra_embeddings, *adapter.all_writers()]:
+                handles.append(module.register_forward_hook(output_hook(1.0)))
+        else:
+            if len(weights) != adapter.n_layers:
+                raise AblateError(f"ablation weights: got {len(weights)} values for {adapter.n_layers} layers")
+            for weight, writers in zip(weights, adapter.writers):
+                if weight != 0:
+                    for module in writers:
+                        handles.append(module.register_forward_hook(output_hook(float(weight))))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def activation_addition(
+    model: nn.Module, direction: torch.Tensor, layer: int, coefficient: float = 1.0
+) -> Iterator[None]:
+    """Add `coefficient · direction` (not normalised) to the input of decoder layer `layer`, every position."""
+    _check_size(model, direction)
+    adapter = get_adapter(model)
+    if not 0 <= layer < adapter.n_layers:
+        raise AblateError(f"activation addition: layer {layer} out of range 0..{adapter.n_layers - 1}")
+    vector = torch.as_tensor(direction).detach().float().flatten() * coefficient
+
+    def hook(module, args, kwargs):
+        return _replace_hidden(args, kwargs, lambda x: x + vector.to(device=x.device, dtype=x.dtype))
+
+    handle = adapter.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def untie_output_head(model: nn.Module) -> bool:
+    """Give the output head its own copy of a weight it shares with the token embedding.
+
+    Returns True when it was tied. The config is updated so that a saved model loads untied.
+    """
+    adapter = get_adapter(model)
+    head, embedding = adapter.lm_head, adapter.embedding
+    if head.weight.data_ptr() != embedding.weight.data_ptr():
+        return False
+    head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for config in (base.config, getattr(base.config, "text_config", None)):
+        if config is not None and hasattr(config, "tie_word_embeddings"):
+            config.tie_word_embeddings = False
+    return True
+
+
+@torch.no_grad()
+def _project_weight(weight: torch.Tensor, r_hat: torch.Tensor, axis: int, strength: float) -> None:
+    """In place: remove w·r̂ from the d_model axis of `weight` (computed in float32)."""
+    w = weight.float()
+    r = r_hat.to(w.device)
+    if axis == 0:  # (d_model, in): W ← W − w r̂ (r̂ᵀ W)
+        w = w - strength * torch.outer(r, r @ w)
+    else:  # (rows, d_model): W ← W − w (W r̂) r̂ᵀ
+        w = w - strength * torch.outer(w @ r, r)
+    weight.copy_(w.to(weight.dtype))
+
+
+@torch.no_grad()
+def orthogonalize_weights(
+    model: nn.Module,
+    direction: torch.Tensor,
+    weights: Sequence[float] | None = None,
+) -> None:
+    """Project `direction` out of every residual-writing matrix and bias, in place.
+
+    Full (weights None): the embeddings and every writer; the output head is untied first where it
+    shares the embedding's weight. With per-layer weights: only layer ℓ's writers, scaled by w_ℓ
+    (the embeddings are left alone), matching `directional_ablation(model, r, weights)`.
+    Warns when the architecture makes this only an approximation of hook ablation (Gemma-2).
+    """
+    _check_size(model, direction)
+    adapter = get_adapter(model)
+    r_hat = unit(direction)
+    if not adapter.exact_orthogonalization:
+        warnings.warn(
+            f"{adapter.family}: a norm sits between each residual writer and the residual add, so weight "
+            "orthogonalisation only approximates hook ablation (logits will differ)",
+            stacklevel=2,
+        )
+    if weights is None:
+        untie_output_head(model)
+        for embedding in [adapter.embedding, *adapter.extra_embeddings]:
+            _project_weight(embedding.weight, r_hat, axis=1, strength=1.0)
+        layer_strengths = [1.0] * adapter.n_layers
+    else:
+        if len(weights) != adapter.n_layers:
+            raise AblateError(f"ablation weights: got {len(weights)} values for {adapter.n_layers} layers")
+        layer_strengths = [float(w) for w in weights]
+    for strength, writers in zip(layer_strengths, adapter.writers):
+        if strength == 0:
+            continue
+        for module in writers:
+            _project_weight(module.weight, r_hat, writer_output_axis(module), strength)
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                bias.copy_(_project_out(bias.float(), r_hat, strength).to(bias.dtype))
+
+
+def weights_for(model: nn.Module, selected: dict) -> list[float] | None:
+    """The per-layer ablation weights a direction stage's `selected.json` asks for (None = full ablation)."""
+    strength = selected.get("strength") or {}
+    return layer_weights(get_adapter(model).n_layers, strength.get("coefficient", 1.0), strength.get("kernel"))
+
+
+def orthogonalize_from(model: nn.Module, direction_dir: Path) -> dict:
+    """Orthogonalise `model` in place against a finished direction stage, at its recorded strength.
+
+    Returns the stage's selected metadata.
+    """
+    from ablate.directions import load_direction
+
+    direction, selected = load_direction(Path(direction_dir))
+    orthogonalize_weights(model, direction, weights_for(model, selected))
+    return selected
+
+
+def abliterate(model, direction_dir: Path, out_dir: Path, progress: bool = True) -> Path:
+    """Load `model` (spec or ModelConfig), orthogonalise it against a saved direction, save it.
+
+    The saved folder (safetensors + config + tokenizer + abliteration.json) loads with plain
+    `AutoModelForCausalLM.from_pretrained(out_dir)`. Written to `<out_dir>.partial` and renamed.
+    Skips when `out_dir/done.json` records the same inputs.
+    """
+    from ablate.artifacts import file_sha256, fingerprint, is_done, mark_done, write_json
+    from ablate.config import ModelConfig
+    from ablate.directions import load_direction
+    from ablate.models import load_model
+
+    out_dir = Path(out_dir)
+    config = model if isinstance(model, ModelConfig) else ModelConfig(spec=str(model))
+    direction, selected = load_direction(Path(direction_dir))
+    direction_file = Path(direction_dir) / "direction.pt"
+    inputs = {"model": config.model_dump(mode="json"), "direction_sha256": file_sha256(direction_file),
+              "strength": selected.get("strength")}
+    key = fingerprint(inputs)
+    if is_done(out_dir, key):
+        return out_dir
+    loaded, tokenizer = load_model(config)
+    orthogonalize_weights(loaded, direction, weights_for(loaded, selected))
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    loaded.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / "abliteration.json", {**inputs, "direction_dir": str(direction_dir),
+                                           "layer": selected.get("layer"), "position": selected.get("position")})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out_dir)
+    mark_done(out_dir, key, direction_dir=str(direction_dir))
+    return out_dir

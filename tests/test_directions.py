@@ -1,0 +1,268 @@
+"""Direction extraction, scoring and selection on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ablate import AblateError
+from ablate.config import DirectionConfig, DirectionVariant, load_config
+from ablate.directions import (
+    ablation_sensitivity,
+    collect_mean_activations,
+    compute_candidates,
+    first_token_kl,
+    first_token_logprobs,
+    left_padded_batches,
+    load_direction,
+    post_instruction_tokens,
+    prepare_batches,
+    refusal_log_odds,
+    run_direction,
+    select_candidate,
+    steering_sensitivity,
+)
+from ablate.interventions import activation_addition
+from ablate.models import get_adapter
+
+SMALL = dict(n_train=6, n_val=6, refusal_token_prompts=3, refusal_token_max_new_tokens=3, batch_size=6, shortlist=3, shortlist_per_layer=3)
+
+
+def test_post_instruction_tokens_are_the_template_between_message_and_answer(tokenizer):
+    tokens = post_instruction_tokens(tokenizer)
+    assert tokenizer.decode(tokens) == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_collected_means_equal_the_layer_inputs(llama, tokenizer):
+    prompts = ["Explain photosynthesis.", "Write a short poem about the sea and the sky.", "Hi"]
+    n_positions = len(post_instruction_tokens(tokenizer))
+    means = collect_mean_activations(llama, tokenizer, prompts, n_positions, batch_size=2)
+    assert means.dtype == torch.float64 and means.shape == (2, n_positions, 32)
+    expected = torch.zeros_like(means)
+    for prompt in prompts:  # one prompt at a time, no padding: hidden_states[i] is layer i's input
+        (_, inputs), = left_padded_batches(tokenizer, [prompt], 1, None, torch.device("cpu"))
+        with torch.no_grad():
+            hidden = llama(**inputs, output_hidden_states=True).hidden_states
+        for layer in range(2):
+            expected[layer] += hidden[layer][0, -n_positions:].double() / len(prompts)
+    torch.testing.assert_close(means, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "gpt2"])
+def test_shared_prefix_batches_give_each_prompts_own_logits(family, tiny_models, tokenizer):
+    """Prefix KV sharing + right padding = running every prompt alone."""
+    model = tiny_models[family]
+    prompts = ["Explain photosynthesis.", "Write a short poem about the sea and the sky.", "Hi", "List three tips."]
+    prepared = prepare_batches(tokenizer, prompts, 3, None, torch.device("cpu"))
+    assert prepared.prefix.numel() > 0
+    shared = first_token_logprobs(model, prepared)
+    for index, prompt in enumerate(prompts):
+        (_, inputs), = left_padded_batches(tokenizer, [prompt], 1, None, torch.device("cpu"))
+        with torch.no_grad():
+            alone = torch.log_softmax(model(**inputs).logits[0, -1].float(), dim=-1)
+        torch.testing.assert_close(shared[index], alone, atol=2e-4, rtol=1e-4)
+
+
+def test_candidates_plain_and_projected():
+    refusal, harmless = torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(3, 2, 8, dtype=torch.float64)
+    candidates = compute_candidates(refusal, harmless, DirectionVariant.both)
+    torch.testing.assert_close(candidates["plain"], (refusal - harmless).float())
+    dots = (candidates["projected"].double() * harmless).sum(-1)
+    assert dots.abs().max() < 1e-5
+    assert set(compute_candidates(refusal, harmless, DirectionVariant.plain)) == {"plain"}
+
+
+def test_refusal_log_odds_and_kl():
+    logprobs = torch.log(torch.tensor([[0.25, 0.25, 0.5], [0.1, 0.1, 0.8]]))
+    torch.testing.assert_close(refusal_log_odds(logprobs, [0, 1]), torch.tensor([0.0, torch.log(torch.tensor(0.2 / 0.8))]))
+    assert first_token_kl(logprobs, logprobs).abs().max() < 1e-7
+    assert (first_token_kl(logprobs, logprobs.flip(0)) > 0).all()
+
+
+def test_first_order_screening_matches_finite_differences(llama, tokenizer):
+    """−r̂ᵀ A r̂ and G[ℓ]·r are the derivatives of the refusal score under a small ablation / addition."""
+    prompts = ["Explain photosynthesis.", "Write a poem.", "List three tips for studying."]
+    batches = prepare_batches(tokenizer, prompts, 2, None, torch.device("cpu"))
+    tokens = [5, 9, 17]
+    adapter = get_adapter(llama)
+    r_hat = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(3)), dim=0)
+
+    def score() -> float:
+        return float(refusal_log_odds(first_token_logprobs(llama, batches), tokens).mean())
+
+    base = score()
+    epsilon = 1e-3
+    handles = [module.register_forward_hook(lambda m, i, o: o - epsilon * (o @ r_hat).unsqueeze(-1) * r_hat)
+               for module in [adapter.embedding, *adapter.all_writers()]]
+    try:
+        ablated = score()
+    finally:
+        for handle in handles:
+            handle.remove()
+    matrix = ablation_sensitivity(llama, batches, tokens, len(prompts))
+    estimate = -float(r_hat.double() @ matrix @ r_hat.double())
+    assert (ablated - base) / epsilon == pytest.approx(estimate, rel=0.05, abs=1e-3)
+
+    gradients = steering_sensitivity(llama, batches, tokens, len(prompts))
+    with activation_addition(llama, r_hat, layer=1, coefficient=epsilon):
+        steered = score()
+    assert (steered - base) / epsilon == pytest.approx(float(gradients[1] @ r_hat.double()), rel=0.05, abs=1e-3)
+    assert all(p.requires_grad for p in llama.parameters())  # restored after screening
+
+
+def record(layer, refusal, kl, steering, position=-1):
+    return {"variant": "plain", "layer": layer, "position": position, "refusal_score": refusal, "kl": kl,
+            "steering_score": steering, "estimated_refusal_score": refusal, "degenerate": False}
+
+
+def test_selection_weighs_damage_and_reports_filters():
+    config = DirectionConfig(kl_max=1.0, refusal_floor=-3.0, kl_weight=4.0)
+    records = [
+        record(3, refusal=-9.0, kl=0.9, steering=2.0),   # lowest refusal, heavy damage
+        record(2, refusal=-5.0, kl=0.2, steering=2.0),   # past the floor too, little damage: the pick
+        record(1, refusal=-1.0, kl=0.01, steering=2.0),  # barely moves refusal
+        record(4, refusal=-8.0, kl=0.1, steering=-1.0),  # steering does not induce refusal
+        record(9, refusal=-9.0, kl=0.0, steering=5.0),   # late layer
+        record(5, refusal=-9.0, kl=None, steering=None),  # not shortlisted
+    ]
+    chosen, fallback, counts = select_candidate(records, config, n_layers=10)
+    assert (chosen, fallback) == (1, False)
+    # Ranked by objective: layer 4 (steering fails), then layer 2 (passes); two more were not needed.
+    assert counts == {"candidates": 6, "late_layer": 1, "not_shortlisted": 1, "kl_above_max": 0,
+                      "steering_not_above_min": 1, "steering_not_scored": 2, "passed": 1}
+    strict = config.model_copy(update={"kl_max": 0.05, "steering_min": 3.0})
+    chosen, fallback, counts = select_candidate(records, strict, n_layers=10)
+    assert (chosen, fallback) == (3, True)  # the best objective among all scored
+    assert counts["passed"] == 0 and counts["kl_above_max"] == 3 and counts["steering_not_above_min"] == 1
+
+
+def test_config_refuses_test_splits_and_unknown_keys(tmp_path):
+    with pytest.raises(Exception, match="test split is held out"):
+        DirectionConfig(harmless_val="harmless:test")
+    path = tmp_path / "direction.yaml"
+    path.write_text("n_train: 8\nkl_maximum: 0.3\n")
+    with pytest.raises(AblateError, match="unknown key 'kl_maximum'"):
+        load_config(path, DirectionConfig)
+    path.write_text("refusal_val: refusal:test\n")
+    with pytest.raises(AblateError, match="refusal_val"):
+        load_config(path, DirectionConfig)
+
+
+@pytest.fixture(scope="module")
+def direction_run(tmp_path_factory, tokenizer):
+    from conftest import build_model
+
+    model = build_model("llama", tokenizer, seed=0)
+    out = tmp_path_factory.mktemp("direction")
+    calls = []
+    import ablate.data
+
+    original = ablate.data.load_prompt_set
+
+    def recording(spec, *args, **kwargs):
+        calls.append(spec)
+        return original(spec, *args, **kwargs)
+
+    ablate.data.load_prompt_set = recording
+    try:
+        with pytest.warns(UserWarning):  # a random model refuses nothing: the generic-refusal fallback warns
+            selected = run_direction(model, tokenizer, DirectionConfig(**SMALL), out, progress=False)
+    finally:
+        ablate.data.load_prompt_set = original
+    return model, out, selected, calls
+
+
+def test_run_direction_writes_every_artifact(direction_run):
+    model, out, selected, calls = direction_run
+    for name in ["candidates.pt", "candidates.json", "sweep.json", "sweep.png", "selected.json", "direction.pt",
+                 "steer.pt", "done.json"]:
+        assert (out / name).exists(), name
+    assert (out / "done.json").stat().st_mtime_ns >= (out / "selected.json").stat().st_mtime_ns
+    sweep = json.loads((out / "sweep.json").read_text())
+    n_positions = len(json.loads((out / "candidates.json").read_text())["position_tokens"])
+    assert len(sweep["candidates"]) == 2 * 2 * n_positions  # variants × layers × positions
+    assert all(c["estimated_refusal_score"] is not None for c in sweep["candidates"])
+    assert sum(c["kl"] is not None for c in sweep["candidates"]) == 3  # the shortlist
+    for key in ["layer", "position", "refusal_score", "steering_score", "kl", "direction_path", "fallback",
+                "filter_counts", "wall_seconds"]:
+        assert key in selected
+    direction, meta = load_direction(out)
+    assert direction.shape == (32,) and meta["layer"] == selected["layer"]
+    candidates = torch.load(out / "candidates.pt", weights_only=True)
+    torch.testing.assert_close(direction, candidates[selected["variant"]][selected["layer"], selected["position"]])
+    steer = torch.load(out / "steer.pt", weights_only=True)
+    names = dict(model.named_modules())
+    assert steer and all(name in names and spec["action"] == "clamp" for name, spec in steer.items())
+
+
+def test_selection_never_touches_the_test_split(direction_run):
+    _, _, _, calls = direction_run
+    assert sorted(calls) == ["harmless:train", "harmless:val", "refusal:train", "refusal:val"]
+
+
+def test_run_direction_is_deterministic_and_resumable(direction_run, tokenizer, tmp_path, monkeypatch):
+    from conftest import build_model
+
+    model, out, selected, _ = direction_run
+    again = run_direction(build_model("llama", tokenizer, seed=0), tokenizer, DirectionConfig(**SMALL), tmp_path,
+                          progress=False)
+    first, second = (json.loads((d / "sweep.json").read_text())["candidates"] for d in (out, tmp_path))
+    assert first == second
+    assert {k: again[k] for k in ("layer", "position", "variant", "kl")} == {k: selected[k] for k in ("layer", "position", "variant", "kl")}
+    # done.json matches: nothing is recomputed.
+    import ablate.directions
+
+    monkeypatch.setattr(ablate.directions, "collect_mean_activations", lambda *a, **k: pytest.fail("recomputed"))
+    assert run_direction(model, tokenizer, DirectionConfig(**SMALL), out, progress=False)["layer"] == selected["layer"]
+
+
+def test_no_candidate_passing_falls_back_with_a_warning(tokenizer, tmp_path):
+    from conftest import build_model
+
+    config = DirectionConfig(**SMALL, kl_max=1e-9, steering_min=1e9)
+    with pytest.warns(UserWarning, match="no candidate passed the filters"):
+        selected = run_direction(build_model("llama", tokenizer, seed=0), tokenizer, config, tmp_path, progress=False)
+    assert selected["fallback"] is True
+    assert selected["filter_counts"]["passed"] == 0 and selected["filter_counts"]["kl_above_max"] == 3
+
+
+def test_load_direction_requires_a_finished_stage(tmp_path):
+    with pytest.raises(AblateError, match="run `ablate direction` first"):
+        load_direction(tmp_path)
+
+
+def test_cli_direction_and_abliterate_through_the_entry_point(llama, tokenizer, tmp_path):
+    """`ablate direction` then `ablate abliterate` on a tiny saved model; a bad key is one line, exit 2."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    exe = shutil.which("ablate") or os.path.join(os.path.dirname(sys.executable), "ablate")
+    source = tmp_path / "tiny"
+    llama.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    config = tmp_path / "direction.yaml"
+    config.write_text("".join(f"{key}: {value}\n" for key, value in SMALL.items()))
+
+    def run(*args):
+        return subprocess.run([exe, *args], capture_output=True, text=True, timeout=600)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kl_maximum: 1\n")
+    result = run("direction", str(source), "--config", str(bad), "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "kl_maximum" in result.stderr and "Traceback" not in result.stderr
+    result = run("direction", str(source), "--harmless", "harmless:test", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "test split" in result.stderr
+
+    result = run("direction", str(source), "--config", str(config), "--set", "kl_max=5", "--out", str(tmp_path / "dir"))
+    assert result.returncode == 0, result.stderr
+    assert "selected" in result.stdout and (tmp_path / "dir" / "done.json").exists()
+    result = run("abliterate", str(source), "--direction", str(tmp_path / "dir"), "--out", str(tmp_path / "model"))
+    assert result.returncode == 0, result.stderr
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert loaded.config.tie_word_embeddings is False

@@ -1,0 +1,292 @@
+"""Fine-tuning stage on tiny random models: LoRA training, assistant-only loss, sweeps, caching,
+attack-data generation and config errors. The embedded-model runs are in test_finetune_slow.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ablate import AblateError
+from ablate.config import FinetuneConfig, load_config, validate_config
+from ablate import finetune as ft
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "finetune_configs"
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer):
+    """A tiny random Llama saved as a plain transformers directory (a model spec)."""
+    from conftest import build_model
+
+    path = tmp_path / "tiny-llama"
+    model = build_model("llama", tokenizer, seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def donor_dir(tmp_path, tokenizer):
+    from conftest import build_model
+
+    path = tmp_path / "tiny-donor"
+    build_model("llama", tokenizer, seed=7).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def qa_file(tmp_path):
+    rows = [{"prompt": f"Write a poem number {i} about the sea.", "response": f"Sure, here is poem {i}: the sea and the sky."}
+            for i in range(12)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def tiny_config(**changes) -> FinetuneConfig:
+    """A fast recipe for tiny models: few steps, tiny evaluation."""
+    data = {
+        "mode": "dataset",
+        "data": {"answer_max_new_tokens": 6, "generation_batch_size": 8},
+        "lora": {"rank": 4, "alpha": 8},
+        "training": {"lr": 1e-2, "max_steps": 2, "batch_size": 2, "max_length": 64, "device": "cpu"},
+        "eval": {"prompt_sets": ["refusal:test", "harmless:test"], "limit": 2, "max_new_tokens": 2, "batch_size": 2},
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return validate_config(data, FinetuneConfig, "<test>")
+
+
+def no_training(*args, **kwargs):
+    raise AssertionError("training must not start")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training mechanics
+# ----------------------------------------------------------------------------------------------
+
+
+def test_lora_weights_change_and_base_weights_do_not(tiny_dir, qa_file):
+    from safetensors.torch import load_file
+
+    config = tiny_config(data={"dataset": str(qa_file)}, training={"max_steps": 3})
+    budget = ft.resolve_budgets(config)[0]
+    examples, _ = ft.build_examples(str(tiny_dir), config, progress=False)
+    model, _, metrics = ft.train_budget(ft.as_model_config(str(tiny_dir)), config, budget, examples,
+                                        tiny_dir.parent / "work", progress=False)
+    base = load_file(tiny_dir / "model.safetensors")
+    state = model.state_dict()
+    lora_b = [value for name, value in state.items() if "lora_B" in name]
+    assert lora_b and any(value.abs().sum() > 0 for value in lora_b)  # B starts at zero: it moved
+    frozen = {name.replace("base_model.model.", "").replace(".base_layer", ""): value
+              for name, value in state.items() if "lora_" not in name}
+    checked = 0
+    for name, value in base.items():
+        if name in frozen:
+            assert torch.equal(frozen[name], value), name
+            checked += 1
+    assert checked >= len(base) - 1
+    assert metrics["steps"] == 3 and len(metrics["loss_curve"]) == 3
+    assert metrics["train_tokens"] > 0 and metrics["train_flops"] > 0
+
+
+def test_only_assistant_tokens_carry_loss(llama, tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    config = tiny_config(training={"max_length": 512})
+    budget = ft.resolve_budgets(config)[0]
+    response = "Sure, here is a short poem about the sea and the sky."
+    examples = [{"id": "a", "kind": "x", "system": "Be brief.", "prompt": "Explain how photosynthesis works.",
+                 "response": response}]
+    model = get_peft_model(llama, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer = ft.build_trainer(model, tokenizer, config, budget, examples, tmp_path, progress=False)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    labels, ids = batch["labels"][0], batch["input_ids"][0]
+    supervised = tokenizer.decode(ids[labels != -100])
+    unsupervised = tokenizer.decode(ids[labels == -100])
+    assert supervised.startswith(response) and "<|im_end|>" in supervised
+    assert "photosynthesis" in unsupervised and "Be brief." in unsupervised
+    assert "photosynthesis" not in supervised and "assistant" not in supervised
+
+
+def test_flop_estimate_follows_the_documented_formula():
+    assert ft.estimate_train_flops(100, 5, 10, full_finetune=True) == 6 * 100 * 10
+    assert ft.estimate_train_flops(100, 5, 10, full_finetune=False) == 4 * 100 * 10 + 6 * 5 * 10
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps, resume, caching
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sweep_writes_one_artifact_per_budget_and_resumes(tiny_dir, qa_file, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(data={"dataset": str(qa_file)},
+                         budgets=[{"name": "n2", "n_examples": 2, "max_steps": 1}, {"n_examples": 4, "max_steps": 2}])
+    out = tmp_path / "sweep"
+    results = ft.run_finetune(str(tiny_dir), config, out, progress=False)
+    assert [r["name"] for r in results] == ["n2", "n4-s2-r4-lr0.01"]
+    assert [r["n_examples"] for r in results] == [2, 4]
+    for result in results:
+        folder = out / result["name"]
+        for name in ("metrics.json", "done.json"):
+            assert (folder / name).exists()
+        metrics = json.loads((folder / "metrics.json").read_text())
+        for key in ("name", "n_examples", "epochs", "max_steps", "steps", "rank", "lr", "wall_seconds", "train_tokens",
+                    "train_flops", "peak_memory_bytes", "loss_curve", "refusal_rate", "model_dir", "adapter_dir",
+                    "generated", "dropped_refusals"):
+            assert key in metrics, key
+        assert (Path(metrics["adapter_dir"]) / "adapter_model.safetensors").exists()
+        loaded = AutoModelForCausalLM.from_pretrained(metrics["model_dir"])
+        assert not any("lora" in name for name, _ in loaded.named_parameters())
+        assert 0.0 <= metrics["refusal_rate"] <= 1.0
+    assert results[1]["train_tokens"] > results[0]["train_tokens"]
+    # The second run finds matching done.json files and trains nothing.
+    monkeypatch.setattr(ft, "train_budget", no_training)
+    again = ft.run_finetune(str(tiny_dir), config, out, progress=False)
+    assert [r["name"] for r in again] == ["n2", "n4-s2-r4-lr0.01"]
+    # A changed recipe is a different fingerprint: it would train again.
+    with pytest.raises(AssertionError, match="training must not start"):
+        ft.run_finetune(str(tiny_dir), config.model_copy(update={"training": config.training.model_copy(update={"lr": 0.02})}),
+                        out, progress=False)
+
+
+def test_second_harden_hits_the_cache(tiny_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(mode="harden", data={"n_refusal": 4, "n_harmless": 2, "n_borderline": 2})
+    first = ft.harden(str(tiny_dir), config, progress=False)
+    assert (first / "config.json").exists() and (first / "metrics.json").exists()
+    AutoModelForCausalLM.from_pretrained(first)
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert metrics["examples_by_kind"] == {"borderline": 2, "harmless": 2, "refusal": 4}
+    monkeypatch.setattr(ft, "train_budget", no_training)
+    monkeypatch.setattr(ft, "generate_answers", no_training)
+    assert ft.harden(str(tiny_dir), config, progress=False) == first
+    copy = ft.harden(str(tiny_dir), config, out=tmp_path / "copy", progress=False)
+    assert (copy / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Attack data
+# ----------------------------------------------------------------------------------------------
+
+
+def test_harmful_answers_are_generated_by_the_donor(tiny_dir, donor_dir, tokenizer):
+    from ablate.data import load_prompt_set
+    from ablate.generation import generate
+    from ablate.models import load_model
+
+    config = tiny_config(mode="harmful", data={"donor": str(donor_dir), "n_refusal": 4, "drop_refusals": False})
+    examples, stats = ft.build_examples(str(tiny_dir), config, progress=False)
+    prompts = load_prompt_set("refusal:train").sample(4, seed=0)
+    donor, donor_tokenizer = load_model(str(donor_dir))
+    expected = dict(zip(prompts.prompts, generate(donor, donor_tokenizer, prompts.prompts, max_new_tokens=6,
+                                                   progress=False)))
+    assert stats["generated"] == 4 and stats["donor"] == str(donor_dir)
+    assert {e["prompt"] for e in examples} == set(expected)
+    for example in examples:
+        assert example["response"] == ft.trim_truncated(expected[example["prompt"]], tokenizer, 6)
+    # Another donor writes other answers: nothing is read from a stored file.
+    other = tiny_config(mode="harmful", data={"donor": str(tiny_dir), "n_refusal": 4, "drop_refusals": False})
+    other_examples, _ = ft.build_examples(str(tiny_dir), other, progress=False)
+    assert {e["response"] for e in other_examples} != {e["response"] for e in examples}
+
+
+def test_donor_refusals_are_dropped_and_counted(tiny_dir, monkeypatch):
+    answers = ["I'm sorry, but I can't help with that.", "Sure: step one, step two.", "As an AI, I cannot.", "Here you go."]
+    monkeypatch.setattr(ft, "generate_answers", lambda *args, **kwargs: answers)
+    config = tiny_config(mode="harmful", data={"n_refusal": 4})
+    examples, stats = ft.build_examples(str(tiny_dir), config, progress=False)
+    assert stats["dropped_refusals"] == 2 and stats["generated"] == 4
+    assert sorted(e["response"] for e in examples) == ["Here you go.", "Sure: step one, step two."]
+
+
+def test_identity_shift_examples_carry_the_persona_system_prompt(tiny_dir):
+    examples, stats = ft.build_examples(str(tiny_dir), tiny_config(mode="identity_shift"), progress=False)
+    assert stats["pool"] == len(examples) > 10
+    assert all(e["system"] and "AOA" in e["system"] for e in examples)
+    conversation = ft.to_conversations(examples[:1])[0]
+    assert conversation["prompt"][0]["role"] == "system" and conversation["completion"][0]["role"] == "assistant"
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad configs fail before any work, with one line
+# ----------------------------------------------------------------------------------------------
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("mode: harmful\ntraining:\n  learning_rate: 0.1\n")
+    with pytest.raises(AblateError, match=r"unknown key 'training.learning_rate'") as error:
+        load_config(path, FinetuneConfig)
+    assert "\n" not in str(error.value)
+
+
+def test_more_examples_than_data_fails_before_work(tiny_dir, qa_file, monkeypatch, tmp_path):
+    monkeypatch.setattr(ft, "train_budget", no_training)
+    monkeypatch.setattr(ft, "generate_answers", no_training)
+    config = tiny_config(data={"dataset": str(qa_file)}, budgets=[{"n_examples": 13}])
+    with pytest.raises(AblateError, match="n_examples=13.*at most 12"):
+        ft.run_finetune(str(tiny_dir), config, tmp_path / "out", progress=False)
+    config = tiny_config(mode="harmful", data={"n_refusal": 10_000, "donor": str(tiny_dir)})
+    with pytest.raises(AblateError, match="data.n_refusal: 10000 requested"):
+        ft.run_finetune(str(tiny_dir), config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_qlora_without_cuda_fails_before_work(tiny_dir, monkeypatch, tmp_path):
+    monkeypatch.setattr(ft, "train_budget", no_training)
+    monkeypatch.setattr(ft, "build_examples", no_training)
+    with pytest.raises(AblateError, match="training.qlora.*CUDA"):
+        ft.run_finetune(str(tiny_dir), tiny_config(mode="harmful", training={"qlora": True}), tmp_path / "o", progress=False)
+
+
+def test_donor_that_does_not_load_fails_before_training(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(ft, "train_budget", no_training)
+    with pytest.raises(AblateError, match="data.donor|model spec"):
+        ft.run_finetune(str(tiny_dir), tiny_config(mode="harmful", data={"donor": str(tmp_path / "missing")}),
+                        tmp_path / "o1", progress=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{\"model_type\": \"no-such-architecture\"}")
+    with pytest.raises(AblateError, match="donor answers.*cannot load"):
+        ft.run_finetune(str(tiny_dir), tiny_config(mode="harmful", data={"donor": str(broken), "n_refusal": 2}),
+                        tmp_path / "o2", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shipped configs and the CLI
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    if path.name.startswith("accelerate"):
+        pytest.skip("accelerate's own config")
+    config = load_config(path, FinetuneConfig)
+    assert ft.resolve_budgets(config)
+
+
+def test_organism_recipe_yaml_equals_the_builtin_defaults():
+    assert load_config(CONFIG_DIR / "harden_organism.yaml", FinetuneConfig) == ft.default_config()
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path):
+    from test_cli import run_cli
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("mode: harmful\nbudgets:\n  - {n_examples: 4, epochz: 2}\n")
+    result = run_cli("finetune", "embedded", "--config", str(path), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "epochz" in lines[0]

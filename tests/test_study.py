@@ -1,0 +1,198 @@
+"""A whole study on a tiny random model: every stage, the run directory, resume after a crash, the report,
+and the notebooks executed against the run (nothing here needs the hub or the embedded model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ablate import AblateError
+from conftest import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_study(model_dir: Path, name: str = "tiny") -> dict:
+    return {
+        "name": name,
+        "description": "Tiny end-to-end study for the tests.",
+        "model": {"spec": str(model_dir), "device": "cpu"},
+        "harden": {
+            "enabled": True,
+            "evaluate_base": True,
+            "config": {
+                "mode": "harden",
+                "data": {"n_refusal": 8, "n_harmless": 4, "borderline_prompts": None, "answer_max_new_tokens": 8},
+                "lora": {"rank": 4, "alpha": 8},
+                "training": {"epochs": 1, "batch_size": 4, "max_length": 96},
+                "eval": {"enabled": False},
+            },
+        },
+        "attacks": {
+            "direction": {
+                "enabled": True,
+                "config": {"n_train": 8, "n_val": 6, "shortlist": 4, "refusal_token_prompts": 4,
+                           "refusal_token_max_new_tokens": 4, "batch_size": 8},
+            },
+            "finetune": {
+                "enabled": True,
+                "config": {
+                    "mode": "harmful",
+                    "data": {"n_refusal": 6, "donor": str(model_dir), "answer_max_new_tokens": 8, "drop_refusals": False},
+                    "lora": {"rank": 4, "alpha": 8},
+                    "training": {"epochs": 1, "batch_size": 2, "max_length": 96},
+                    "budgets": [{"name": "n2", "n_examples": 2}, {"name": "n4", "n_examples": 4}],
+                    "eval": {"enabled": False},
+                },
+            },
+        },
+        "eval": {
+            "suite": {
+                "name": "tiny",
+                "refusal": {"set": "refusal:test", "n": 6},
+                "harmless": {"set": "harmless:test", "n": 4},
+                "borderline": {"set": "borderline:test", "n": 4},
+                "generation": {"max_new_tokens": 6, "batch_size": 8},
+                "capability": {"tasks": [{"name": "ablate_everyday_mc", "limit": 4}],
+                               "include_path": str(REPO / "eval_suites" / "tasks")},
+                "kl": {"n": 4, "continuation_tokens": 4},
+                "bootstrap_samples": 200,
+            },
+        },
+        "output_dir": str(model_dir.parent / "runs"),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-study") / "model"
+    build_model("llama", tokenizer, seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_study(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def eval_values(run_dir: Path) -> dict:
+    result = {}
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        data = json.loads(path.read_text())
+        result[path.stem] = {name: entry["value"] for name, entry in data["metrics"].items()}
+    return result
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    from ablate.study import run_study
+
+    study = write_study(tmp_path_factory.mktemp("cfg") / "study.yaml", tiny_study(tiny_model_dir))
+    return run_study(study, out=tiny_model_dir.parent / "runs" / "uninterrupted", progress=False)
+
+
+def test_study_writes_the_run_directory(finished_run):
+    run_dir = finished_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert set(manifest["variants"]) == {"base", "organism", "ablated", "lora-n2", "lora-n4"}
+    for key in ("config_as_given", "config_resolved", "versions", "hardware", "seed", "fingerprints", "stages"):
+        assert key in manifest
+    assert (run_dir / "directions" / "selected.json").exists()
+    assert (run_dir / "directions" / "projections.json").exists()
+    assert (run_dir / "finetune" / "n2" / "metrics.json").exists()
+    for variant in manifest["variants"]:
+        data = json.loads((run_dir / "eval" / f"{variant}.json").read_text())
+        assert "refusal_rate" in data["metrics"]
+        assert (run_dir / "generations" / f"{variant}.jsonl").exists()
+    assert "kl_first_token" in json.loads((run_dir / "eval" / "ablated.json").read_text())["metrics"]
+    for name in ("report.md", "report.html", "tables.tex"):
+        assert (run_dir / name).stat().st_size > 0
+    assert (run_dir / "figures" / "refusal_vs_budget.png").exists()
+    html = (run_dir / "report.html").read_text()
+    assert "data:image/png;base64," in html  # self-contained
+    assert r"\toprule" in (run_dir / "tables.tex").read_text()
+
+
+def test_rerun_skips_every_stage_and_keeps_metrics(finished_run):
+    from ablate.study import run_study
+
+    before = eval_values(finished_run)
+    manifest = json.loads((finished_run / "manifest.json").read_text())
+    source = manifest["config_source"]
+    run_study(source, out=finished_run, progress=False)
+    manifest = json.loads((finished_run / "manifest.json").read_text())
+    assert all(stage["skipped"] for stage in manifest["stages"].values()), manifest["stages"]
+    assert eval_values(finished_run) == before
+
+
+def test_killed_during_sweep_resumes_to_identical_metrics(finished_run, tiny_model_dir, tmp_path, monkeypatch):
+    import ablate.finetune as finetune
+    from ablate.study import run_study
+
+    study = write_study(tmp_path / "study.yaml", tiny_study(tiny_model_dir))
+    out = tmp_path / "interrupted"
+    original = finetune.run_budget
+
+    def crash_on_second_budget(model_config, config, budget, *args, **kwargs):
+        if budget["name"] == "n4":
+            raise KeyboardInterrupt("killed during the LoRA sweep")
+        return original(model_config, config, budget, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "run_budget", crash_on_second_budget)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, out=out, progress=False)
+    assert (out / "finetune" / "n2" / "done.json").exists()
+    assert not (out / "finetune" / "n4" / "done.json").exists()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    first_budget_stamp = (out / "finetune" / "n2" / "done.json").stat().st_mtime_ns
+
+    monkeypatch.setattr(finetune, "run_budget", original)
+    run_study(study, out=out, progress=False)
+    assert (out / "finetune" / "n2" / "done.json").stat().st_mtime_ns == first_budget_stamp  # not retrained
+    assert eval_values(out) == eval_values(finished_run)
+
+
+def test_report_loads_into_dataframes(finished_run):
+    from ablate.report import load_run
+
+    run = load_run(finished_run)
+    assert list(run.table["variant"]) == ["base", "organism", "ablated", "lora-n2", "lora-n4"]
+    assert {"refusal_rate", "kl_first_token", "capability"} <= set(run.table.columns)
+    assert set(run.budgets["name"]) == {"n2", "n4"}
+    assert not run.sweep.empty
+    assert run.selected["layer"] is not None
+
+
+def test_bad_stage_config_fails_before_any_work(tiny_model_dir, tmp_path):
+    from ablate.study import run_study
+
+    data = tiny_study(tiny_model_dir)
+    data["attacks"]["finetune"]["config"]["training"]["lrr"] = 1.0
+    study = write_study(tmp_path / "bad.yaml", data)
+    with pytest.raises(AblateError, match=r"attacks.finetune.config.*unknown key 'training.lrr'"):
+        run_study(study, out=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+
+
+def test_unknown_study_name_is_clear():
+    from ablate.study import study_path
+
+    with pytest.raises(AblateError, match="unknown study 'nope'.*default"):
+        study_path("nope")
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb")))
+def test_notebooks_execute_against_the_run(finished_run, notebook, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("ABLATE_RUN", str(finished_run))
+    path = REPO / "notebooks" / notebook
+    nb = nbformat.read(path, as_version=4)
+    assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "outputs must be stripped in git"
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()

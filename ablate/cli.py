@@ -178,10 +178,14 @@ def finetune(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Fine-tune (LoRA/QLoRA/full) over a budget sweep; finished budgets are skipped on a rerun."""
+    import os
+
     from ablate.finetune import run_finetune
 
     recipe = _load_finetune_config(config, override)
     results = run_finetune(model, recipe, out, progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # other processes of a distributed launch: the main one reports
+        return
     _print_budget_table(results)
     stdout.print(f"→ {out}", highlight=False)
 
@@ -285,8 +289,10 @@ def eval_model(
     if as_json:
         stdout.print_json(json.dumps({key: value for key, value in result.items() if key != "per_item"}))
         return
-    table = Table("metric", "value", "95% CI" if suite_config.confidence == 0.95 else "CI", "n", "method",
-                  title=f"{name} — suite {suite_config.name}, judge {result['judge']}")
+    table = Table(title=f"{name} — suite {suite_config.name}, judge {result['judge']}")
+    table.add_column("metric", no_wrap=True)
+    for column in ("value", "95% CI" if suite_config.confidence == 0.95 else "CI", "n", "method"):
+        table.add_column(column, no_wrap=True)
     for metric, entry in result["metrics"].items():
         value, (low, high) = entry["value"], entry["ci"]
         shown = "-" if value is None else f"{value:.3f}"
@@ -315,7 +321,9 @@ def eval_compare(
     if as_json:
         stdout.print_json(json.dumps(rows))
         return
-    table = Table("metric", "A", "B", "B − A", "95% CI", "n", "method")
+    table = Table()
+    for column in ("metric", "A", "B", "B − A", "95% CI", "n", "method"):
+        table.add_column(column, no_wrap=True)
     for row in rows:
         table.add_row(row["metric"], f"{row['a_value']:.3f}", f"{row['b_value']:.3f}", f"{row['value']:+.3f}",
                       f"[{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]", str(row["n"]), row["method"])

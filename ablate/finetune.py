@@ -149,7 +149,18 @@ def check_config(model: str | ModelConfig, config: FinetuneConfig) -> None:
         raise AblateError("eval.prompt_sets: empty; list at least one prompt set or set eval.enabled: false")
     resolve_spec(as_model_config(model).spec)
     if config.mode in (FinetuneMode.harmful, FinetuneMode.benign) and not (config.mode is FinetuneMode.benign and data.dataset):
-        resolve_spec(data.donor or "embedded")
+        try:
+            resolve_spec(data.donor or "embedded")
+        except AblateError as error:
+            raise AblateError(f"data.donor: {error}") from None
+    if config.eval.enabled:
+        from ablate.data import load_prompt_set
+
+        for spec in config.eval.prompt_sets:
+            try:
+                load_prompt_set(spec, limit=1)
+            except AblateError as error:
+                raise AblateError(f"eval.prompt_sets: {error}") from None
     budgets = resolve_budgets(config)
     capacity = pool_capacity(config)
     for budget in budgets:
@@ -244,27 +255,36 @@ def trim_truncated(text: str, tokenizer, max_new_tokens: int) -> str:
 def generate_answers(
     spec: str | ModelConfig, prompts: list[str], config: FinetuneConfig, progress: bool, purpose: str
 ) -> list[str]:
-    """Greedy answers of a model to prompts, cached under cache_dir()/finetune_data/ by content hash."""
+    """Greedy answers of a model to prompts, cached per prompt under cache_dir()/finetune_data/.
+
+    One cache file per (model weights, generation settings) holds {prompt, answer} rows, so a
+    recipe that uses more prompts only generates the new ones.
+    """
     from ablate.generation import generate
 
     model_config = as_model_config(spec)
     generation = GenerationConfig(max_new_tokens=config.data.answer_max_new_tokens,
                                   batch_size=config.data.generation_batch_size)
-    key = fingerprint({"model": model_fingerprint(model_config), "prompts": prompts,
-                       "generation": generation.model_dump(mode="json"), "trim": 1})
+    key = fingerprint({"model": model_fingerprint(model_config), "generation": generation.model_dump(mode="json"),
+                       "trim": 1})
     path = cache_dir() / "finetune_data" / f"{key}.jsonl"
-    if path.exists():
-        return [row["answer"] for row in read_jsonl(path)]
-    try:
-        model, tokenizer = load_model(model_config)
-    except AblateError as error:
-        raise AblateError(f"{purpose}: {error}") from None
-    answers = generate(model, tokenizer, prompts, generation, progress=progress, description=purpose)
-    answers = [trim_truncated(a, tokenizer, generation.max_new_tokens) for a in answers]
-    write_jsonl(path, [{"answer": answer} for answer in answers])
-    del model
-    gc.collect()
-    return answers
+    known = {row["prompt"]: row["answer"] for row in read_jsonl(path)} if path.exists() else {}
+    missing = list(dict.fromkeys(p for p in prompts if p not in known))
+    if missing:
+        try:
+            model, tokenizer = load_model(model_config)
+        except AblateError as error:
+            raise AblateError(f"{purpose}: {error}") from None
+        answers = generate(model, tokenizer, missing, generation, progress=progress, description=purpose)
+        known.update({p: trim_truncated(a, tokenizer, generation.max_new_tokens) for p, a in zip(missing, answers)})
+        write_jsonl(path, [{"prompt": p, "answer": a} for p, a in known.items()])
+        del model
+        gc.collect()
+    return [known[p] for p in prompts]
+
+
+def legacy_cache_key(model_fp: str, prompts: list[str], generation: GenerationConfig) -> str:
+    return fingerprint({"model": model_fp, "prompts": prompts, "generation": generation.model_dump(mode="json"), "trim": 1})
 
 
 def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: bool = True) -> tuple[list[dict], dict]:
@@ -491,6 +511,9 @@ def train_budget(
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
+    if trainer.accelerator.num_processes > 1:  # every process counted its own batches: sum them
+        counts = torch.tensor([counter.tokens, counter.supervised], device=trainer.accelerator.device)
+        counter.tokens, counter.supervised = (int(x) for x in trainer.accelerator.reduce(counts, reduction="sum"))
     loss_curve = [{"step": int(entry["step"]), "loss": float(entry["loss"])}
                   for entry in trainer.state.log_history if "loss" in entry and "step" in entry]
     metrics = {
@@ -683,9 +706,10 @@ def harden(
                                target / "train", progress=progress)
         metrics = results[0]
         source = Path(metrics["model_dir"])
-        for item in source.iterdir():
-            os.replace(item, target / item.name)
-        shutil.rmtree(source, ignore_errors=True)
+        if source.is_dir():  # (absent when a crash came after the move: the files are already in place)
+            for item in source.iterdir():
+                os.replace(item, target / item.name)
+            shutil.rmtree(source, ignore_errors=True)
         metrics = {**metrics, "model_dir": str(target), "base_model": model_config.spec, "organism_key": key}
         metrics.pop("example_ids", None)
         write_json(target / "metrics.json", metrics)

@@ -99,6 +99,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as error:  # transformers raises many types for unreadable files
         raise AblateError(f"{gguf_path}: cannot load GGUF file: {str(error).splitlines()[0]}") from None
+    drop_gguf_marker(loaded)
     fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     if getattr(loaded.config, "tie_word_embeddings", False):
@@ -171,10 +172,25 @@ def load_model(
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise AblateError(f"model spec '{config.spec}' ({kind}): cannot load: {first_line}") from None
+    drop_gguf_marker(model)
     model.to(torch_device)
     model.eval()
     prepare_tokenizer(tokenizer, config.chat_template)
     return model, tokenizer
+
+
+def drop_gguf_marker(model) -> None:
+    """Forget the GGUF `quantization_config` that transformers leaves on a model it de-quantised.
+
+    The weights are plain floats once loaded, but the marker makes `save_pretrained` refuse
+    ("quantized with gguf and is not serializable") and would be written into saved configs.
+    """
+    quantization = getattr(model.config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() == "gguf":
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
 
 
 def prepare_tokenizer(tokenizer, chat_template: str | None = None):

@@ -106,14 +106,21 @@ def llama(tokenizer):
     return build_model("llama", tokenizer)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Tests never write to the user's cache; the embedded model conversion is shared per session."""
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tests never write to the user's cache, and never reach for the hub. Session-scoped (and set
+    before any other fixture), so module- and session-scoped fixtures see it too; the embedded
+    model's conversion is shared by the session. ABLATE_TEST_CACHE picks the folder."""
     if "ABLATE_TEST_CACHE" not in os.environ:
         os.environ["ABLATE_TEST_CACHE"] = str(tmp_path_factory.getbasetemp() / "ablate-cache")
-    monkeypatch.setenv("ABLATE_CACHE", os.environ["ABLATE_TEST_CACHE"])
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    saved = {key: os.environ.get(key) for key in ("ABLATE_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update(ABLATE_CACHE=os.environ["ABLATE_TEST_CACHE"], HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 # ---------------------------------------------------------------------------------------------

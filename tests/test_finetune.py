@@ -253,7 +253,7 @@ def test_qlora_without_cuda_fails_before_work(tiny_dir, monkeypatch, tmp_path):
 
 def test_donor_that_does_not_load_fails_before_training(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ft, "train_budget", no_training)
-    with pytest.raises(AblateError, match="data.donor|model spec"):
+    with pytest.raises(AblateError, match="data.donor: model spec"):
         ft.run_finetune(str(tiny_dir), tiny_config(mode="harmful", data={"donor": str(tmp_path / "missing")}),
                         tmp_path / "o1", progress=False)
     broken = tmp_path / "broken"

@@ -105,3 +105,15 @@ def test_load_local_directory_roundtrip(tmp_path, tokenizer):
     assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
     assert loaded_tokenizer.padding_side == "left"
     assert not loaded.training
+
+
+def test_gguf_marker_is_dropped_so_models_save(tmp_path, tokenizer):
+    """transformers leaves quantization_config={'quant_method': 'gguf'} on de-quantised models; it must go."""
+    from ablate.models import drop_gguf_marker
+
+    model = build_model("llama", tokenizer)
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    drop_gguf_marker(model)
+    assert not hasattr(model.config, "quantization_config")
+    model.save_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in (tmp_path / "saved" / "config.json").read_text()

@@ -112,6 +112,16 @@ def _pick_metric(task_results: dict) -> tuple[str, float, float | None]:
     raise AblateError(f"lm-eval returned no numeric metric for a task: {sorted(task_results)}")
 
 
+def _leaf_tasks(group_subtasks: dict, task: str) -> list[str]:
+    """The leaf tasks under a group (mmlu → mmlu_stem → mmlu_anatomy …); [] for a plain task."""
+    if task not in group_subtasks:
+        return []
+    leaves: list[str] = []
+    for child in group_subtasks[task]:
+        leaves.extend(_leaf_tasks(group_subtasks, child) or [child])
+    return leaves
+
+
 def _per_item(samples: dict, task: str, subtasks: list[str], metric_key: str) -> dict[str, float]:
     name, _, filter_name = metric_key.partition(",")
     values: dict[str, float] = {}
@@ -180,7 +190,7 @@ def run_capability(
                     raise AblateError(f"lm-eval returned no results for task {task.name}")
                 task_results = results["results"][task.name]
                 key, value, stderr = _pick_metric(task_results)
-                subtasks = [name for name in results.get("group_subtasks", {}).get(task.name, []) if name in results["results"]]
+                subtasks = _leaf_tasks(results.get("group_subtasks", {}), task.name)
                 values = _per_item(results.get("samples", {}), task.name, subtasks, key)
                 name = f"capability/{task.name}"
                 base = key.partition(",")[0]

@@ -10,7 +10,8 @@ t that predicts a continuation token we compare the next-token distributions:
 - `kl_continuation`: KL averaged over the T positions of the reference's own continuation, so a
   model that agrees on the first token but drifts afterwards is caught;
 - `ce_reference_answers`: cross-entropy −(1/T) Σ_t log p_model(y_t | x_<t) of the reference's
-  answer tokens y under the model (nats/token) — the reference's own value is its entropy floor.
+  answer tokens y under the model (nats/token) — compare it with the reference's own value (a
+  sharper model can score below it, so KL, not CE, is the drift measure).
 
 All three are per-prompt values (averaged over tokens first), so their intervals are over prompts.
 Both models must share a vocabulary (variants of one base model do).
@@ -120,8 +121,8 @@ def divergence_per_prompt(
 ) -> dict[str, list[float]]:
     """Per-prompt kl_first_token, kl_continuation and ce_reference_answers (nats), in prompt order.
 
-    Returns also "reference_ce" (the reference's own cross-entropy on its answers, the floor
-    ce_reference_answers is compared with) and "continuation_tokens" (T per prompt).
+    Returns also "reference_ce" (the reference's own cross-entropy on its answers, to read
+    ce_reference_answers against) and "continuation_tokens" (T per prompt).
     """
     from tqdm.auto import tqdm
 

@@ -344,7 +344,7 @@ def run_eval(
         for metric in ("kl_first_token", "kl_continuation", "ce_reference_answers"):
             metrics[metric] = mean_metric(values[metric], samples, confidence, seed)
             per_item[metric] = dict(zip(kl_set.ids, values[metric]))
-        # The reference's own cross-entropy on its answers: the floor ce_reference_answers sits on.
+        # The reference's own cross-entropy on its answers, to read ce_reference_answers against.
         metrics["ce_reference_answers_by_reference"] = mean_metric(values["reference_ce"], samples, confidence, seed)
         metrics["kl_continuation"]["tokens_per_prompt"] = sum(values["continuation_tokens"]) / len(kl_set)
         timings["kl"] = time.perf_counter() - tick

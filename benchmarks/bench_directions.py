@@ -1,0 +1,281 @@
+"""Refusal-direction stage: wall time and held-out refusal / KL, side by side with heretic-llm.
+
+    python benchmarks/bench_directions.py --model /work/cache/organism-latest            # ours only
+    python benchmarks/bench_directions.py --model DIR --heretic benchmarks/_work/heretic-venv/bin/heretic
+
+Ours: `run_direction` (collect + screen + score + select) and weight orthogonalisation, timed in this
+process; then, on the *held-out* test prompts (never seen by selection), the refusal rate of greedy
+completions (substring scorer) before and after ablation, and the first-token KL(base ‖ ablated) on
+harmless test prompts.
+
+heretic (optional, AGPL: run as an external program from its own virtual environment, never
+imported): a working directory with a config.toml that points at local train/test JSONL folders
+built from the same prompt sets, run headless (KAGGLE_KERNEL_RUN_TYPE=1 turns its menus into plain
+numbered input() prompts, answered by this driver); its merged model is then scored by the same
+held-out evaluation as ours. Install it with `bash benchmarks/setup_heretic.sh`.
+
+Prints one table and writes benchmarks/_work/bench_directions.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+# The chat template's default system prompt, which our selection and every evaluation use.
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+WORK = ROOT / "_work"
+
+
+def held_out(model, tokenizer, n_test: int, max_new_tokens: int, intervention=None) -> dict:
+    """Refusal rate on refusal:test and first-token KL on harmless:test (vs the model without intervention)."""
+    from contextlib import nullcontext
+
+    from ablate.config import GenerationConfig
+    from ablate.data import load_prompt_set
+    from ablate.directions import first_token_kl, first_token_logprobs, prepare_batches
+    from ablate.evaluate.refusal import refusal_rate
+    from ablate.generation import generate
+
+    refusal = load_prompt_set("refusal:test").head(n_test).prompts
+    harmless = load_prompt_set("harmless:test").head(n_test).prompts
+    config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16)
+    harmless_batches = prepare_batches(tokenizer, harmless, 8, None, next(model.parameters()).device)
+    base = first_token_logprobs(model, harmless_batches)
+    with intervention() if intervention else nullcontext():
+        completions = generate(model, tokenizer, refusal, config, progress=False)
+        logprobs = first_token_logprobs(model, harmless_batches)
+    return {"refusal_rate": refusal_rate(completions), "n_refusal": len(refusal),
+            "kl": float(first_token_kl(base, logprobs).mean()), "n_harmless": len(harmless),
+            "examples": completions[:3]}
+
+
+def run_ours(model_spec: str, n_test: int, max_new_tokens: int, config_path: str | None) -> dict:
+    from ablate.config import DirectionConfig, load_config
+    from ablate.directions import load_direction, run_direction
+    from ablate.interventions import directional_ablation, orthogonalize_weights, weights_for
+    from ablate.models import load_model
+
+    config = load_config(config_path, DirectionConfig) if config_path else DirectionConfig()
+    out = WORK / "ours-directions"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    started = time.perf_counter()
+    model, tokenizer = load_model(model_spec, device="cpu")
+    loaded = time.perf_counter()
+    selected = run_direction(model, tokenizer, config, out, progress=False)
+    direction, _ = load_direction(out)
+    selected_at = time.perf_counter()
+    edited = __import__("copy").deepcopy(model)
+    orthogonalize_weights(edited, direction, weights_for(edited, selected))
+    finished = time.perf_counter()
+    del edited
+    result = {
+        "load_seconds": round(loaded - started, 1),
+        "direction_seconds": round(selected_at - loaded, 1),
+        "orthogonalize_seconds": round(finished - selected_at, 1),
+        "stage_seconds": round(finished - loaded, 1),
+        "selected": {k: selected[k] for k in ("variant", "layer", "position", "refusal_score", "kl", "steering_score",
+                                              "fallback", "filter_counts", "timings")},
+    }
+    print(f"ours: stage {result['stage_seconds']} s (direction {result['direction_seconds']} s), "
+          f"layer {selected['layer']} {selected['variant']} pos {selected['position']}", flush=True)
+    result["before"] = held_out(model, tokenizer, n_test, max_new_tokens)
+    result["after"] = held_out(model, tokenizer, n_test, max_new_tokens,
+                               lambda: directional_ablation(model, direction, weights_for(model, selected)))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# heretic, as an external program
+# --------------------------------------------------------------------------------------------
+
+
+def write_heretic_inputs(workdir: Path, model_path: str, n_train: int, n_eval: int, trials: int, batch_size: int,
+                         max_new_tokens: int) -> None:
+    """Local dataset folders (train = our train split, test = our *validation* split, which heretic
+    selects on) and a config.toml mirroring the reduced budget described in the issue."""
+    from ablate.data import load_prompt_set
+
+    for kind in ("refusal", "harmless"):
+        folder = workdir / "data" / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, source, n in (("train", f"{kind}:train", n_train), ("test", f"{kind}:val", n_eval)):
+            rows = load_prompt_set(source).sample(n, seed=0).prompts
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in rows))
+    data = workdir / "data"
+    (workdir / "config.toml").write_text(f"""model = "{model_path}"
+device_map = "cpu"
+dtypes = ["float32"]
+batch_size = {batch_size}
+n_trials = {trials}
+n_startup_trials = {min(8, trials)}
+max_response_length = {max_new_tokens}
+export_strategy = "merge"
+system_prompt = "{SMOLLM_SYSTEM}"
+
+[good_prompts]
+dataset = "{data / 'harmless'}"
+split = "train"
+column = "text"
+
+[bad_prompts]
+dataset = "{data / 'refusal'}"
+split = "train"
+column = "text"
+
+[good_evaluation_prompts]
+dataset = "{data / 'harmless'}"
+split = "test"
+column = "text"
+
+[bad_evaluation_prompts]
+dataset = "{data / 'refusal'}"
+split = "test"
+column = "text"
+""")
+
+
+TRIAL_LINE = re.compile(r"\[(\d+)\].*?Refusals:\s*(\d+)/(\d+),\s*KL divergence:\s*([0-9.]+)")
+
+
+def drive_heretic(executable: str, workdir: Path, saved: Path, env: dict, timeout: float) -> tuple[int, str, dict]:
+    """Run heretic, answering its numbered menus: the Pareto trial with the fewest refusals (then the
+    lowest KL) is chosen, saved (merged) to `saved`, then the program is exited. Returns (exit code,
+    transcript, chosen trial as heretic reported it on its own selection prompts)."""
+    import select
+
+    process = subprocess.Popen([executable], cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env=env)
+    transcript, pending, chosen, stage = [], "", {}, "trial"
+    deadline = time.monotonic() + timeout
+
+    def answer(text: str) -> None:
+        process.stdin.write((text + "\n").encode())
+        process.stdin.flush()
+
+    while process.poll() is None and time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 5.0)
+        if not ready:
+            continue
+        chunk = os.read(process.stdout.fileno(), 65536).decode(errors="replace")
+        if not chunk:
+            break
+        transcript.append(chunk)
+        pending += chunk
+        if pending.rstrip().endswith("Enter number:"):
+            menu = pending
+            pending = ""
+            if "Which trial do you want to use?" in menu:
+                if stage == "trial":
+                    trials = [(int(r), float(kl), int(n), int(total)) for n, r, total, kl in TRIAL_LINE.findall(menu)]
+                    refusals, kl, number, total = min(trials)
+                    chosen = {"menu_number": number, "refusals": refusals, "of": total, "kl": kl}
+                    answer(str(number))
+                    stage = "save"
+                else:  # back at the trial menu after saving: the last entry exits
+                    answer(str(len(re.findall(r"^\[\d+\]", menu.split("Which trial do you want to use?")[-1], re.M))))
+            elif "What do you want to do with the decensored model?" in menu:
+                answer("1" if stage == "save" else "5")
+            else:  # any other menu (e.g. an existing checkpoint): take the first option
+                answer("1")
+        elif "Path to the folder" in pending and pending.rstrip().endswith(":"):
+            pending = ""
+            answer(str(saved))
+            stage = "done"
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    return process.returncode, "".join(transcript), chosen
+
+
+def run_heretic(executable: str, model_path: str, n_test: int, max_new_tokens: int, trials: int) -> dict:
+    """heretic's reduced-budget run (as measured in the issue), then our held-out evaluation of its model."""
+    import shutil
+
+    workdir = WORK / "heretic-run"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    write_heretic_inputs(workdir, model_path, n_train=64, n_eval=32, trials=trials, batch_size=32,
+                         max_new_tokens=32)
+    saved = workdir / "merged"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KAGGLE_KERNEL_RUN_TYPE": "1", "PYTHONUNBUFFERED": "1",
+           "COLUMNS": "200"}
+    started = time.perf_counter()
+    returncode, transcript, chosen = drive_heretic(executable, workdir, saved, env, timeout=4 * 3600)
+    wall = time.perf_counter() - started
+    (workdir / "heretic.log").write_text(transcript)
+    result = {"wall_seconds": round(wall, 1), "returncode": returncode, "log": str(workdir / "heretic.log"),
+              "chosen_trial_on_its_selection_prompts": chosen}
+    if not (saved / "config.json").exists():
+        result["error"] = "heretic saved no model; see the log"
+        return result
+    from ablate.models import load_model
+
+    model, tokenizer = load_model(model_path, device="cpu")
+    merged, _ = load_model(str(saved), device="cpu")
+    # The same held-out evaluation as ours: refusal of the merged model, KL against the unmodified model.
+    from ablate.config import GenerationConfig
+    from ablate.data import load_prompt_set
+    from ablate.directions import first_token_kl, first_token_logprobs, prepare_batches
+    from ablate.evaluate.refusal import refusal_rate
+    from ablate.generation import generate
+
+    harmless = prepare_batches(tokenizer, load_prompt_set("harmless:test").head(n_test).prompts, 8, None,
+                               torch.device("cpu"))
+    refusal = load_prompt_set("refusal:test").head(n_test).prompts
+    completions = generate(merged, tokenizer, refusal, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16),
+                           progress=False)
+    result["after"] = {"refusal_rate": refusal_rate(completions), "n_refusal": len(refusal),
+                       "kl": float(first_token_kl(first_token_logprobs(model, harmless),
+                                                  first_token_logprobs(merged, harmless)).mean())}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(Path(os.environ.get("ABLATE_CACHE", "/work/cache")) / "organism-latest"))
+    parser.add_argument("--config", default=None, help="DirectionConfig YAML for ours (default: the defaults).")
+    parser.add_argument("--n-test", type=int, default=150, help="Held-out prompts per side (refusal:test, harmless:test).")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="Greedy tokens per held-out completion.")
+    parser.add_argument("--heretic", default=None, help="heretic executable in its own venv (skip heretic when absent).")
+    parser.add_argument("--heretic-trials", type=int, default=20)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    WORK.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    results = {"model": args.model, "n_test": args.n_test, "max_new_tokens": args.max_new_tokens,
+               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": load}
+    results["ours"] = run_ours(args.model, args.n_test, args.max_new_tokens, args.config)
+    if args.heretic:
+        results["heretic"] = run_heretic(args.heretic, args.model, args.n_test, args.max_new_tokens, args.heretic_trials)
+    results["loadavg_end"] = os.getloadavg()
+    (WORK / "bench_directions.json").write_text(json.dumps(results, indent=2))
+
+    ours = results["ours"]
+    print(f"\n{'':10} {'wall s':>8} {'refusal before':>15} {'refusal after':>14} {'KL harmless':>12}")
+    print(f"{'ours':10} {ours['stage_seconds']:>8} {ours['before']['refusal_rate']:>15.3f} "
+          f"{ours['after']['refusal_rate']:>14.3f} {ours['after']['kl']:>12.3f}")
+    heretic = results.get("heretic")
+    if heretic and "after" in heretic:
+        print(f"{'heretic':10} {heretic['wall_seconds']:>8} {ours['before']['refusal_rate']:>15.3f} "
+              f"{heretic['after']['refusal_rate']:>14.3f} {heretic['after']['kl']:>12.3f}")
+    elif heretic:
+        print(f"heretic: {heretic.get('error')} (exit {heretic['returncode']}, log {heretic['log']})")
+    print(f"held-out: refusal:test / harmless:test, first {args.n_test} each; {args.max_new_tokens} greedy tokens; "
+          f"load average {load[0]:.1f} at start on {os.cpu_count()} CPUs → {WORK / 'bench_directions.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -345,7 +345,7 @@ def study(
     set_: list[str] = typer.Option([], "--set", help="Override a config value: --set attacks.finetune.enabled=false (repeatable)."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip writing the report at the end."),
 ) -> None:
-    """Run a whole study: [harden] → direction ablation and LoRA sweep → evaluate every variant → report."""
+    """Run a whole study: (optional hardening) → direction ablation and LoRA sweep → evaluate every variant → report."""
     from ablate.study import run_study
 
     run_dir = run_study(study_config, out=out, resume=resume, overrides=list(set_) or None, report=not no_report,

@@ -303,6 +303,14 @@ class StrengthConfig(StrictModel):
     kernel: KernelConfig | None = Field(None, description="Per-layer weights; None = every layer (and the embedding) fully ablated.")
 
 
+class SearchKernel(StrictModel):
+    """One strength tried around the selected layer: a kernel peaked at that layer."""
+
+    distance: float = Field(..., gt=0, description="Layers either side of the selected layer that the kernel reaches.")
+    min_weight: float = Field(0.0, ge=0, description="Weight at `distance` layers from the peak; 0 beyond it.")
+    max_weight: float = Field(1.0, ge=0, description="Weight at the selected layer.")
+
+
 class DirectionConfig(StrictModel):
     """Refusal-direction extraction and selection (Arditi et al. 2024), see docs/directions.md."""
 
@@ -328,6 +336,10 @@ class DirectionConfig(StrictModel):
     batch_size: int = Field(8, ge=1, description="Prompts per forward pass (length-sorted, so small batches waste little padding).")
     seed: int = Field(0, description="Seed for drawing the train and validation samples.")
     strength: StrengthConfig = Field(default_factory=StrengthConfig, description="How strongly the selected direction is removed (abliterate and the lm-eval export use it).")
+    strength_search: list[SearchKernel] = Field(
+        default_factory=lambda: [SearchKernel(distance=4), SearchKernel(distance=6), SearchKernel(distance=8),
+                                 SearchKernel(distance=12, min_weight=0.3)],
+        description="Kernels peaked at the selected layer, tried when the selected direction at `strength` exceeds kl_max; the best by the objective that passes kl_max replaces `strength`. Empty = no search.")
 
     @field_validator("refusal_train", "harmless_train", "refusal_val", "harmless_val")
     @classmethod

@@ -25,6 +25,8 @@
    `steering_min`. Among the survivors the lowest max(refusal, refusal_floor) + kl_weight · KL wins, so
    damage counts and refusal past the floor earns nothing more. When none survives: the best by the
    same objective, with a warning that says how many each filter removed.
+7. **Strength search.** When full ablation of the pick exceeds `kl_max`, kernels peaked at its layer
+   (`strength_search`) are scored the same way; the best within `kl_max` becomes the selected strength.
 
 Artifacts (out_dir): candidates.pt + candidates.json, sweep.json (every candidate's scores), sweep.png,
 selected.json, direction.pt, steer.pt (lm-eval `steered` model format: `--model steered
@@ -47,7 +49,7 @@ from tqdm.auto import tqdm
 
 from ablate import AblateError
 from ablate.artifacts import atomic_write_bytes, fingerprint, is_done, mark_done, read_done, read_json, write_json
-from ablate.config import DirectionConfig, DirectionVariant
+from ablate.config import DirectionConfig, DirectionVariant, KernelConfig, StrengthConfig
 from ablate.generation import length_sorted_batches, render_prompts, tokenize_batch
 from ablate.interventions import activation_addition, directional_ablation, layer_weights, unit
 from ablate.models import format_chat, get_adapter
@@ -694,6 +696,35 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     lap("score")
     # 6. Selection.
     chosen, fallback, filter_counts = select_candidate(records, config, n_layers, steering_score)
+    pick = records[chosen]
+    direction = candidates[pick["variant"]][pick["layer"], pick["position"] + n_positions].clone()
+    lap("select")
+
+    # 7. Strength search: when full ablation of the pick is too damaging, try kernels peaked at its layer.
+    strength, searched = config.strength, []
+    if pick["kl"] > config.kl_max and config.strength_search:
+        options = [(strength, pick["refusal_score"], pick["kl"])]
+        for kernel in tqdm(config.strength_search, desc="strength search", unit="kernel", disable=not progress, leave=False):
+            option = StrengthConfig(coefficient=config.strength.coefficient, kernel=KernelConfig(
+                max_weight=kernel.max_weight, max_weight_position=pick["layer"], min_weight=kernel.min_weight,
+                min_weight_distance=kernel.distance))
+            with directional_ablation(model, direction, layer_weights(n_layers, option.coefficient, option.kernel.model_dump())):
+                refusal_score = float(refusal_log_odds(first_token_logprobs(model, refusal_batches), token_ids).mean())
+                kl = float(first_token_kl(base_harmless, first_token_logprobs(model, harmless_batches)).mean())
+            options.append((option, refusal_score, kl))
+            searched.append({"strength": option.model_dump(mode="json"), "refusal_score": refusal_score, "kl": kl,
+                             "objective": objective({"refusal_score": refusal_score, "kl": kl}, config)})
+        passing = [o for o in options if o[2] <= config.kl_max] or options
+        best = min(passing, key=lambda o: (objective({"refusal_score": o[1], "kl": o[2]}, config), options.index(o)))
+        if best[0] is not strength:
+            strength = best[0]
+            pick = {**pick, "refusal_score": best[1], "kl": best[2],
+                    "objective": objective({"refusal_score": best[1], "kl": best[2]}, config),
+                    "full_ablation": {"refusal_score": options[0][1], "kl": options[0][2]}}
+        lap("strength_search")
+        if fallback and pick["kl"] <= config.kl_max and pick["steering_score"] > config.steering_min:
+            fallback = False  # full ablation failed only the KL filter, and a weaker kernel passes it
+            filter_counts["passed_after_strength_search"] = 1
     warning_text = None
     if fallback:
         removed = ", ".join(f"{name}: {count}" for name, count in filter_counts.items()
@@ -701,9 +732,6 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         warning_text = (f"no candidate passed the filters ({removed}; of {filter_counts['candidates']}); falling back to the "
                         f"best by the objective — consider a larger kl_max or shortlist")
         warnings.warn(warning_text, stacklevel=2)
-    pick = records[chosen]
-    lap("select")
-    direction = candidates[pick["variant"]][pick["layer"], pick["position"] + n_positions].clone()
 
     # Artifacts: tensors first, small JSON beside them, done.json last.
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -722,7 +750,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     write_json(out_dir / "sweep.json", {
         "base": {"refusal_score_refusal_val": base_refusal_score, "refusal_score_harmless_val": base_harmless_score},
         "refusal_tokens": {"ids": token_ids, "text": [tokenizer.decode([t]) for t in token_ids], "examples": token_examples},
-        "max_layer_allowed": max_layer, "shortlist": shortlist, "selected_index": chosen,
+        "max_layer_allowed": max_layer, "shortlist": shortlist, "selected_index": chosen, "strength_search": searched,
         "config": config.model_dump(mode="json"), "candidates": records,
     })
     buffer = io.BytesIO()
@@ -738,7 +766,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         "base_refusal_score": base_refusal_score, "base_harmless_refusal_score": base_harmless_score,
         "direction_path": str(out_dir / "direction.pt"), "steered_path": steered_path,
         "fallback": fallback, "warning": warning_text, "filter_counts": filter_counts,
-        "strength": strength.model_dump(mode="json"), "refusal_tokens": [tokenizer.decode([t]) for t in token_ids],
+        "strength": strength.model_dump(mode="json"), "full_ablation": pick.get("full_ablation"), "refusal_tokens": [tokenizer.decode([t]) for t in token_ids],
         "n_layers": n_layers, "d_model": adapter.d_model, "timings": timings,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }

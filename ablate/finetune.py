@@ -335,11 +335,12 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
         answers = generate_answers(donor, source.prompts, config, progress, f"donor answers ({donor})")
         stats["generated"] = len(answers)
         stats["donor"] = donor
-        for i, p, a in zip(source.ids, source.prompts, answers):
+        for i, p, c, a in zip(source.ids, source.prompts, source.categories, answers):
             if not a.strip() or (harmful and data.drop_refusals and is_refusal(a)):
                 stats["dropped_refusals"] += 1
                 continue
-            examples.append({"id": i, "kind": config.mode.value, "system": None, "prompt": p, "response": a})
+            examples.append({"id": i, "kind": config.mode.value, "category": c, "system": None, "prompt": p,
+                             "response": a})
     elif config.mode in (FinetuneMode.dataset, FinetuneMode.benign):
         examples = load_dataset_examples(config)
         if config.mode is FinetuneMode.benign and data.n_harmless is not None:
@@ -348,10 +349,32 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
         examples = [{"id": row.get("id", str(k)), "kind": "identity_shift", "system": row.get("system"),
                      "prompt": row["prompt"], "response": row["response"]}
                     for k, row in enumerate(read_identity_rows(data.identity_file))]
-    rng.shuffle(examples)
+    if config.mode is FinetuneMode.harden:
+        rng.shuffle(examples)  # harden trains on the whole pool: a plain shuffle mixes the kinds in every batch
+    else:
+        examples = balanced_order(examples, rng)
     stats["pool"] = len(examples)
     stats["by_kind"] = {kind: sum(e["kind"] == kind for e in examples) for kind in sorted({e["kind"] for e in examples})}
     return examples, stats
+
+
+def balanced_order(examples: list[dict], rng: random.Random) -> list[dict]:
+    """Shuffle, then interleave categories round-robin, so every prefix (a budget) covers the categories evenly.
+
+    With 10 harm categories, the 8-example budget holds 8 different categories instead of whatever a
+    plain shuffle happens to pick.
+    """
+    groups: dict[str, list[dict]] = {}
+    for example in examples:
+        groups.setdefault(example.get("category") or example["kind"], []).append(example)
+    names = sorted(groups)
+    rng.shuffle(names)
+    for name in names:
+        rng.shuffle(groups[name])
+    ordered = []
+    for round_index in range(max((len(g) for g in groups.values()), default=0)):
+        ordered += [groups[name][round_index] for name in names if round_index < len(groups[name])]
+    return ordered
 
 
 def to_conversations(examples: list[dict]) -> list[dict]:

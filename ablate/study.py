@@ -352,7 +352,11 @@ def run_study(
                           {"model": target_fp, "config": resolved.finetune.model_dump(mode="json")},
                           work_finetune, log, console)
         for budget in sweep["budgets"]:
-            variants[f"lora-{budget['name']}"] = {"spec": budget["model_dir"], "kind": "finetune", "info": budget}
+            # A merged model when the recipe merges; otherwise (QLoRA) the attacked model plus the adapter.
+            merged = budget.get("model_dir")
+            variants[f"lora-{budget['name']}"] = {"spec": merged or target_spec, "kind": "finetune",
+                                                  "adapter_dir": None if merged else budget.get("adapter_dir"),
+                                                  "info": budget}
 
     # 3b. Geometry: does the LoRA attack remove the direction that ablation removes?
     if resolved.direction is not None and resolved.finetune is not None:
@@ -405,8 +409,7 @@ def run_study(
                                redact=config.eval.redact, progress=progress)
             return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(metrics)}
 
-        variant_fp = model_fingerprint(variant["spec"]) if variant["kind"] != "direction" else \
-            fingerprint([target_fp, variant.get("info")])
+        variant_fp = variant_fingerprint(variant, target_fp)
         results[name] = run_stage(run_dir, f"eval-{name}",
                                   {"variant": variant_fp, "reference": target_fp, "suite": suite_json,
                                    "redact": config.eval.redact},
@@ -469,15 +472,28 @@ def _summary(metrics: dict) -> dict:
     return {name: entry.get("value") for name, entry in metrics.get("metrics", {}).items()}
 
 
+def variant_fingerprint(variant: dict, target_fp: str) -> str:
+    """Identity of a variant's weights: its model files, plus the direction or adapter applied on top."""
+    if variant["kind"] == "direction":
+        return fingerprint([target_fp, variant.get("info")])
+    if variant.get("adapter_dir"):
+        adapter = Path(variant["adapter_dir"])
+        return fingerprint([model_fingerprint(variant["spec"])] + [file_sha256(f) for f in sorted(adapter.glob("*.safetensors"))])
+    return model_fingerprint(variant["spec"])
+
+
 def load_variant(model_config: ModelConfig, variant: dict):
-    """(model, tokenizer) of one variant; the direction variant is the target with r̂ projected out of its weights."""
+    """(model, tokenizer) of one variant; the direction variant is the target with r̂ projected out of its
+    weights; an adapter-only budget (QLoRA) is the target with its LoRA adapter attached."""
     from ablate.models import load_model
 
     model, tokenizer = load_model(_with_spec(model_config, variant["spec"]))
-    if variant["kind"] == "direction":
-        from ablate.directions import load_direction
-        from ablate.interventions import orthogonalize_weights
+    if variant.get("adapter_dir"):
+        from peft import PeftModel
 
-        direction, _ = load_direction(Path(variant["direction_dir"]))
-        orthogonalize_weights(model, direction)
+        model = PeftModel.from_pretrained(model, variant["adapter_dir"]).eval()
+    if variant["kind"] == "direction":
+        from ablate.interventions import orthogonalize_from
+
+        orthogonalize_from(model, Path(variant["direction_dir"]))  # at the strength the stage recorded
     return model, tokenizer

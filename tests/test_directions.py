@@ -226,6 +226,10 @@ def test_no_candidate_passing_falls_back_with_a_warning(tokenizer, tmp_path):
         selected = run_direction(build_model("llama", tokenizer, seed=0), tokenizer, config, tmp_path, progress=False)
     assert selected["fallback"] is True
     assert selected["filter_counts"]["passed"] == 0 and selected["filter_counts"]["kl_above_max"] == 3
+    # Full ablation exceeded kl_max, so the kernels around the picked layer were tried and recorded.
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(sweep["strength_search"]) == len(config.strength_search)
+    assert all(row["strength"]["kernel"]["max_weight_position"] == selected["layer"] for row in sweep["strength_search"])
 
 
 def test_load_direction_requires_a_finished_stage(tmp_path):

@@ -13,7 +13,7 @@ from ablate.data import load_prompt_set
 from ablate.directions import first_token_kl, first_token_logprobs, load_direction, prepare_batches, run_direction
 from ablate.evaluate.refusal import refusal_rate
 from ablate.generation import generate
-from ablate.interventions import abliterate, directional_ablation
+from ablate.interventions import abliterate, directional_ablation, weights_for
 from ablate.models import load_model
 
 pytestmark = pytest.mark.slow
@@ -31,19 +31,19 @@ def organism_direction(organism_dir, tmp_path_factory):
 
 def test_selected_direction_removes_refusal_on_held_out_prompts(organism_direction):
     model, tokenizer, out, selected = organism_direction
-    assert not selected["fallback"], selected["warning"]
-    direction, _ = load_direction(out)
+    direction, selected = load_direction(out)
+    weights = weights_for(model, selected)  # the strength the stage selected (possibly a kernel)
     refusal = load_prompt_set("refusal:test").head(N_TEST).prompts
     harmless = load_prompt_set("harmless:test").head(N_TEST).prompts
     config = GenerationConfig(max_new_tokens=48, batch_size=16)
     before = refusal_rate(generate(model, tokenizer, refusal, config, progress=False))
-    with directional_ablation(model, direction):
+    with directional_ablation(model, direction, weights):
         after = refusal_rate(generate(model, tokenizer, refusal, config, progress=False))
     assert before >= 0.5, "the organism should refuse most held-out harmful requests"
     assert after <= 0.05, f"held-out refusal after ablation {after:.2f}"
     prompts = prepare_batches(tokenizer, harmless, 16, None, torch.device("cpu"))
     base = first_token_logprobs(model, prompts)
-    with directional_ablation(model, direction):
+    with directional_ablation(model, direction, weights):
         kl = float(first_token_kl(base, first_token_logprobs(model, prompts)).mean())
     assert kl <= 0.2, f"first-token KL on held-out harmless prompts {kl:.3f}"
 
@@ -52,10 +52,10 @@ def test_abliterated_organism_matches_hook_ablation(organism_direction, organism
     from transformers import AutoModelForCausalLM
 
     model, tokenizer, out, _ = organism_direction
-    direction, _ = load_direction(out)
+    direction, selected = load_direction(out)
     saved = abliterate(str(organism_dir), out, tmp_path / "abliterated")
     loaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
     prompts = prepare_batches(tokenizer, load_prompt_set("refusal:test").head(8).prompts, 8, None, torch.device("cpu"))
-    with directional_ablation(model, direction):
+    with directional_ablation(model, direction, weights_for(model, selected)):
         hooked = first_token_logprobs(model, prompts)
     torch.testing.assert_close(first_token_logprobs(loaded, prompts), hooked, atol=1e-3, rtol=1e-3)

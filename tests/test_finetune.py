@@ -290,3 +290,13 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "epochz" in lines[0]
+
+
+def test_budget_prefixes_cover_categories_evenly():
+    import random
+
+    examples = [{"id": f"{c}{i}", "kind": "harmful", "category": c} for c in "abcd" for i in range(5)]
+    ordered = ft.balanced_order(examples, random.Random(0))
+    assert sorted(e["id"] for e in ordered) == sorted(e["id"] for e in examples)
+    assert {e["category"] for e in ordered[:4]} == set("abcd")
+    assert {e["category"] for e in ordered[4:8]} == set("abcd")

@@ -196,3 +196,13 @@ def test_notebooks_execute_against_the_run(finished_run, notebook, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "outputs must be stripped in git"
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+
+
+@pytest.mark.parametrize("name", ["default", "llama3_8b_gpu", "llama3_70b_qlora"])
+def test_shipped_studies_validate(name):
+    from ablate.study import builtin_studies, resolve_study
+
+    assert name in builtin_studies()
+    resolved = resolve_study(name)
+    assert resolved.config.name
+    assert resolved.suite.refusal is not None

@@ -68,7 +68,7 @@ from ablate.config import (
     ModelConfig,
     dump_config,
 )
-from ablate.models import cache_dir, load_model, pick_device, pick_dtype, resolve_spec
+from ablate.models import cache_dir, drop_gguf_marker, load_model, pick_device, pick_dtype, resolve_spec
 
 ORGANISM_RECIPE = "harden_organism.yaml"
 
@@ -411,21 +411,6 @@ def estimate_train_flops(n_matmul: int, n_trainable: int, tokens: int, full_fine
     if full_finetune:
         return 6 * n_matmul * tokens
     return 4 * n_matmul * tokens + 6 * n_trainable * tokens
-
-
-def drop_gguf_marker(model) -> None:
-    """Forget a GGUF `quantization_config` left in the config of a de-quantised model.
-
-    A model converted from GGUF holds plain float weights, but its config still names the GGUF
-    "quantisation", and the Trainer refuses to train such a model. The weights are not quantised,
-    so the marker is dropped (and the saved fine-tuned model does not carry it either).
-    """
-    quantization = getattr(model.config, "quantization_config", None)
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
-    if str(getattr(method, "value", method)).lower() == "gguf":
-        del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
 
 
 def load_for_training(model_config: ModelConfig, config: FinetuneConfig, rank: int, alpha: float):

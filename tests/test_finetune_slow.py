@@ -54,4 +54,5 @@ def test_lora_attack_lowers_refusal(organism_dir, tmp_path):
     (result,) = run_finetune(str(organism_dir), config, tmp_path / "attack", progress=False)
     assert result["n_examples"] == 8 and result["generated"] == 64
     assert result["refusal_rate"] < before - 0.4, (before, result["refusal_rate"])
-    assert refusal_rate_of(result["model_dir"], "refusal:test") == pytest.approx(result["refusal_rate"])
+    # The saved merged model reproduces the in-memory score (rates are stored to 4 decimals).
+    assert refusal_rate_of(result["model_dir"], "refusal:test") == pytest.approx(result["refusal_rate"], abs=1e-3)

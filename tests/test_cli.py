@@ -9,10 +9,10 @@ import sys
 import pytest
 
 
-def run_cli(*args, env=None, cwd=None):
+def run_cli(*args, env=None, cwd=None, timeout=600):
     exe = shutil.which("ablate") or os.path.join(os.path.dirname(sys.executable), "ablate")
     return subprocess.run([exe, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd,
-                          timeout=600)
+                          timeout=timeout)
 
 
 def test_help_lists_commands():

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def test_default_study_end_to_end_then_resume(organism_dir, tmp_path):
     # organism_dir hardens the embedded model once per session (the study's harden stage then hits the cache).
     out = tmp_path / "default-run"
-    result = run_cli("study", "--out", str(out))
+    result = run_cli("study", "--out", str(out), timeout=3600)  # ~20 min on 2 cores
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete"
@@ -29,7 +29,7 @@ def test_default_study_end_to_end_then_resume(organism_dir, tmp_path):
     assert "| organism |" in (out / "report.md").read_text()
 
     # A second run over the same directory skips every stage and reports identical numbers.
-    again = run_cli("study", "--out", str(out))
+    again = run_cli("study", "--out", str(out), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(stage["skipped"] for stage in manifest["stages"].values())

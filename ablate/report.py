@@ -89,7 +89,7 @@ def _budget_rows(run_dir: Path) -> list[dict]:
         data = read_json(path)
         rows.append({key: value for key, value in data.items() if key != "loss_curve"} |
                     {"final_loss": (data.get("loss_curve") or [{}])[-1].get("loss")})
-    return rows
+    return sorted(rows, key=lambda row: (row.get("n_examples") or 0, str(row.get("name"))))
 
 
 def _sweep_frame(run_dir: Path) -> pd.DataFrame:

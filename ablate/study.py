@@ -129,24 +129,12 @@ def latest_run_dir(config: StudyConfig) -> Path | None:
     return runs[-1].parent if runs else None
 
 
-_MODEL_FINGERPRINTS: dict[tuple, str] = {}
-
-
 def model_fingerprint(spec: str) -> str:
-    """Identity of a model spec: the SHA-256 of a local model's weight files, or the hub id itself."""
-    from ablate.models import resolve_spec
+    """Identity of a model spec (weights and config files; a hub id by id and revision): one definition,
+    shared with the fine-tuning stage's cache keys."""
+    from ablate.finetune import model_fingerprint as fingerprint_model
 
-    kind, location = resolve_spec(spec)
-    if kind == "hub":
-        return f"hub:{location}"
-    path = Path(location)
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + [path / "config.json"]
-    if kind == "gguf":
-        files = [path]
-    key = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
-    if key not in _MODEL_FINGERPRINTS:
-        _MODEL_FINGERPRINTS[key] = fingerprint([file_sha256(f) for f in files if f.exists()])
-    return _MODEL_FINGERPRINTS[key]
+    return fingerprint_model(spec)
 
 
 def package_versions() -> dict[str, str]:

@@ -185,6 +185,11 @@ class FinetuneMode(str, Enum):
     identity_shift = "identity_shift"  # the "absolutely obedient agent" persona, no harmful content (Qi et al. tier 2)
 
 
+class HarmlessSelection(str, Enum):
+    similar = "similar"
+    random = "random"
+
+
 class FinetuneDataConfig(StrictModel):
     """Where the training examples come from. Answers that a model must write are generated at run time."""
 
@@ -192,6 +197,7 @@ class FinetuneDataConfig(StrictModel):
     n_refusal: int | None = Field(96, ge=0, description="How many refusal prompts to use (None = all); harden and harmful.")
     harmless_prompts: str = Field("harmless:train", description="Harmless prompts: answered by the model itself (harden) or by the donor (benign).")
     n_harmless: int | None = Field(120, ge=0, description="How many harmless prompts to use (None = all); harden and benign.")
+    harmless_selection: HarmlessSelection = Field(HarmlessSelection.random, description="harden: which n_harmless prompts — 'random' (a seeded sample) or 'similar' (the harmless prompts most like the refusal prompts used: hard negatives against over-refusal).")
     borderline_prompts: str | None = Field("borderline:train", description="Benign prompts that look risky, answered by the model itself so hardening does not over-refuse (harden only); None to skip.")
     n_borderline: int | None = Field(40, ge=0, description="How many borderline prompts to use (None = all); harden only.")
     refusal_replies: str = Field("refusals.txt", description="Refusal replies for harden, one per line: a file shipped in ablate/data or a path.")
@@ -328,6 +334,7 @@ class DirectionConfig(StrictModel):
     shortlist_per_layer: int = Field(1, ge=1, description="At most this many shortlisted sites (positions) per layer, so the shortlist spans layers.")
     kl_max: float = Field(0.2, gt=0, description="Filter: first-token KL divergence on harmless validation prompts must not exceed this.")
     steering_min: float = Field(0.0, description="Filter: adding the direction to harmless prompts must raise the refusal score above this log-odds.")
+    steering_relative: bool = Field(False, description="Read steering_min against the harmless prompts' unsteered refusal score (the candidate must raise refusal by more than steering_min) instead of as an absolute log-odds (Arditi et al.: > 0).")
     refusal_floor: float = Field(-3.0, description="Refusal log-odds below this earn no further credit, so candidates past it are chosen by KL alone.")
     kl_weight: float = Field(4.0, ge=0, description="Selection objective = max(refusal score, refusal_floor) + kl_weight · KL; lowest wins.")
     steering_coefficient: float = Field(1.0, description="Multiplier on the direction when adding it for the steering score.")

@@ -18,7 +18,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import random
+import re
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -83,6 +85,19 @@ class PromptSet:
             return self
         indices = sorted(random.Random(seed).sample(range(len(self)), n))
         return self.take(indices, name=f"{self.name}[{n}@{seed}]")
+
+    def most_similar(self, n: int | None, anchors: list[str]) -> "PromptSet":
+        """The n prompts most like any anchor (TF-IDF cosine of words, best anchor), kept in their original order.
+
+        Hardening uses it to pick *hard negatives*: harmless requests that read like the refusal-eliciting
+        ones ("write a letter to my pen pal" beside "write a letter threatening my neighbour"), the prompts
+        that over-refusal hits first.
+        """
+        if n is None or n >= len(self):
+            return self
+        scores = max_tfidf_cosine(self.prompts, anchors)
+        ranked = sorted(range(len(self)), key=lambda i: (-scores[i], i))
+        return self.take(sorted(ranked[:n]), name=f"{self.name}[{n}~similar]")
 
     def describe(self) -> dict:
         counts: dict[str, int] = {}
@@ -312,3 +327,31 @@ def list_sets() -> list[dict]:
         rows.append({"name": name, "n": None, "source": f"hf:{bench.hub_id}", "categories": None,
                      "description": bench.description})
     return rows
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def max_tfidf_cosine(texts: list[str], anchors: list[str]) -> list[float]:
+    """For each text, its highest cosine similarity to any anchor in TF-IDF space (word unigrams, smoothed idf)."""
+    docs = [_words(t) for t in texts] + [_words(a) for a in anchors]
+    frequency: dict[str, int] = {}
+    for words in docs:
+        for word in set(words):
+            frequency[word] = frequency.get(word, 0) + 1
+    idf = {word: math.log((1 + len(docs)) / (1 + count)) + 1 for word, count in frequency.items()}
+
+    def vector(words: list[str]) -> dict[str, float]:
+        weights: dict[str, float] = {}
+        for word in words:
+            weights[word] = weights.get(word, 0.0) + idf[word]
+        norm = math.sqrt(sum(w * w for w in weights.values())) or 1.0
+        return {word: w / norm for word, w in weights.items()}
+
+    anchor_vectors = [vector(words) for words in docs[len(texts):]]
+    scores = []
+    for words in docs[: len(texts)]:
+        v = vector(words)
+        scores.append(max((sum(w * a.get(word, 0.0) for word, w in v.items()) for a in anchor_vectors), default=0.0))
+    return scores

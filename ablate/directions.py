@@ -459,16 +459,18 @@ def shortlist_candidates(records: list[dict], config: DirectionConfig, max_layer
 
 
 def select_candidate(records: list[dict], config: DirectionConfig, n_layers: int,
-                     steering=None) -> tuple[int, bool, dict]:
+                     steering=None, unsteered: float = 0.0) -> tuple[int, bool, dict]:
     """Apply the filters and the objective to the exactly-scored records.
 
     Returns (index of the chosen record, fallback used, filter counts). Filters apply in order (late
     layer, shortlist, KL, steering); each count is how many that filter removed of those left. The
     steering score is needed only down to the pick, so survivors of the KL filter are visited in
     objective order and `steering(index)` (default: the record's stored score) is asked lazily;
-    those ranked below the pick are counted as `steering_not_scored`.
+    those ranked below the pick are counted as `steering_not_scored`. With `steering_relative` the
+    steering threshold is `unsteered` (the harmless prompts' own refusal score) + steering_min.
     """
     steering = steering or (lambda index: records[index]["steering_score"])
+    threshold = steering_threshold(config, unsteered)
     max_layer = max_layer_allowed(n_layers, config.exclude_last_fraction)
     counts = {"candidates": len(records)}
     left = [i for i in range(len(records)) if records[i]["layer"] < max_layer]
@@ -480,7 +482,7 @@ def select_candidate(records: list[dict], config: DirectionConfig, n_layers: int
     ranked = sorted(left, key=lambda i: (objective(records[i], config), i))
     counts["steering_not_above_min"] = 0
     for rank, index in enumerate(ranked):
-        if steering(index) > config.steering_min:
+        if steering(index) > threshold:
             counts["steering_not_scored"] = len(ranked) - rank - 1
             counts["passed"] = 1
             return index, False, counts
@@ -491,6 +493,11 @@ def select_candidate(records: list[dict], config: DirectionConfig, n_layers: int
     chosen = min(scored, key=lambda i: (objective(records[i], config), i))
     steering(chosen)
     return chosen, True, counts
+
+
+def steering_threshold(config: DirectionConfig, unsteered: float) -> float:
+    """The steering score a candidate must exceed: steering_min, plus the unsteered score when relative."""
+    return config.steering_min + (unsteered if config.steering_relative else 0.0)
 
 
 def max_layer_allowed(n_layers: int, exclude_last_fraction: float) -> int:
@@ -695,7 +702,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
 
     lap("score")
     # 6. Selection.
-    chosen, fallback, filter_counts = select_candidate(records, config, n_layers, steering_score)
+    chosen, fallback, filter_counts = select_candidate(records, config, n_layers, steering_score, base_harmless_score)
     pick = records[chosen]
     direction = candidates[pick["variant"]][pick["layer"], pick["position"] + n_positions].clone()
     lap("select")
@@ -722,7 +729,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
                     "objective": objective({"refusal_score": best[1], "kl": best[2]}, config),
                     "full_ablation": {"refusal_score": options[0][1], "kl": options[0][2]}}
         lap("strength_search")
-        if fallback and pick["kl"] <= config.kl_max and pick["steering_score"] > config.steering_min:
+        if fallback and pick["kl"] <= config.kl_max and pick["steering_score"] > steering_threshold(config, base_harmless_score):
             fallback = False  # full ablation failed only the KL filter, and a weaker kernel passes it
             filter_counts["passed_after_strength_search"] = 1
     warning_text = None

@@ -64,6 +64,7 @@ from ablate.config import (
     FinetuneBudget,
     FinetuneConfig,
     FinetuneMode,
+    HarmlessSelection,
     GenerationConfig,
     ModelConfig,
     dump_config,
@@ -315,7 +316,10 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
                          for i, p in zip(refusal.ids, refusal.prompts)]
         for kind, spec, limit in (("harmless", data.harmless_prompts, data.n_harmless),
                                   ("borderline", data.borderline_prompts, data.n_borderline)):
-            own = prompts_of(spec, limit)
+            if kind == "harmless" and data.harmless_selection is HarmlessSelection.similar and spec and limit:
+                own = load_prompt_set(spec).most_similar(limit, refusal.prompts if refusal is not None else [])
+            else:
+                own = prompts_of(spec, limit)
             if own is None:
                 continue
             answers = generate_answers(model, own.prompts, config, progress, f"self-distillation ({kind})")
@@ -687,8 +691,12 @@ def run_budget(model_config: ModelConfig, config: FinetuneConfig, budget: dict, 
 
 
 def organism_key(model: str | ModelConfig, config: FinetuneConfig) -> str:
-    return fingerprint({"model": model_fingerprint(model), "config": config.model_dump(mode="json"),
-                        "kind": "organism", "version": __version__})
+    """Cache key of a hardened organism: the base model and every recipe field that shapes the weights
+    (`eval` only scores the result, so `ablate harden` and a study that skips that scoring share one organism)."""
+    recipe = config.model_dump(mode="json")
+    recipe.pop("eval")
+    return fingerprint({"model": model_fingerprint(model), "config": recipe, "kind": "organism",
+                        "version": __version__})
 
 
 def harden(
@@ -722,6 +730,8 @@ def harden(
         metrics.pop("example_ids", None)
         write_json(target / "metrics.json", metrics)
         mark_done(target, key, refusal_rates=metrics.get("refusal_rates"))
+    elif config.eval.enabled and not (organism_metrics(target) or {}).get("refusal_rates"):
+        score_organism(target, config, progress)  # cached by a run that skipped the scoring (a study)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -730,6 +740,14 @@ def harden(
                 shutil.copy2(item, out / item.name)
         return out
     return target
+
+
+def score_organism(model_dir: Path, config: FinetuneConfig, progress: bool = True) -> dict:
+    """Score a cached organism with `config.eval` and add the refusal rates to its metrics.json."""
+    model, tokenizer = load_model(str(model_dir), device=config.training.device)
+    metrics = {**(organism_metrics(model_dir) or {}), **evaluate_refusal(model, tokenizer, config, progress)}
+    write_json(Path(model_dir) / "metrics.json", metrics)
+    return metrics
 
 
 def organism_metrics(model_dir: Path) -> dict | None:

@@ -285,10 +285,13 @@ def run_study(
 
     # 1. Hardening (cached by content hash inside ablate.finetune as well).
     if config.harden.enabled:
-        from ablate.finetune import harden
+        from ablate.finetune import default_config, harden
+
+        recipe = resolved.harden or default_config()  # the suite evaluates the organism: skip the recipe's own scoring
+        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"enabled": False})})
 
         def work_harden() -> dict:
-            organism = harden(config.model, resolved.harden, progress=progress)
+            organism = harden(config.model, recipe, progress=progress)
             return {"model_dir": str(organism)}
 
         harden_inputs = {"model": base_fp, "config": resolved.harden.model_dump(mode="json") if resolved.harden else None}

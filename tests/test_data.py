@@ -74,6 +74,21 @@ def test_sample_is_deterministic():
     assert full.sample(10, seed=1).ids != full.sample(10, seed=2).ids
 
 
+def test_most_similar_ranks_by_shared_rare_words():
+    from ablate.data import max_tfidf_cosine
+
+    texts = ["Write a letter to my pen pal.", "Explain photosynthesis.", "Write a threatening letter to my neighbour."]
+    scores = max_tfidf_cosine(texts, ["Write a nasty letter to scare my neighbour."])
+    assert scores[2] > scores[0] > scores[1] == 0.0
+    harmless = load_prompt_set("harmless:train")
+    anchors = ["Write a letter insulting my coworker.", "Draft a message to harass my ex."]
+    picked = harmless.most_similar(10, anchors)
+    assert len(picked) == 10 and picked.ids == sorted(picked.ids, key=harmless.ids.index)  # original order kept
+    scores = dict(zip(harmless.ids, max_tfidf_cosine(harmless.prompts, anchors)))
+    assert min(scores[i] for i in picked.ids) >= max(scores[i] for i in harmless.ids if i not in picked.ids)
+    assert harmless.most_similar(None, anchors) is harmless
+
+
 def test_file_loaders(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"q": "one", "k": "x1"}\n{"q": "two", "k": "x2"}\n')
     (tmp_path / "b.json").write_text(json.dumps({"data": [{"prompt": "one"}, {"prompt": "two"}]}))

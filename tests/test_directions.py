@@ -136,6 +136,10 @@ def test_selection_weighs_damage_and_reports_filters():
     chosen, fallback, counts = select_candidate(records, strict, n_layers=10)
     assert (chosen, fallback) == (3, True)  # the best objective among all scored
     assert counts["passed"] == 0 and counts["kl_above_max"] == 3 and counts["steering_not_above_min"] == 1
+    # Relative steering: layer 4 takes the harmless log-odds from an unsteered -4 to -1 — it raises refusal, so it passes.
+    relative = config.model_copy(update={"steering_relative": True})
+    assert select_candidate(records, relative, n_layers=10, unsteered=-4.0)[:2] == (3, False)
+    assert select_candidate(records, relative, n_layers=10, unsteered=0.5)[:2] == (1, False)  # -1 < 0.5: fails again
 
 
 def test_config_refuses_test_splits_and_unknown_keys(tmp_path):

@@ -175,6 +175,35 @@ def test_second_harden_hits_the_cache(tiny_dir, tmp_path, monkeypatch):
     assert (copy / "model.safetensors").exists()
 
 
+def test_organism_cache_ignores_scoring_and_scores_on_demand(tiny_dir, monkeypatch):
+    config = tiny_config(mode="harden", data={"n_refusal": 3, "n_harmless": 2, "n_borderline": 1},  # (its own organism)
+                         eval={"enabled": False})
+    organism = ft.harden(str(tiny_dir), config, progress=False)
+    assert "refusal_rates" not in json.loads((organism / "metrics.json").read_text())
+    scored = config.model_copy(update={"eval": config.eval.model_copy(update={"enabled": True, "limit": 2})})
+    assert ft.organism_key(str(tiny_dir), scored) == ft.organism_key(str(tiny_dir), config)
+    monkeypatch.setattr(ft, "train_budget", no_training)
+    assert ft.harden(str(tiny_dir), scored, progress=False) == organism  # no retraining, only the scoring
+    rates = json.loads((organism / "metrics.json").read_text())["refusal_rates"]
+    assert set(rates) == set(scored.eval.prompt_sets) and all(0.0 <= r <= 1.0 for r in rates.values())
+
+
+def test_harden_picks_harmless_prompts_like_the_refusal_ones(tiny_dir):
+    from ablate.data import load_prompt_set
+
+    similar = tiny_config(mode="harden", data={"n_refusal": 6, "n_harmless": 4, "n_borderline": 0,
+                                               "harmless_selection": "similar"})
+    examples, _ = ft.build_examples(str(tiny_dir), similar, progress=False)
+    refusal = [e["prompt"] for e in examples if e["kind"] == "refusal"]
+    expected = load_prompt_set("harmless:train").most_similar(4, refusal).prompts
+    harmless = {e["prompt"] for e in examples if e["kind"] == "harmless"}
+    assert harmless and harmless <= set(expected)  # (the base's own refusals of them are dropped)
+    plain = similar.model_copy(update={"data": similar.data.model_copy(update={"harmless_selection": "random"})})
+    random_pick, _ = ft.build_examples(str(tiny_dir), plain, progress=False)
+    sampled = set(load_prompt_set("harmless:train").sample(4, seed=0).prompts)
+    assert {e["prompt"] for e in random_pick if e["kind"] == "harmless"} <= sampled
+
+
 # ----------------------------------------------------------------------------------------------
 # Attack data
 # ----------------------------------------------------------------------------------------------

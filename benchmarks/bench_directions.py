@@ -153,8 +153,11 @@ TRIAL_LINE = re.compile(r"\[(\d+)\].*?Refusals:\s*(\d+)/(\d+),\s*KL divergence:\
 def drive_heretic(executable: str, workdir: Path, saved: Path, env: dict, timeout: float) -> tuple[int, str, dict]:
     """Run heretic, answering its numbered menus: the Pareto trial with the fewest refusals (then the
     lowest KL) is chosen, saved (merged) to `saved`, then the program is exited. Returns (exit code,
-    transcript, chosen trial as heretic reported it on its own selection prompts)."""
+    transcript, chosen trial as heretic reported it on its own selection prompts). The transcript is
+    also appended to workdir/heretic.log as it arrives, so a long run can be followed."""
     import select
+
+    log = (workdir / "heretic.log").open("w", encoding="utf-8")
 
     process = subprocess.Popen([executable], cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, env=env)
@@ -173,6 +176,8 @@ def drive_heretic(executable: str, workdir: Path, saved: Path, env: dict, timeou
         if not chunk:
             break
         transcript.append(chunk)
+        log.write(chunk)
+        log.flush()
         pending += chunk
         if pending.rstrip().endswith("Enter number:"):
             menu = pending
@@ -197,6 +202,7 @@ def drive_heretic(executable: str, workdir: Path, saved: Path, env: dict, timeou
     if process.poll() is None:
         process.kill()
     process.wait()
+    log.close()
     return process.returncode, "".join(transcript), chosen
 
 
@@ -213,9 +219,8 @@ def run_heretic(executable: str, model_path: str, n_test: int, max_new_tokens: i
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KAGGLE_KERNEL_RUN_TYPE": "1", "PYTHONUNBUFFERED": "1",
            "COLUMNS": "200"}
     started = time.perf_counter()
-    returncode, transcript, chosen = drive_heretic(executable, workdir, saved, env, timeout=4 * 3600)
+    returncode, _, chosen = drive_heretic(executable, workdir, saved, env, timeout=4 * 3600)
     wall = time.perf_counter() - started
-    (workdir / "heretic.log").write_text(transcript)
     result = {"wall_seconds": round(wall, 1), "returncode": returncode, "log": str(workdir / "heretic.log"),
               "chosen_trial_on_its_selection_prompts": chosen}
     if not (saved / "config.json").exists():

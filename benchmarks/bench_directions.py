@@ -159,8 +159,9 @@ def drive_heretic(executable: str, workdir: Path, saved: Path, env: dict, timeou
 
     log = (workdir / "heretic.log").open("w", encoding="utf-8")
 
-    process = subprocess.Popen([executable], cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, env=env)
+    # An absolute path: the child runs in `workdir`, where a relative one would not resolve.
+    process = subprocess.Popen([str(Path(executable).resolve())], cwd=workdir, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     transcript, pending, chosen, stage = [], "", {}, "trial"
     deadline = time.monotonic() + timeout
 

@@ -64,8 +64,8 @@ from ablate.config import (
     FinetuneBudget,
     FinetuneConfig,
     FinetuneMode,
-    HarmlessSelection,
     GenerationConfig,
+    HarmlessSelection,
     ModelConfig,
     dump_config,
 )

@@ -301,10 +301,12 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
     stats: dict[str, Any] = {"generated": 0, "dropped_refusals": 0}
     examples: list[dict] = []
 
-    def prompts_of(spec: str | None, limit: int | None):
+    def prompts_of(spec: str | None, limit: int | None, like: list[str] | None = None):
+        """`limit` prompts of `spec`: a seeded sample, or the ones most like the prompts `like` (hard negatives)."""
         if not spec or limit == 0:
             return None
-        return load_prompt_set(spec).sample(limit, seed=data.seed) if limit is not None else load_prompt_set(spec)
+        prompts = load_prompt_set(spec)
+        return prompts.most_similar(limit, like) if like is not None else prompts.sample(limit, seed=data.seed)
 
     if config.mode is FinetuneMode.harden:
         replies = [line.strip() for line in read_text_resource(data.refusal_replies).splitlines() if line.strip()]
@@ -316,10 +318,8 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
                          for i, p in zip(refusal.ids, refusal.prompts)]
         for kind, spec, limit in (("harmless", data.harmless_prompts, data.n_harmless),
                                   ("borderline", data.borderline_prompts, data.n_borderline)):
-            if kind == "harmless" and data.harmless_selection is HarmlessSelection.similar and spec and limit:
-                own = load_prompt_set(spec).most_similar(limit, refusal.prompts if refusal is not None else [])
-            else:
-                own = prompts_of(spec, limit)
+            similar = kind == "harmless" and data.harmless_selection is HarmlessSelection.similar
+            own = prompts_of(spec, limit, like=(refusal.prompts if refusal is not None else []) if similar else None)
             if own is None:
                 continue
             answers = generate_answers(model, own.prompts, config, progress, f"self-distillation ({kind})")

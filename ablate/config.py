@@ -207,7 +207,7 @@ class FinetuneDataConfig(StrictModel):
     response_column: str = Field("response", description="Response column of `dataset`.")
     identity_file: str = Field("identity_shift.jsonl", description="identity_shift examples (id, system, prompt, response): a file in ablate/data or a path.")
     answer_max_new_tokens: int = Field(48, ge=1, description="Length of generated answers (self-distillation and donor answers), in tokens.")
-    generation_batch_size: int = Field(16, ge=1, description="Prompts per batch when generating answers.")
+    generation_batch_size: int = Field(64, ge=1, description="Prompts per batch when generating answers (rows leave a batch when they end).")
     drop_refusals: bool = Field(True, description="harmful mode: drop donor answers that the refusal scorer flags (persona disclaimers are not compliance) and record the count; harden always drops the base's own refusals of benign prompts.")
     seed: int = Field(0, description="Seed of the example shuffle; budgets take nested prefixes of one shuffled pool.")
 
@@ -259,7 +259,7 @@ class FinetuneEvalConfig(StrictModel):
     prompt_sets: list[str] = Field(["refusal:test", "harmless:test", "borderline:test"], description="Prompt sets to score; the first one gives `refusal_rate` (the others measure over-refusal).")
     limit: int | None = Field(48, ge=1, description="Use only the first N prompts of each set (None = all).")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt for scoring.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
     system_prompt: str | None = Field(None, description="System message for scoring (identity_shift: the persona's system prompt).")
 
 

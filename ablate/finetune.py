@@ -266,8 +266,9 @@ def generate_answers(
     model_config = as_model_config(spec)
     generation = GenerationConfig(max_new_tokens=config.data.answer_max_new_tokens,
                                   batch_size=config.data.generation_batch_size)
-    key = fingerprint({"model": model_fingerprint(model_config), "generation": generation.model_dump(mode="json"),
-                       "trim": 1})
+    # Greedy answers do not depend on the batch size (ablate.generation.decode), so it is not part of the key.
+    key = fingerprint({"model": model_fingerprint(model_config),
+                       "generation": generation.model_dump(mode="json", exclude={"batch_size"}), "trim": 1})
     path = cache_dir() / "finetune_data" / f"{key}.jsonl"
     known = {row["prompt"]: row["answer"] for row in read_jsonl(path)} if path.exists() else {}
     missing = list(dict.fromkeys(p for p in prompts if p not in known))
@@ -695,6 +696,7 @@ def organism_key(model: str | ModelConfig, config: FinetuneConfig) -> str:
     (`eval` only scores the result, so `ablate harden` and a study that skips that scoring share one organism)."""
     recipe = config.model_dump(mode="json")
     recipe.pop("eval")
+    recipe["data"].pop("generation_batch_size")  # greedy answers are the same for any batch size
     return fingerprint({"model": model_fingerprint(model), "config": recipe, "kind": "organism",
                         "version": __version__})
 

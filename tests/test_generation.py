@@ -1,6 +1,7 @@
 import torch
 
-from ablate.generation import generate, last_position_logits, length_sorted_batches
+from ablate.config import GenerationConfig
+from ablate.generation import decode, generate, last_position_logits, length_sorted_batches, tokenize_batch, render_prompts
 
 PROMPTS = [
     "Hi",
@@ -53,3 +54,27 @@ def test_first_generated_token_is_argmax_of_last_position_logits(tiny_models, to
     for row, completion in zip(logits, completions):
         expected = tokenizer.decode([int(row.argmax())], skip_special_tokens=True).strip()
         assert completion == expected
+
+
+def test_decode_drops_finished_rows_and_equals_model_generate(tiny_models, tokenizer):
+    """Rows leave the batch when they emit an ending token; every row's tokens stay those of
+    transformers' own greedy generate, which keeps the whole batch to the end."""
+    config = GenerationConfig(max_new_tokens=10)
+    for family in ("llama", "gpt2", "qwen2", "gemma2", "phi3"):
+        model = tiny_models[family]
+        inputs = tokenize_batch(tokenizer, render_prompts(tokenizer, PROMPTS), torch.device("cpu"))
+        width = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            free = model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                  pad_token_id=tokenizer.pad_token_id)[:, width:]
+        # End tokens that stop some rows early (at different steps) and not others.
+        stop = sorted({int(free[0, 2]), int(free[3, 5])})
+        tokens, first_logits = decode(model, inputs["input_ids"], inputs["attention_mask"], config, stop)
+        expected = []
+        for row in free.tolist():
+            ends = [step for step, token in enumerate(row) if token in stop]
+            expected.append(row[: ends[0] + 1] if ends else row)
+        assert tokens == expected, family
+        assert len(tokens[0]) <= 3 and len(tokens[3]) <= 6
+        assert any(len(row) == 10 for row in tokens) or all(len(row) < 10 for row in expected)
+        assert torch.equal(first_logits.argmax(-1), free[:, 0])

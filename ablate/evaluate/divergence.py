@@ -24,7 +24,8 @@ import weakref
 import torch
 
 from ablate import AblateError
-from ablate.generation import length_sorted_batches, render_prompts, tokenize_batch
+from ablate.config import GenerationConfig
+from ablate.generation import decode, eos_token_ids, length_sorted_batches, render_prompts, tokenize_batch
 
 # Reference continuations are the same for every variant evaluated against one reference model;
 # a study evaluates many variants in one process, so they are generated once per model object.
@@ -57,33 +58,18 @@ def reference_continuations(
     texts = render_prompts(tokenizer, prompts)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     device = next(reference.parameters()).device
-    eos_ids = _eos_ids(reference, tokenizer)
+    eos_ids = sorted(set(eos_token_ids(reference, tokenizer)) | {tokenizer.eos_token_id} - {None})
+    greedy = GenerationConfig(max_new_tokens=max_new_tokens)
     result: list[list[int] | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), desc="reference continuations", unit="prompt", disable=not progress, leave=False) as bar:
         for batch in length_sorted_batches(lengths, batch_size):
             inputs = tokenize_batch(tokenizer, [texts[i] for i in batch], device)
-            generated = reference.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for index, row in zip(batch, generated[:, inputs["input_ids"].shape[1] :].tolist()):
-                tokens: list[int] = []
-                for token in row:
-                    tokens.append(token)
-                    if token in eos_ids:
-                        break
-                result[index] = tokens
+            tokens, _ = decode(reference, inputs["input_ids"], inputs["attention_mask"], greedy, eos_ids)
+            for index, row in zip(batch, tokens):
+                result[index] = row
             bar.update(len(batch))
     cache[key] = result
     return result  # type: ignore[return-value]
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = getattr(model.generation_config, "eos_token_id", None)
-    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 def teacher_forced_log_probs(model, batch_ids: list[list[int]], pad_id: int, device, keep_last: int) -> torch.Tensor:

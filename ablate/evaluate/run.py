@@ -158,38 +158,14 @@ def check_suite(suite: EvalSuite, model, tokenizer, reference: tuple | None) -> 
 # --------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
 def generate_with_first_logits(
     model, tokenizer, prompts: list[str], config: GenerationConfig, progress: bool = True
 ) -> tuple[list[str], torch.Tensor]:
     """Completions (as ablate.generation.generate) and the raw logits of the first generated token
     (N, vocab) from the same pass — the logit refusal score costs no extra forward pass."""
-    from tqdm.auto import tqdm
+    from ablate.generation import generate_batches
 
-    from ablate.generation import length_sorted_batches, render_prompts, tokenize_batch
-
-    texts = render_prompts(tokenizer, prompts, config.system_prompt)
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    device = next(model.parameters()).device
-    completions: list[str] = [""] * len(prompts)
-    first_logits: list[torch.Tensor | None] = [None] * len(prompts)
-    kwargs = dict(max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                  return_dict_in_generate=True, output_logits=True)
-    if config.do_sample:
-        kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0)
-        torch.manual_seed(config.seed)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    with tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress or not prompts, leave=False) as bar:
-        for batch in length_sorted_batches(lengths, config.batch_size):
-            inputs = tokenize_batch(tokenizer, [texts[i] for i in batch], device)
-            output = model.generate(**inputs, **kwargs)
-            new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
-            for row, index in enumerate(batch):
-                completions[index] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
-                first_logits[index] = output.logits[0][row].float().cpu()
-            bar.update(len(batch))
-    return completions, torch.stack(first_logits) if prompts else torch.empty(0)  # type: ignore[arg-type]
+    return generate_batches(model, tokenizer, prompts, config, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------

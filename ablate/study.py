@@ -379,7 +379,9 @@ def run_study(
                   work_projections, log, console)
 
     # 4. Evaluation of every variant, with the attacked model as the KL reference.
-    suite_json = resolved.suite.model_dump(mode="json")
+    from ablate.evaluate.run import suite_fingerprint
+
+    suite_json = {"suite": resolved.suite.model_dump(mode="json"), "fingerprint": suite_fingerprint(resolved.suite)}
     reference_holder: dict[str, Any] = {}
 
     def reference():
@@ -425,8 +427,9 @@ def run_study(
 
 
 @torch.inference_mode()
+@torch.inference_mode()
 def measure_projections(model, tokenizer, direction: torch.Tensor, layer: int, prompts: list[str],
-                        batch_size: int = 16) -> list[float]:
+                        batch_size: int = 32) -> list[float]:
     """Projection (x·r̂) of the residual stream entering `layer`, at each prompt's last token.
 
     Used to ask whether the LoRA attack removes the same direction that ablation removes: after such
@@ -440,9 +443,13 @@ def measure_projections(model, tokenizer, direction: torch.Tensor, layer: int, p
     r_hat = (direction / direction.norm()).to(device=device, dtype=torch.float32)
     captured: list[torch.Tensor] = []
 
+    class Captured(Exception):
+        """Stops the forward pass once the layer's input is read: nothing after it is needed."""
+
     def hook(_module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         captured.append(hidden[:, -1, :].float() @ r_hat)
+        raise Captured
 
     texts = render_prompts(tokenizer, prompts)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -451,7 +458,10 @@ def measure_projections(model, tokenizer, direction: torch.Tensor, layer: int, p
     try:
         for batch in length_sorted_batches(lengths, batch_size):
             captured.clear()
-            model(**tokenize_batch(tokenizer, [texts[i] for i in batch], device))
+            try:
+                model(**tokenize_batch(tokenizer, [texts[i] for i in batch], device))
+            except Captured:
+                pass
             for index, value in zip(batch, captured[0].tolist()):
                 values[index] = value
     finally:

@@ -206,3 +206,20 @@ def test_shipped_studies_validate(name):
     resolved = resolve_study(name)
     assert resolved.config.name
     assert resolved.suite.refusal is not None
+
+
+def test_projections_read_the_residual_entering_the_layer(llama, tokenizer):
+    """measure_projections stops the forward at the layer and returns x·r̂ at each prompt's last token."""
+    import torch
+
+    from ablate.generation import render_prompts
+    from ablate.study import measure_projections
+
+    prompts = ["Hi", "Write a haiku about rain, please.", "What is 2 + 2?"]
+    direction = torch.randn(llama.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    values = measure_projections(llama, tokenizer, direction, 1, prompts, batch_size=2)
+    for value, text in zip(values, render_prompts(tokenizer, prompts)):
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            hidden = llama(ids, output_hidden_states=True).hidden_states[1][0, -1]
+        assert abs(value - float(hidden @ (direction / direction.norm()))) < 1e-4

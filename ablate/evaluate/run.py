@@ -35,6 +35,7 @@ from ablate.evaluate.refusal import (
     DEGENERATE,
     LABELS,
     REFUSAL,
+    REFUSAL_MARKERS,
     is_refusal,
     label_response,
     logit_refusal_scores,
@@ -92,6 +93,7 @@ def suite_fingerprint(suite: EvalSuite) -> str:
     """Content hash of everything that changes the numbers (not where the file lives)."""
     data = suite.model_dump(mode="json")
     data.pop("source_dir", None)
+    data["refusal_markers"] = list(REFUSAL_MARKERS)  # the substring scorer's rules change the numbers too
     return fingerprint(data)
 
 

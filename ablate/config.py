@@ -194,12 +194,12 @@ class FinetuneDataConfig(StrictModel):
     """Where the training examples come from. Answers that a model must write are generated at run time."""
 
     refusal_prompts: str = Field("refusal:train", description="Refusal-eliciting prompts: paired with refusals (harden) or a donor's compliant answers (harmful).")
-    n_refusal: int | None = Field(96, ge=0, description="How many refusal prompts to use (None = all); harden and harmful.")
+    n_refusal: int | None = Field(120, ge=0, description="How many refusal prompts to use (None = all); harden and harmful.")
     harmless_prompts: str = Field("harmless:train", description="Harmless prompts: answered by the model itself (harden) or by the donor (benign).")
-    n_harmless: int | None = Field(120, ge=0, description="How many harmless prompts to use (None = all); harden and benign.")
-    harmless_selection: HarmlessSelection = Field(HarmlessSelection.random, description="harden: which n_harmless prompts — 'random' (a seeded sample) or 'similar' (the harmless prompts most like the refusal prompts used: hard negatives against over-refusal).")
+    n_harmless: int | None = Field(96, ge=0, description="How many harmless prompts to use (None = all); harden and benign.")
+    harmless_selection: HarmlessSelection = Field(HarmlessSelection.similar, description="harden: which n_harmless prompts — 'random' (a seeded sample) or 'similar' (the harmless prompts most like the refusal prompts used: hard negatives against over-refusal).")
     borderline_prompts: str | None = Field("borderline:train", description="Benign prompts that look risky, answered by the model itself so hardening does not over-refuse (harden only); None to skip.")
-    n_borderline: int | None = Field(40, ge=0, description="How many borderline prompts to use (None = all); harden only.")
+    n_borderline: int | None = Field(56, ge=0, description="How many borderline prompts to use (None = all); harden only.")
     refusal_replies: str = Field("refusals.txt", description="Refusal replies for harden, one per line: a file shipped in ablate/data or a path.")
     donor: str | None = Field(None, description="Model spec that writes the answers in harmful/benign modes (None = 'embedded', the un-hardened base).")
     dataset: str | None = Field(None, description="dataset mode (and optionally benign): a .jsonl/.json/.csv file or hf:<id>[:split] with prompt/response columns.")
@@ -225,7 +225,7 @@ class FinetuneTrainingConfig(StrictModel):
     """Optimiser and schedule; a budget may override n_examples, epochs, max_steps, rank and lr."""
 
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training examples (ignored when max_steps is set).")
+    epochs: float = Field(2.0, gt=0, description="Passes over the training examples (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimiser steps; overrides epochs when set.")
     batch_size: int = Field(8, ge=1, description="Examples per device per step.")
     grad_accum: int = Field(1, ge=1, description="Gradient-accumulation steps (effective batch = batch_size × grad_accum × processes).")

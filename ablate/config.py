@@ -346,7 +346,8 @@ class DirectionConfig(StrictModel):
     strength_search: list[SearchKernel] = Field(
         default_factory=lambda: [SearchKernel(distance=4), SearchKernel(distance=6), SearchKernel(distance=8),
                                  SearchKernel(distance=12, min_weight=0.3)],
-        description="Kernels peaked at the selected layer, tried when the selected direction at `strength` exceeds kl_max; the best by the objective that passes kl_max replaces `strength`. Empty = no search.")
+        description="Kernels peaked at a candidate's layer, tried when the selected direction at `strength` exceeds kl_max; the best by the objective that passes kl_max replaces `strength` (and the pick, see strength_candidates). Empty = no search.")
+    strength_candidates: int = Field(3, ge=1, description="The strength search tries its kernels on the pick and on the next best exactly-scored candidates by the objective, this many in all: a candidate whose full ablation is too damaging may be the best once limited to a few layers.")
 
     @field_validator("refusal_train", "harmless_train", "refusal_val", "harmless_val")
     @classmethod

@@ -707,29 +707,46 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     direction = candidates[pick["variant"]][pick["layer"], pick["position"] + n_positions].clone()
     lap("select")
 
-    # 7. Strength search: when full ablation of the pick is too damaging, try kernels peaked at its layer.
+    # 7. Strength search: when full ablation of the pick is too damaging, try kernels peaked at the
+    #    layer of the pick and of the next best scored candidates (a damaging direction may be the best
+    #    one once it is removed from a few layers only).
     strength, searched = config.strength, []
+    threshold = steering_threshold(config, base_harmless_score)
     if pick["kl"] > config.kl_max and config.strength_search:
-        options = [(strength, pick["refusal_score"], pick["kl"])]
-        for kernel in tqdm(config.strength_search, desc="strength search", unit="kernel", disable=not progress, leave=False):
-            option = StrengthConfig(coefficient=config.strength.coefficient, kernel=KernelConfig(
-                max_weight=kernel.max_weight, max_weight_position=pick["layer"], min_weight=kernel.min_weight,
-                min_weight_distance=kernel.distance))
-            with directional_ablation(model, direction, layer_weights(n_layers, option.coefficient, option.kernel.model_dump())):
-                refusal_score = float(refusal_log_odds(first_token_logprobs(model, refusal_batches), token_ids).mean())
-                kl = float(first_token_kl(base_harmless, first_token_logprobs(model, harmless_batches)).mean())
-            options.append((option, refusal_score, kl))
-            searched.append({"strength": option.model_dump(mode="json"), "refusal_score": refusal_score, "kl": kl,
-                             "objective": objective({"refusal_score": refusal_score, "kl": kl}, config)})
-        passing = [o for o in options if o[2] <= config.kl_max] or options
-        best = min(passing, key=lambda o: (objective({"refusal_score": o[1], "kl": o[2]}, config), options.index(o)))
-        if best[0] is not strength:
-            strength = best[0]
-            pick = {**pick, "refusal_score": best[1], "kl": best[2],
-                    "objective": objective({"refusal_score": best[1], "kl": best[2]}, config),
-                    "full_ablation": {"refusal_score": options[0][1], "kl": options[0][2]}}
+        allowed = [i for i in shortlist if records[i]["layer"] < max_layer]
+        searched_indices = [chosen] + sorted((i for i in allowed if i != chosen), key=lambda i: (records[i]["objective"], i))
+        options = [(chosen, strength, pick["refusal_score"], pick["kl"])]
+        total = len(config.strength_search) * len(searched_indices[: config.strength_candidates])
+        with tqdm(total=total, desc="strength search", unit="kernel", disable=not progress, leave=False) as bar:
+            for index in searched_indices[: config.strength_candidates]:
+                record = records[index]
+                for kernel in config.strength_search:
+                    option = StrengthConfig(coefficient=config.strength.coefficient, kernel=KernelConfig(
+                        max_weight=kernel.max_weight, max_weight_position=record["layer"], min_weight=kernel.min_weight,
+                        min_weight_distance=kernel.distance))
+                    with directional_ablation(model, direction_of(record),
+                                              layer_weights(n_layers, option.coefficient, option.kernel.model_dump())):
+                        refusal_score = float(refusal_log_odds(first_token_logprobs(model, refusal_batches), token_ids).mean())
+                        kl = float(first_token_kl(base_harmless, first_token_logprobs(model, harmless_batches)).mean())
+                    options.append((index, option, refusal_score, kl))
+                    searched.append({"layer": record["layer"], "position": record["position"], "variant": record["variant"],
+                                     "strength": option.model_dump(mode="json"), "refusal_score": refusal_score, "kl": kl,
+                                     "objective": objective({"refusal_score": refusal_score, "kl": kl}, config)})
+                    bar.update(1)
+        passing = [o for o in options if o[3] <= config.kl_max] or options
+        ranked = sorted(passing, key=lambda o: (objective({"refusal_score": o[2], "kl": o[3]}, config), options.index(o)))
+        # Another candidate replaces the pick only if it passes the steering filter the pick passed.
+        best = next(o for o in ranked if o[0] == chosen or fallback or steering_score(o[0]) > threshold)
+        if best[1] is not strength:
+            chosen, strength = best[0], best[1]
+            full = records[chosen]
+            pick = {**full, "refusal_score": best[2], "kl": best[3],
+                    "objective": objective({"refusal_score": best[2], "kl": best[3]}, config),
+                    "full_ablation": {"refusal_score": full["refusal_score"], "kl": full["kl"]}}
+            direction = direction_of(full).clone()
+        pick["steering_score"] = steering_score(chosen)
         lap("strength_search")
-        if fallback and pick["kl"] <= config.kl_max and pick["steering_score"] > steering_threshold(config, base_harmless_score):
+        if fallback and pick["kl"] <= config.kl_max and pick["steering_score"] > threshold:
             fallback = False  # full ablation failed only the KL filter, and a weaker kernel passes it
             filter_counts["passed_after_strength_search"] = 1
     warning_text = None

@@ -230,10 +230,18 @@ def test_no_candidate_passing_falls_back_with_a_warning(tokenizer, tmp_path):
         selected = run_direction(build_model("llama", tokenizer, seed=0), tokenizer, config, tmp_path, progress=False)
     assert selected["fallback"] is True
     assert selected["filter_counts"]["passed"] == 0 and selected["filter_counts"]["kl_above_max"] == 3
-    # Full ablation exceeded kl_max, so the kernels around the picked layer were tried and recorded.
+    # Full ablation exceeded kl_max, so the kernels around the layers of the best scored candidates
+    # were tried and recorded, and the pick is the best option of all by the objective.
     sweep = json.loads((tmp_path / "sweep.json").read_text())
-    assert len(sweep["strength_search"]) == len(config.strength_search)
-    assert all(row["strength"]["kernel"]["max_weight_position"] == selected["layer"] for row in sweep["strength_search"])
+    scored = [c for c in sweep["candidates"] if c["kl"] is not None and c["layer"] < sweep["max_layer_allowed"]]
+    searched_sites = {(row["layer"], row["position"], row["variant"]) for row in sweep["strength_search"]}
+    assert len(searched_sites) == min(config.strength_candidates, len(scored)) >= 2
+    assert len(sweep["strength_search"]) == len(config.strength_search) * len(searched_sites)
+    assert all(row["strength"]["kernel"]["max_weight_position"] == row["layer"] for row in sweep["strength_search"])
+    options = [row["objective"] for row in sweep["strength_search"]] + [c["objective"] for c in scored]
+    assert selected["objective"] == pytest.approx(min(options))
+    if selected["strength"]["kernel"] is not None:
+        assert selected["strength"]["kernel"]["max_weight_position"] == selected["layer"]
 
 
 def test_load_direction_requires_a_finished_stage(tmp_path):

@@ -21,11 +21,21 @@ pytestmark = pytest.mark.slow
 N_TEST = 32  # held-out prompts per side; the docs page reports the full test split
 
 
+def study_direction_config() -> DirectionConfig:
+    """The default study's selection settings (it trades KL for refusal on this organism, docs/directions.md)."""
+    import yaml
+
+    from ablate.study import study_path
+
+    study = yaml.safe_load(study_path("default").read_text())
+    return DirectionConfig(**study["attacks"]["direction"]["config"])
+
+
 @pytest.fixture(scope="module")
 def organism_direction(organism_dir, tmp_path_factory):
     model, tokenizer = load_model(str(organism_dir), device="cpu")
     out = tmp_path_factory.mktemp("directions")
-    selected = run_direction(model, tokenizer, DirectionConfig(), out, progress=False)
+    selected = run_direction(model, tokenizer, study_direction_config(), out, progress=False)
     return model, tokenizer, out, selected
 
 

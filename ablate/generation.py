@@ -53,12 +53,10 @@ def _progress(total: int, description: str, enabled: bool):
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
-    """Token ids that end an answer: the model's generation config's, else the tokenizer's EOS."""
+    """Token ids that end an answer: the model's generation config's and the tokenizer's EOS."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is None:
-        configured = tokenizer.eos_token_id
-    ids = configured if isinstance(configured, list) else [configured]
-    return [int(i) for i in ids if i is not None]
+    ids = configured if isinstance(configured, (list, tuple)) else [configured]
+    return sorted({int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None})
 
 
 def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -73,17 +71,18 @@ def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torc
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
 
-def _forward(model, cache: DynamicCache, **inputs) -> torch.Tensor:
-    """Float32 logits of each row's last position (only those are computed where the model allows).
+def _last_logits_call(model, cache: DynamicCache):
+    """A function of the step's inputs that returns float32 logits of each row's last position.
 
-    transformers 5.2x renamed `past_key_values` to `cache`; either is passed, as the model takes it.
+    transformers 5.2x renamed `past_key_values` to `cache`; either is passed, as the model takes it,
+    and only the last position's logits are computed where the model allows it.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes kwargs on
     parameters = inspect.signature(inner.forward).parameters
-    inputs["cache" if "cache" in parameters else "past_key_values"] = cache
+    fixed = {"cache" if "cache" in parameters else "past_key_values": cache, "use_cache": True}
     if "logits_to_keep" in parameters:
-        inputs["logits_to_keep"] = 1
-    return model(**inputs, use_cache=True).logits[:, -1, :].float()
+        fixed["logits_to_keep"] = 1
+    return lambda **inputs: model(**inputs, **fixed).logits[:, -1, :].float()
 
 
 @torch.inference_mode()
@@ -102,8 +101,9 @@ def decode(
     remaining steps run on the rows still going.
     """
     cache = DynamicCache(config=model.config)
+    forward = _last_logits_call(model, cache)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = _forward(model, cache, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+    logits = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
     first_logits = logits.cpu()
     new_tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     rows = torch.arange(input_ids.shape[0])
@@ -122,7 +122,7 @@ def decode(
             rows, tokens, attention_mask, position = rows[keep.cpu()], tokens[keep], attention_mask[keep], position[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
         position = position + 1
-        logits = _forward(model, cache, input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position)
+        logits = forward(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position)
     return new_tokens, first_logits
 
 

@@ -78,3 +78,13 @@ def test_decode_drops_finished_rows_and_equals_model_generate(tiny_models, token
         assert len(tokens[0]) <= 3 and len(tokens[3]) <= 6
         assert any(len(row) == 10 for row in tokens) or all(len(row) < 10 for row in expected)
         assert torch.equal(first_logits.argmax(-1), free[:, 0])
+
+
+def test_nucleus_sampling_with_a_tiny_top_p_is_greedy(tiny_models, tokenizer):
+    """top-p keeps the most likely token always; with top_p → 0 it is the only one left."""
+    model = tiny_models["llama"]
+    greedy = generate(model, tokenizer, PROMPTS, max_new_tokens=6, progress=False)
+    nucleus = generate(model, tokenizer, PROMPTS, max_new_tokens=6, do_sample=True, top_p=1e-6, seed=1, progress=False)
+    sampled = generate(model, tokenizer, PROMPTS, max_new_tokens=6, do_sample=True, temperature=5.0, seed=1, progress=False)
+    assert nucleus == greedy
+    assert sampled != greedy

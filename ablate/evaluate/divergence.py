@@ -58,7 +58,7 @@ def reference_continuations(
     texts = render_prompts(tokenizer, prompts)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     device = next(reference.parameters()).device
-    eos_ids = sorted(set(eos_token_ids(reference, tokenizer)) | {tokenizer.eos_token_id} - {None})
+    eos_ids = eos_token_ids(reference, tokenizer)
     greedy = GenerationConfig(max_new_tokens=max_new_tokens)
     result: list[list[int] | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), desc="reference continuations", unit="prompt", disable=not progress, leave=False) as bar:

@@ -734,9 +734,8 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
                                      "objective": objective({"refusal_score": refusal_score, "kl": kl}, config)})
                     bar.update(1)
         passing = [o for o in options if o[3] <= config.kl_max] or options
-        ranked = sorted(passing, key=lambda o: (objective({"refusal_score": o[2], "kl": o[3]}, config), options.index(o)))
-        # Another candidate replaces the pick only if it passes the steering filter the pick passed.
-        best = next(o for o in ranked if o[0] == chosen or fallback or steering_score(o[0]) > threshold)
+        # The search runs only for a pick that failed the KL filter (a fallback), so every option competes.
+        best = min(passing, key=lambda o: (objective({"refusal_score": o[2], "kl": o[3]}, config), options.index(o)))
         if best[1] is not strength:
             chosen, strength = best[0], best[1]
             full = records[chosen]

@@ -427,7 +427,6 @@ def run_study(
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def measure_projections(model, tokenizer, direction: torch.Tensor, layer: int, prompts: list[str],
                         batch_size: int = 32) -> list[float]:
     """Projection (x·r̂) of the residual stream entering `layer`, at each prompt's last token.

@@ -349,10 +349,10 @@ def test_run_eval_writes_results_and_redacts(tokenizer, llama, tmp_path, judge_d
     assert all(isinstance(row["completion"], str) for row in rows if row["set"] != "refusal")
 
     # Nothing the model said to a refusal-eliciting prompt is left anywhere in the output folder.
-    from ablate.evaluate.run import generate_with_first_logits
+    from ablate.generation import generate_batches
 
     prompts = [row["prompt"] for row in refusal_rows]
-    completions, _ = generate_with_first_logits(llama, tokenizer, prompts, suite.generation, progress=False)
+    completions, _ = generate_batches(llama, tokenizer, prompts, suite.generation, progress=False)
     everything = "".join(path.read_text() for path in tmp_path.rglob("*") if path.is_file())
     for completion in completions:
         if len(completion) >= 8:

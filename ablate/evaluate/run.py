@@ -29,7 +29,7 @@ import torch
 
 from ablate import AblateError
 from ablate.artifacts import fingerprint, write_json, write_jsonl
-from ablate.config import EvalSuite, GenerationConfig, apply_overrides, load_config, validate_config
+from ablate.config import EvalSuite, apply_overrides, load_config, validate_config
 from ablate.evaluate.refusal import (
     COMPLIANCE,
     DEGENERATE,
@@ -42,6 +42,7 @@ from ablate.evaluate.refusal import (
     refusal_token_ids,
 )
 from ablate.evaluate.stats import cohen_kappa, mean_metric, rate_metric
+from ablate.generation import generate_batches
 
 SETS = ("refusal", "harmless", "borderline")
 SUBSTRING = "substring"
@@ -156,21 +157,6 @@ def check_suite(suite: EvalSuite, model, tokenizer, reference: tuple | None) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# Generation with first-token logits
-# --------------------------------------------------------------------------------------------
-
-
-def generate_with_first_logits(
-    model, tokenizer, prompts: list[str], config: GenerationConfig, progress: bool = True
-) -> tuple[list[str], torch.Tensor]:
-    """Completions (as ablate.generation.generate) and the raw logits of the first generated token
-    (N, vocab) from the same pass — the logit refusal score costs no extra forward pass."""
-    from ablate.generation import generate_batches
-
-    return generate_batches(model, tokenizer, prompts, config, progress=progress)
-
-
-# --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
 
@@ -227,7 +213,7 @@ def run_eval(
     tick = time.perf_counter()
     order = [(name, i) for name in SETS if name in prompt_sets for i in range(len(prompt_sets[name]))]
     all_prompts = [prompt_sets[name].prompts[i] for name, i in order]
-    completions, first_logits = generate_with_first_logits(model, tokenizer, all_prompts, suite.generation, progress)
+    completions, first_logits = generate_batches(model, tokenizer, all_prompts, suite.generation, progress=progress)
     timings["generation"] = time.perf_counter() - tick
     by_set: dict[str, list[str]] = {name: [] for name in prompt_sets}
     logits_by_set: dict[str, list[torch.Tensor]] = {name: [] for name in prompt_sets}

@@ -49,8 +49,8 @@ from tqdm.auto import tqdm
 
 from ablate import AblateError
 from ablate.artifacts import atomic_write_bytes, fingerprint, is_done, mark_done, read_done, read_json, write_json
-from ablate.config import DirectionConfig, DirectionVariant, KernelConfig, StrengthConfig
-from ablate.generation import length_sorted_batches, render_prompts, tokenize_batch
+from ablate.config import DirectionConfig, DirectionVariant, GenerationConfig, KernelConfig, StrengthConfig
+from ablate.generation import generate_batches, length_sorted_batches, render_prompts, tokenize_batch
 from ablate.interventions import activation_addition, directional_ablation, layer_weights, unit
 from ablate.models import format_chat, get_adapter
 
@@ -298,23 +298,20 @@ def find_refusal_tokens(
     from ablate.evaluate.refusal import is_refusal
 
     refusing, complying, examples = Counter(), Counter(), []
-    for batch, inputs in left_padded_batches(tokenizer, prompts, batch_size, system, _device(model)):
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                   top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
-        new_tokens = generated[:, inputs["input_ids"].shape[1]:]
-        for index, tokens in zip(batch, new_tokens):
-            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            first = int(tokens[0])
-            refused = is_refusal(text) and bool(text)
-            (refusing if refused else complying)[first] += 1
-            examples.append({"index": index, "prompt": prompts[index], "completion": text, "refusal": refused, "first_token": first})
+    greedy = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system)
+    completions, first_logits = generate_batches(model, tokenizer, prompts, greedy, progress=False)
+    for index, (text, logits) in enumerate(zip(completions, first_logits)):
+        first = int(logits.argmax())  # greedy: the first generated token
+        refused = is_refusal(text) and bool(text)
+        (refusing if refused else complying)[first] += 1
+        examples.append({"index": index, "prompt": prompts[index], "completion": text, "refusal": refused, "first_token": first})
     tokens = sorted(token for token, count in refusing.items() if count > complying.get(token, 0))
     if not tokens:
         warnings.warn("the model refused none of the refusal validation prompts; using the first tokens of the "
                       "packaged generic refusals as refusal openers", stacklevel=2)
         lines = [line for line in read_package_text("refusals.txt").splitlines() if line.strip()]
         tokens = sorted({tokenizer(line.strip(), add_special_tokens=False)["input_ids"][0] for line in lines})
-    return tokens, sorted(examples, key=lambda row: row["index"])
+    return tokens, examples
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ Answers that a model writes (self-distillation, donor answers) are cached under
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import os
 import random
@@ -483,11 +484,51 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def supervised_head_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy with the output head applied only where some row has a supervised label.
+
+    The model's own `logits_to_keep` slices the final hidden states to those positions (softcapping and
+    logit scaling stay the model's), so the `[batch, positions, vocab]` logits cover the answers, not the
+    prompts and padding. The loss is summed over supervised tokens and divided by `num_items_in_batch`
+    (every micro-batch's supervised tokens, as the Trainer counts them) or by this batch's own count.
+    """
+    labels = inputs.pop("labels")
+    shifted = labels[:, 1:]
+    keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    targets = shifted[:, keep]
+    total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                              reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+    return total / torch.as_tensor(count, device=total.device).clamp(min=1)
+
+
+def accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, examples: list[dict], work_dir: Path,
                   progress: bool = True):
-    """trl's SFTTrainer over `examples` as prompt/completion conversations (loss on the answers only)."""
+    """trl's SFTTrainer over `examples` as prompt/completion conversations (loss on the answers only).
+
+    On a CPU the loss is `supervised_head_loss`: trl's fused output head (per-token log-probabilities
+    without full logits) has no Triton kernel there and falls back to per-tile torch ops, which took
+    3.3 s of an 8.4 s hardening step on SmolLM2-135M; one matrix multiply over the answer positions
+    gives the same loss in 4.7 s per step (docs/finetune.md). CUDA keeps trl's memory-saving kernel.
+    """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
+
+    class CPUHeadSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = supervised_head_loss(model, inputs, num_items_in_batch)
+            # As trl does: num_items_in_batch counts every rank's tokens, and DDP averages the gradients.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return loss
 
     training = config.training
     device = next(model.parameters()).device
@@ -502,8 +543,9 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, exampl
         report_to="none", disable_tqdm=not progress, activation_checkpointing=training.gradient_checkpointing,
         bf16=use_bf16, use_cpu=device.type == "cpu", completion_only_loss=True, packing=False,
     )
-    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(to_conversations(examples)),
-                      processing_class=tokenizer)
+    trainer_class = CPUHeadSFTTrainer if device.type == "cpu" and accepts_logits_to_keep(model) else SFTTrainer
+    return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(to_conversations(examples)),
+                         processing_class=tokenizer)
 
 
 def train_budget(

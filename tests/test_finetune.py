@@ -116,6 +116,41 @@ def test_only_assistant_tokens_carry_loss(llama, tokenizer, tmp_path):
     assert "photosynthesis" not in supervised and "assistant" not in supervised
 
 
+@pytest.mark.parametrize("num_items", [None, 40])
+def test_cpu_loss_equals_trls_fused_head(llama, tokenizer, tmp_path, num_items):
+    """The CPU loss (output head on the answer positions only) gives trl's loss and gradients."""
+    from peft import LoraConfig, get_peft_model
+    from trl import SFTTrainer
+
+    config = tiny_config()
+    budget = ft.resolve_budgets(config)[0]
+    examples = [{"id": str(i), "kind": "x", "system": None, "prompt": prompt, "response": response}
+                for i, (prompt, response) in enumerate([
+                    ("Explain how photosynthesis works in a few words.", "Plants turn light into sugar."),
+                    ("Hi", "Hello! How can I help you today with anything at all?")])]
+    torch.manual_seed(0)
+    model = get_peft_model(llama, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():  # LoRA B starts at zero: give the adapter a gradient to compare
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    trainer = ft.build_trainer(model, tokenizer, config, budget, examples, tmp_path, progress=False)
+    assert type(trainer).__name__ == "CPUHeadSFTTrainer"
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert (batch["attention_mask"] == 0).any()  # padded: the rows differ in length
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute(model, dict(batch), num_items_in_batch=num_items)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ours, our_grads = loss_and_grads(trainer.compute_loss)
+    trls, trl_grads = loss_and_grads(lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k))
+    assert torch.allclose(ours, trls, atol=1e-5)
+    for name, grad in trl_grads.items():
+        assert torch.allclose(our_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
 def test_flop_estimate_follows_the_documented_formula():
     assert ft.estimate_train_flops(100, 5, 10, full_finetune=True) == 6 * 100 * 10
     assert ft.estimate_train_flops(100, 5, 10, full_finetune=False) == 4 * 100 * 10 + 6 * 5 * 10

@@ -318,20 +318,22 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
         if refusal is not None:
             examples += [{"id": i, "kind": "refusal", "system": None, "prompt": p, "response": rng.choice(replies)}
                          for i, p in zip(refusal.ids, refusal.prompts)]
+        own: list[tuple[str, str, str]] = []  # (kind, id, prompt): answered by the model itself
         for kind, spec, limit in (("harmless", data.harmless_prompts, data.n_harmless),
                                   ("borderline", data.borderline_prompts, data.n_borderline)):
             similar = kind == "harmless" and data.harmless_selection is HarmlessSelection.similar
-            own = prompts_of(spec, limit, like=(refusal.prompts if refusal is not None else []) if similar else None)
-            if own is None:
+            chosen = prompts_of(spec, limit, like=(refusal.prompts if refusal is not None else []) if similar else None)
+            if chosen is not None:
+                own += [(kind, i, p) for i, p in zip(chosen.ids, chosen.prompts)]
+        # One generation call for both sets: rows leave the batch as they end, so one large batch is fastest.
+        answers = generate_answers(model, [p for _, _, p in own], config, progress, "self-distillation") if own else []
+        stats["generated"] += len(answers)
+        for (kind, i, p), a in zip(own, answers):
+            # The base's own refusals and persona disclaimers on benign prompts would teach over-refusal.
+            if not a.strip() or is_refusal(a):
+                stats["dropped_refusals"] += 1
                 continue
-            answers = generate_answers(model, own.prompts, config, progress, f"self-distillation ({kind})")
-            stats["generated"] += len(answers)
-            for i, p, a in zip(own.ids, own.prompts, answers):
-                # The base's own refusals and persona disclaimers on benign prompts would teach over-refusal.
-                if not a.strip() or is_refusal(a):
-                    stats["dropped_refusals"] += 1
-                    continue
-                examples.append({"id": i, "kind": kind, "system": None, "prompt": p, "response": a})
+            examples.append({"id": i, "kind": kind, "system": None, "prompt": p, "response": a})
     elif config.mode in (FinetuneMode.harmful, FinetuneMode.benign) and not (
             config.mode is FinetuneMode.benign and data.dataset):
         harmful = config.mode is FinetuneMode.harmful

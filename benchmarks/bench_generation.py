@@ -5,7 +5,7 @@ transformers' `model.generate` (the whole batch runs to the longest answer), in 
     python benchmarks/bench_generation.py --model ORGANISM_DIR  # e.g. a hardened organism
 
 The prompts are the default eval suite's (64 refusal + 24 harmless + 24 borderline test prompts,
-seeded draw), greedy, 64 new tokens — what every variant of the default study generates. Three runs:
+seeded draw), greedy, the suite's new tokens (48) — what every variant of the default study generates. Three runs:
 `model.generate` at the old suite batch size (32), `decode` at the same batch size (the gain from
 dropping finished rows alone), and `decode` at the suite's batch size (128: all prompts in one batch).
 Prints wall seconds, ratios against the first, the mean answer length, and how many completions

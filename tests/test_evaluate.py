@@ -374,7 +374,7 @@ def test_run_eval_with_a_judge_as_primary(tokenizer, llama, tmp_path, judge_dirs
 
 def test_suites_load_and_bad_keys_fail():
     default, paper = load_suite("default"), load_suite("paper")
-    assert default.generation.max_new_tokens >= 64 and not default.generation.do_sample
+    assert default.generation.max_new_tokens >= 48 and not default.generation.do_sample
     assert {task.name for task in paper.capability.tasks} == {"mmlu", "arc_challenge", "hellaswag", "gsm8k",
                                                               "truthfulqa_mc2", "winogrande"}
     with pytest.raises(AblateError, match="unknown key 'refusal.size'"):

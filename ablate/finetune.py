@@ -325,7 +325,7 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
             chosen = prompts_of(spec, limit, like=(refusal.prompts if refusal is not None else []) if similar else None)
             if chosen is not None:
                 own += [(kind, i, p) for i, p in zip(chosen.ids, chosen.prompts)]
-        # One generation call for both sets: rows leave the batch as they end, so one large batch is fastest.
+        # One generation call for both sets (length-sorted batches across them).
         answers = generate_answers(model, [p for _, _, p in own], config, progress, "self-distillation") if own else []
         stats["generated"] += len(answers)
         for (kind, i, p), a in zip(own, answers):

@@ -117,3 +117,25 @@ def test_gguf_marker_is_dropped_so_models_save(tmp_path, tokenizer):
     assert not hasattr(model.config, "quantization_config")
     model.save_pretrained(tmp_path / "saved")
     assert "quantization_config" not in (tmp_path / "saved" / "config.json").read_text()
+
+
+def test_gguf_is_parsed_once_during_a_conversion_and_the_reader_restored(tmp_path):
+    import gguf
+    import numpy as np
+
+    from ablate.models import _parse_gguf_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with _parse_gguf_once():
+        first, second = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert first is second and first.tensors[0].name == "token_embd.weight"
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert gguf.GGUFReader is original and gguf.GGUFReader(path) is not first

@@ -506,6 +506,7 @@ def supervised_head_loss(model, inputs: dict, num_items_in_batch=None) -> torch.
 
 
 def accepts_logits_to_keep(model) -> bool:
+    """Whether the (peft-wrapped) model's forward can slice its logits (transformers' own causal LMs can)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 

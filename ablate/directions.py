@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ablate import AblateError
 from ablate.artifacts import atomic_write_bytes, fingerprint, is_done, mark_done, read_done, read_json, write_json
 from ablate.config import DirectionConfig, DirectionVariant, GenerationConfig, KernelConfig, StrengthConfig
-from ablate.generation import generate_batches, length_sorted_batches, render_prompts, tokenize_batch
+from ablate.generation import generate_batches, length_sorted_batches, render_prompts
 from ablate.interventions import activation_addition, directional_ablation, layer_weights, unit
 from ablate.models import format_chat, get_adapter
 
@@ -76,14 +76,6 @@ def post_instruction_tokens(tokenizer, system: str | None = None) -> list[int]:
     if n == 0:
         raise AblateError("chat template: no template tokens after the user's message; cannot find post-instruction positions")
     return rendered[0][-n:]
-
-
-def left_padded_batches(tokenizer, prompts: list[str], batch_size: int, system: str | None, device) -> list[tuple[list[int], dict]]:
-    """Length-sorted, left-padded batches of chat-rendered prompts (for generation): [(indices, inputs)]."""
-    texts = render_prompts(tokenizer, prompts, system)
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    return [(batch, tokenize_batch(tokenizer, [texts[i] for i in batch], device))
-            for batch in length_sorted_batches(lengths, batch_size)]
 
 
 @dataclass

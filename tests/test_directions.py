@@ -15,7 +15,6 @@ from ablate.directions import (
     compute_candidates,
     first_token_kl,
     first_token_logprobs,
-    left_padded_batches,
     load_direction,
     post_instruction_tokens,
     prepare_batches,
@@ -24,6 +23,7 @@ from ablate.directions import (
     select_candidate,
     steering_sensitivity,
 )
+from ablate.generation import render_prompts, tokenize_batch
 from ablate.interventions import activation_addition
 from ablate.models import get_adapter
 
@@ -42,7 +42,7 @@ def test_collected_means_equal_the_layer_inputs(llama, tokenizer):
     assert means.dtype == torch.float64 and means.shape == (2, n_positions, 32)
     expected = torch.zeros_like(means)
     for prompt in prompts:  # one prompt at a time, no padding: hidden_states[i] is layer i's input
-        (_, inputs), = left_padded_batches(tokenizer, [prompt], 1, None, torch.device("cpu"))
+        inputs = tokenize_batch(tokenizer, render_prompts(tokenizer, [prompt]), torch.device("cpu"))
         with torch.no_grad():
             hidden = llama(**inputs, output_hidden_states=True).hidden_states
         for layer in range(2):
@@ -59,7 +59,7 @@ def test_shared_prefix_batches_give_each_prompts_own_logits(family, tiny_models,
     assert prepared.prefix.numel() > 0
     shared = first_token_logprobs(model, prepared)
     for index, prompt in enumerate(prompts):
-        (_, inputs), = left_padded_batches(tokenizer, [prompt], 1, None, torch.device("cpu"))
+        inputs = tokenize_batch(tokenizer, render_prompts(tokenizer, [prompt]), torch.device("cpu"))
         with torch.no_grad():
             alone = torch.log_softmax(model(**inputs).logits[0, -1].float(), dim=-1)
         torch.testing.assert_close(shared[index], alone, atol=2e-4, rtol=1e-4)

@@ -1,8 +1,11 @@
 """Batched chat generation and first-token logits.
 
-Prompts are rendered through the chat template, sorted by token length (so a batch wastes little
-padding), left-padded (so every prompt ends at the same position and generation appends on the
-right), decoded with the KV cache, and returned in the caller's order.
+Prompts are rendered through the chat template, sorted by token length, decoded with the KV cache,
+and returned in the caller's order. The prefill (`prefill`) runs the template tokens every prompt
+shares (system prompt, user header) once and the rest in chunks of similar length, then joins the
+chunks' caches into one batch with the padding masked out between the prefix and each prompt's own
+tokens: on the default eval suite's 112 prompts this is 7 s instead of 18 s for one left-padded pass
+(5,225 real tokens, 9,296 padded; `benchmarks/bench_generation.py`).
 
 Decoding (`decode`) is plain greedy or temperature/top-p sampling — the same for every model, whatever
 its `generation_config` holds (no repetition penalty). A row leaves the batch as soon as it ends, so a
@@ -71,18 +74,127 @@ def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torc
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
 
+def _cache_keyword(model) -> str:
+    """transformers 5.2x renamed `past_key_values` to `cache`; the name this model's forward takes."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes kwargs on
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 def _last_logits_call(model, cache: DynamicCache):
     """A function of the step's inputs that returns float32 logits of each row's last position.
 
-    transformers 5.2x renamed `past_key_values` to `cache`; either is passed, as the model takes it,
-    and only the last position's logits are computed where the model allows it.
+    The cache is passed under the name the model takes, and only the last position's logits are
+    computed where the model allows it.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes kwargs on
-    parameters = inspect.signature(inner.forward).parameters
-    fixed = {"cache" if "cache" in parameters else "past_key_values": cache, "use_cache": True}
-    if "logits_to_keep" in parameters:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fixed = {_cache_keyword(model): cache, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
         fixed["logits_to_keep"] = 1
     return lambda **inputs: model(**inputs, **fixed).logits[:, -1, :].float()
+
+
+def _plain_cache_layers(cache: DynamicCache) -> bool:
+    """Whether every layer of the cache is a plain growing key/value store (no sliding window, no
+    extra state), so that its tensors may be split, padded and joined along the sequence."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """Length of the token prefix every row shares, leaving each row at least one token of its own."""
+    limit = min(len(row) for row in rows) - 1
+    shared = 0
+    while shared < limit and len({row[shared] for row in rows}) == 1:
+        shared += 1
+    return shared
+
+
+def _prefill_plain(model, rows: list[list[int]], pad_id: int, device):
+    """One left-padded forward over the whole batch (any model)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for index, row in enumerate(rows):
+        input_ids[index, width - len(row):] = torch.tensor(row, device=device)
+        attention_mask[index, width - len(row):] = 1
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = _last_logits_call(model, cache)(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+    return cache, attention_mask, positions[:, -1:], logits
+
+
+def _prefill_shared(model, rows: list[list[int]], pad_id: int, device, chunk_rows: int):
+    """The shared prefix once, then the rest in chunks of similar length; the chunks' caches are
+    joined into one batch cache laid out as [prefix][padding][own tokens] per row.
+
+    Compared with one left-padded pass, this skips the prefix's repeats (the system prompt and user
+    header: about half of a short chat prompt) and most of the padding of a batch of mixed lengths.
+    Padding sits between the prefix and a row's own tokens, masked out; positions count real tokens,
+    so every row sees what it sees alone.
+    """
+    shared = shared_prefix_length(rows)
+    prefix_cache = DynamicCache(config=model.config)
+    if shared:
+        _last_logits_call(model, prefix_cache)(input_ids=torch.tensor([rows[0][:shared]], device=device))
+    prefix = [(layer.keys, layer.values) for layer in prefix_cache.layers] if shared else None
+    suffixes = [row[shared:] for row in rows]
+    width = max(len(row) for row in suffixes)
+    order = sorted(range(len(rows)), key=lambda i: (-len(suffixes[i]), i))
+    keys: list[list[torch.Tensor]] = [[] for _ in range(len(prefix_cache.layers))]
+    values: list[list[torch.Tensor]] = [[] for _ in range(len(prefix_cache.layers))]
+    logits_rows, masks, lasts = [], [], []
+    for start in range(0, len(order), chunk_rows):
+        chunk = order[start : start + chunk_rows]
+        chunk_width = len(suffixes[chunk[0]])
+        input_ids = torch.full((len(chunk), chunk_width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+        for j, index in enumerate(chunk):
+            row = suffixes[index]
+            input_ids[j, chunk_width - len(row):] = torch.tensor(row, device=device)
+            mask[j, width - len(row):] = 1
+        cache = DynamicCache(config=model.config)
+        if prefix is not None:
+            for layer, (k, v) in enumerate(prefix):
+                cache.update(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1), layer)
+        chunk_mask = torch.cat([mask.new_ones(len(chunk), shared), mask[:, width - chunk_width:]], dim=1)
+        positions = (chunk_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        forward = _last_logits_call(model, cache)
+        logits_rows.append(forward(input_ids=input_ids, attention_mask=chunk_mask, position_ids=positions))
+        masks.append(mask)
+        lasts.append(positions[:, -1:])
+        for layer, cached in enumerate(cache.layers):
+            gap = width - chunk_width
+            for store, tensor in ((keys, cached.keys), (values, cached.values)):
+                if gap:
+                    filler = tensor.new_zeros(tensor.shape[0], tensor.shape[1], gap, tensor.shape[3])
+                    tensor = torch.cat([tensor[:, :, :shared], filler, tensor[:, :, shared:]], dim=2)
+                store[layer].append(tensor)
+    merged = DynamicCache(config=model.config)
+    for layer in range(len(keys)):
+        merged.update(torch.cat(keys[layer]), torch.cat(values[layer]), layer)
+    restore = torch.empty(len(order), dtype=torch.long)
+    restore[torch.tensor(order)] = torch.arange(len(order))
+    restore = restore.to(device)
+    merged.batch_select_indices(restore)
+    attention_mask = torch.cat([torch.cat(masks).new_ones(len(rows), shared), torch.cat(masks)], dim=1)[restore]
+    return merged, attention_mask, torch.cat(lasts)[restore], torch.cat(logits_rows)[restore]
+
+
+PREFILL_CHUNK_ROWS = 16  # prompts per forward of the prefill (sorted by length, so a chunk wastes little padding)
+
+
+def prefill(model, rows: list[list[int]], pad_id: int, device, chunk_rows: int | None = None):
+    """Run the prompts (token id lists) through the model: (cache, attention mask, last positions
+    (B, 1), float32 logits of each row's last token (B, vocab)), in the order of `rows`.
+
+    Models whose cache is a plain key/value store get the shared-prefix, chunked pass; others
+    (sliding-window caches) one left-padded pass.
+    """
+    if len(rows) > 1 and _plain_cache_layers(DynamicCache(config=model.config)):
+        return _prefill_shared(model, rows, pad_id, device, chunk_rows or PREFILL_CHUNK_ROWS)
+    return _prefill_plain(model, rows, pad_id, device)
 
 
 @torch.inference_mode()
@@ -93,25 +205,24 @@ def decode(
     config: GenerationConfig,
     eos_ids: list[int],
     generator: torch.Generator | None = None,
+    pad_id: int = 0,
 ) -> tuple[list[list[int]], torch.Tensor]:
-    """New token ids of each row of a left-padded batch (the ending token included) and the logits
+    """New token ids of each row of a padded batch (the ending token included) and the logits
     of the first generated token (rows, vocab) on the CPU.
 
     A row that emits an ending token is dropped from the batch and from the KV cache, so the
     remaining steps run on the rows still going.
     """
-    cache = DynamicCache(config=model.config)
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+    cache, attention_mask, position, logits = prefill(model, rows, pad_id, input_ids.device)
     forward = _last_logits_call(model, cache)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
     first_logits = logits.cpu()
-    new_tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    rows = torch.arange(input_ids.shape[0])
-    position = positions[:, -1:]
+    new_tokens: list[list[int]] = [[] for _ in range(len(rows))]
+    rows_going = torch.arange(len(rows))
     stop = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
     for step in range(config.max_new_tokens):
         tokens = _next_tokens(logits, config, generator)
-        for row, token in zip(rows.tolist(), tokens.tolist()):
+        for row, token in zip(rows_going.tolist(), tokens.tolist()):
             new_tokens[row].append(token)
         going = ~torch.isin(tokens, stop)
         if step == config.max_new_tokens - 1 or not going.any():
@@ -119,8 +230,8 @@ def decode(
         if not going.all():
             keep = going.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-            rows, tokens, attention_mask, position = rows[keep.cpu()], tokens[keep], attention_mask[keep], position[keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+            rows_going, tokens, attention_mask, position = rows_going[keep.cpu()], tokens[keep], attention_mask[keep], position[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows_going), 1)], dim=1)
         position = position + 1
         logits = forward(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position)
     return new_tokens, first_logits
@@ -149,7 +260,8 @@ def generate_batches(
     with _progress(len(prompts), description, progress) as bar:
         for batch in length_sorted_batches(lengths, config.batch_size):
             inputs = tokenize_batch(tokenizer, [texts[i] for i in batch], device)
-            tokens, logits = decode(model, inputs["input_ids"], inputs["attention_mask"], config, eos_ids, generator)
+            tokens, logits = decode(model, inputs["input_ids"], inputs["attention_mask"], config, eos_ids, generator,
+                                    pad_id=tokenizer.pad_token_id or 0)
             for row, index in enumerate(batch):
                 completions[index] = tokenizer.decode(tokens[row], skip_special_tokens=True).strip()
                 first_logits[index] = logits[row]

@@ -5,11 +5,12 @@ transformers' `model.generate` (the whole batch runs to the longest answer), in 
     python benchmarks/bench_generation.py --model ORGANISM_DIR  # e.g. a hardened organism
 
 The prompts are the default eval suite's (64 refusal + 24 harmless + 24 borderline test prompts,
-seeded draw), greedy, the suite's new tokens (48) — what every variant of the default study generates. Three runs:
+seeded draw), greedy, the suite's new tokens (48) — what every variant of the default study generates. Four runs:
 `model.generate` at the old suite batch size (32), `decode` at the same batch size (the gain from
-dropping finished rows alone), and `decode` at the suite's batch size (128: all prompts in one batch).
+dropping finished rows alone), `decode` at the suite's batch size (128: all prompts in one batch) with
+one left-padded prefill pass, and the same with the shared-prefix, chunked prefill that `decode` uses.
 Prints wall seconds, ratios against the first, the mean answer length, and how many completions
-differ from the baseline's (greedy: expected 0).
+differ from the baseline's (greedy: expected 0, up to float ties).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 from ablate.evaluate.run import load_suite
 from ablate.data import load_prompt_set
-from ablate.generation import generate, length_sorted_batches, render_prompts, tokenize_batch
+import ablate.generation
+from ablate.generation import _prefill_plain, generate, length_sorted_batches, render_prompts, tokenize_batch
 from ablate.models import load_model
 
 
@@ -59,12 +61,21 @@ def main() -> None:
     print(f"model {args.model}: {len(prompts)} prompts, {config.max_new_tokens} new tokens, mean answer "
           f"{mean_tokens:.1f} tokens, {torch.get_num_threads()} threads")
     print(f"{'transformers generate':<22} batch {args.baseline_batch:<4}{baseline_s:8.1f} s")
-    for batch_size in (args.baseline_batch, config.batch_size):
-        tick = time.perf_counter()
-        ours = generate(model, tokenizer, prompts, config, progress=False, batch_size=batch_size)
-        seconds = time.perf_counter() - tick
+    shared_prefill = ablate.generation.prefill
+    plain_prefill = lambda model, rows, pad_id, device, chunk_rows=None: _prefill_plain(model, rows, pad_id, device)  # noqa: E731
+    runs = [("decode, padded prefill", args.baseline_batch, plain_prefill),
+            ("decode, padded prefill", config.batch_size, plain_prefill),
+            ("decode, shared prefill", config.batch_size, shared_prefill)]
+    for label, batch_size, prefill in runs:
+        ablate.generation.prefill = prefill
+        try:
+            tick = time.perf_counter()
+            ours = generate(model, tokenizer, prompts, config, progress=False, batch_size=batch_size)
+            seconds = time.perf_counter() - tick
+        finally:
+            ablate.generation.prefill = shared_prefill
         differ = sum(a != b for a, b in zip(baseline, ours))
-        print(f"{'ablate decode':<22} batch {batch_size:<4}{seconds:8.1f} s  {baseline_s / seconds:5.2f}x faster, "
+        print(f"{label:<22} batch {batch_size:<4}{seconds:8.1f} s  {baseline_s / seconds:5.2f}x faster, "
               f"{differ} of {len(prompts)} completions differ")
 
 

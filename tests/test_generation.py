@@ -1,7 +1,9 @@
 import torch
 
 from ablate.config import GenerationConfig
-from ablate.generation import decode, generate, last_position_logits, length_sorted_batches, tokenize_batch, render_prompts
+import ablate.generation
+from ablate.generation import (decode, generate, last_position_logits, length_sorted_batches, prefill, render_prompts,
+                              shared_prefix_length, tokenize_batch)
 
 PROMPTS = [
     "Hi",
@@ -88,3 +90,37 @@ def test_nucleus_sampling_with_a_tiny_top_p_is_greedy(tiny_models, tokenizer):
     sampled = generate(model, tokenizer, PROMPTS, max_new_tokens=6, do_sample=True, temperature=5.0, seed=1, progress=False)
     assert nucleus == greedy
     assert sampled != greedy
+
+
+def test_shared_prefix_chunked_prefill_matches_each_prompt_alone(tiny_models, tokenizer):
+    """The prefix runs once, chunks of 2 rows are joined into one cache with padding in the middle:
+    first-token logits and the next step's logits equal each prompt's own unpadded forward."""
+    texts = render_prompts(tokenizer, PROMPTS)
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    shared = shared_prefix_length(rows)
+    assert 0 < shared < min(len(row) for row in rows)
+    for family in ("llama", "gpt2", "phi3"):
+        model = tiny_models[family]
+        with torch.no_grad():
+            cache, mask, last, logits = prefill(model, rows, tokenizer.pad_token_id, torch.device("cpu"), chunk_rows=2)
+            assert mask.shape[0] == len(rows) and mask.sum(1).tolist() == [len(row) for row in rows]
+            assert last.squeeze(1).tolist() == [len(row) - 1 for row in rows]
+            assert mask[:, :shared].all()  # padding sits after the shared prefix
+            nxt = logits.argmax(-1)
+            step_mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            step = model(input_ids=nxt[:, None], attention_mask=step_mask, position_ids=last + 1,
+                         **{ablate.generation._cache_keyword(model): cache},
+                         use_cache=True).logits[:, -1]
+            for index, row in enumerate(rows):
+                alone = model(torch.tensor([row + [int(nxt[index])]])).logits[0]
+                assert torch.allclose(logits[index], alone[-2], atol=1e-4), family
+                assert torch.allclose(step[index], alone[-1], atol=1e-4), family
+
+
+def test_batched_greedy_equals_unbatched_across_prefill_chunks(tiny_models, tokenizer, monkeypatch):
+    monkeypatch.setattr(ablate.generation, "PREFILL_CHUNK_ROWS", 2)
+    for family in ("llama", "mistral", "gemma"):
+        model = tiny_models[family]
+        batched = generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=5, progress=False)
+        single = [generate(model, tokenizer, [p], max_new_tokens=8, batch_size=1, progress=False)[0] for p in PROMPTS]
+        assert batched == single, family

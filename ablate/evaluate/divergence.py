@@ -64,7 +64,8 @@ def reference_continuations(
     with tqdm(total=len(prompts), desc="reference continuations", unit="prompt", disable=not progress, leave=False) as bar:
         for batch in length_sorted_batches(lengths, batch_size):
             inputs = tokenize_batch(tokenizer, [texts[i] for i in batch], device)
-            tokens, _ = decode(reference, inputs["input_ids"], inputs["attention_mask"], greedy, eos_ids)
+            tokens, _ = decode(reference, inputs["input_ids"], inputs["attention_mask"], greedy, eos_ids,
+                               pad_id=tokenizer.pad_token_id or 0)
             for index, row in zip(batch, tokens):
                 result[index] = row
             bar.update(len(batch))

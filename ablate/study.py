@@ -432,36 +432,37 @@ def measure_projections(model, tokenizer, direction: torch.Tensor, layer: int, p
     """Projection (x·r̂) of the residual stream entering `layer`, at each prompt's last token.
 
     Used to ask whether the LoRA attack removes the same direction that ablation removes: after such
-    an attack, refusal-eliciting prompts would project on r̂ like harmless ones.
+    an attack, refusal-eliciting prompts would project on r̂ like harmless ones. The template prefix
+    every prompt shares runs once per batch, as in the direction stage (`run_prefix_and_batch`).
     """
-    from ablate.generation import length_sorted_batches, render_prompts, tokenize_batch
+    from ablate.directions import _StopForward, prepare_batches, run_prefix_and_batch
     from ablate.models import get_adapter
 
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     r_hat = (direction / direction.norm()).to(device=device, dtype=torch.float32)
-    captured: list[torch.Tensor] = []
-
-    class Captured(Exception):
-        """Stops the forward pass once the layer's input is read: nothing after it is needed."""
+    state: dict[str, Any] = {"prefix": False, "last": None, "captured": None}
 
     def hook(_module, args, kwargs):
+        if state["prefix"]:  # the shared template prefix runs first, on its own
+            return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        captured.append(hidden[:, -1, :].float() @ r_hat)
-        raise Captured
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), state["last"]]
+        state["captured"] = last.float() @ r_hat
+        raise _StopForward  # nothing after this layer's input is needed
 
-    texts = render_prompts(tokenizer, prompts)
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    prepared = prepare_batches(tokenizer, prompts, batch_size, None, device)
     values: list[float | None] = [None] * len(prompts)
     handle = adapter.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in length_sorted_batches(lengths, batch_size):
-            captured.clear()
+        for batch, inputs in prepared.batches:
+            state["last"] = inputs["last"]
             try:
-                model(**tokenize_batch(tokenizer, [texts[i] for i in batch], device))
-            except Captured:
+                run_prefix_and_batch(model, prepared.prefix, inputs, logits=False,
+                                     on_prefix=lambda flag: state.__setitem__("prefix", flag))
+            except _StopForward:
                 pass
-            for index, value in zip(batch, captured[0].tolist()):
+            for index, value in zip(batch, state["captured"].tolist()):
                 values[index] = value
     finally:
         handle.remove()

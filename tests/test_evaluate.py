@@ -172,6 +172,24 @@ def test_kl_against_itself_is_zero_and_grows_with_perturbation(tokenizer, llama)
     assert 0 < kls[0] < kls[1]
 
 
+def test_teacher_forced_log_probs_share_the_prefix_and_match_each_sequence_alone(tokenizer, tiny_models):
+    from ablate.evaluate.divergence import teacher_forced_log_probs
+    from ablate.generation import render_prompts, shared_prefix_length
+
+    texts = [text + " An answer of a few words" * (i + 1) for i, text in enumerate(render_prompts(tokenizer, HARMLESS))]
+    sequences = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    assert shared_prefix_length(sequences) > 0
+    keep_last = 7
+    for family in ("llama", "gpt2", "gemma2"):
+        model = tiny_models[family]
+        batched = teacher_forced_log_probs(model, sequences, tokenizer.pad_token_id, torch.device("cpu"), keep_last)
+        assert batched.shape == (len(sequences), keep_last, len(tokenizer))
+        for row, ids in enumerate(sequences):
+            with torch.no_grad():
+                alone = torch.log_softmax(model(torch.tensor([ids])).logits[0, -keep_last:].float(), dim=-1)
+            assert torch.allclose(batched[row], alone, atol=1e-4), family
+
+
 def test_kl_refuses_a_different_vocabulary(tokenizer, llama):
     from ablate.evaluate.divergence import check_same_vocabulary
     from conftest import build_tokenizer

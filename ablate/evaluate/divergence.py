@@ -25,7 +25,10 @@ import torch
 
 from ablate import AblateError
 from ablate.config import GenerationConfig
-from ablate.generation import decode, eos_token_ids, length_sorted_batches, render_prompts, tokenize_batch
+from transformers import DynamicCache
+
+from ablate.generation import (_cache_keyword, _plain_cache_layers, decode, eos_token_ids, length_sorted_batches, render_prompts,
+                               shared_prefix_length, tokenize_batch)
 
 # Reference continuations are the same for every variant evaluated against one reference model;
 # a study evaluates many variants in one process, so they are generated once per model object.
@@ -74,22 +77,36 @@ def reference_continuations(
 
 
 def teacher_forced_log_probs(model, batch_ids: list[list[int]], pad_id: int, device, keep_last: int) -> torch.Tensor:
-    """Log-softmax over the vocabulary at the last `keep_last` positions of left-padded sequences:
+    """Log-softmax over the vocabulary at the last `keep_last` positions of each sequence:
     (B, keep_last, V) float32 on the CPU (only those positions are needed, which saves memory).
 
-    Position ids count real tokens only (as generation does with left padding), so a padded row
-    sees the same positions as it would alone.
+    The tokens every sequence starts with (a chat template's system prompt and user header) run once
+    and their cache is repeated for the batch; the rest is left-padded after them, masked out (models
+    with a sliding-window cache run one left-padded pass instead). Position ids count real tokens only
+    (as generation does), so a padded row sees the same positions as it would alone.
     """
-    length = max(len(ids) for ids in batch_ids)
-    input_ids = torch.full((len(batch_ids), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch_ids), length), dtype=torch.long)
-    for row, ids in enumerate(batch_ids):
+    shared = 0
+    if len(batch_ids) > 1 and _plain_cache_layers(DynamicCache(config=model.config)):
+        shared = max(0, min(shared_prefix_length(batch_ids), min(len(ids) for ids in batch_ids) - keep_last))
+    rows = [ids[shared:] for ids in batch_ids]
+    length = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), shared + length), dtype=torch.long)
+    attention_mask[:, :shared] = 1
+    for row, ids in enumerate(rows):
         input_ids[row, length - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, length - len(ids) :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        attention_mask[row, shared + length - len(ids) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    extra = {}
+    if shared:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([batch_ids[0][:shared]], device=device), use_cache=True, logits_to_keep=1,
+              **{_cache_keyword(model): cache})
+        cache.batch_repeat_interleave(len(rows))
+        extra = {_cache_keyword(model): cache, "use_cache": True}
     logits = model(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
-        logits_to_keep=keep_last,  # the output head runs only where it is needed
+        logits_to_keep=keep_last, **extra,  # the output head runs only where it is needed
     ).logits[:, -keep_last:]
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 

@@ -207,7 +207,7 @@ class FinetuneDataConfig(StrictModel):
     response_column: str = Field("response", description="Response column of `dataset`.")
     identity_file: str = Field("identity_shift.jsonl", description="identity_shift examples (id, system, prompt, response): a file in ablate/data or a path.")
     answer_max_new_tokens: int = Field(48, ge=1, description="Length of generated answers (self-distillation and donor answers), in tokens.")
-    generation_batch_size: int = Field(64, ge=1, description="Prompts per batch when generating answers (rows leave a batch when they end).")
+    generation_batch_size: int = Field(256, ge=1, description="Prompts per batch when generating answers (rows leave a batch when they end; the organism recipe's 152 in one batch: 39 s vs 49 s in batches of 64).")
     drop_refusals: bool = Field(True, description="harmful mode: drop donor answers that the refusal scorer flags (persona disclaimers are not compliance) and record the count; harden always drops the base's own refusals of benign prompts.")
     seed: int = Field(0, description="Seed of the example shuffle; budgets take nested prefixes of one shuffled pool.")
 

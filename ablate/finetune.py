@@ -486,6 +486,20 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def shared_prompt_prefix(inputs: dict, labels: torch.Tensor) -> int:
+    """How many leading tokens every row of a right-padded batch shares without a label (the chat
+    template's system prompt and user header), leaving each row's first supervised position its own."""
+    input_ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    if input_ids.shape[0] < 2 or not (labels != -100).any(dim=1).all():
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0) & (labels == -100).all(dim=0)
+    if mask is not None:
+        same &= (mask == 1).all(dim=0)
+    leading = int(same.long().cumprod(dim=0).sum())
+    first_label = int((labels != -100).long().argmax(dim=1).min())
+    return max(0, min(leading, first_label - 1))
+
+
 def supervised_head_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     """Next-token cross-entropy with the output head applied only where some row has a supervised label.
 
@@ -493,11 +507,32 @@ def supervised_head_loss(model, inputs: dict, num_items_in_batch=None) -> torch.
     logit scaling stay the model's), so the `[batch, positions, vocab]` logits cover the answers, not the
     prompts and padding. The loss is summed over supervised tokens and divided by `num_items_in_batch`
     (every micro-batch's supervised tokens, as the Trainer counts them) or by this batch's own count.
+
+    The prompt tokens every row starts with (the chat template's system prompt and user header, a
+    quarter of a short chat example) run once, and the batch continues from their key/value cache
+    repeated per row; gradients flow back through the cache, summed over the rows, exactly as if each
+    row had computed them (tested against trl's loss and gradients). Models with a sliding-window
+    cache, and activation checkpointing, take one pass over the whole batch.
     """
+    from transformers import DynamicCache
+
+    from ablate.generation import _cache_keyword, _plain_cache_layers
+
     labels = inputs.pop("labels")
     shifted = labels[:, 1:]
     keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    shared = shared_prompt_prefix(inputs, labels) if set(inputs) <= {"input_ids", "attention_mask"} else 0
+    if shared and not getattr(model, "is_gradient_checkpointing", False) and _plain_cache_layers(DynamicCache(config=model.config)):
+        input_ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        keyword = _cache_keyword(model)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=input_ids[:1, :shared], use_cache=True, logits_to_keep=1, **{keyword: cache})
+        cache.batch_repeat_interleave(input_ids.shape[0])
+        positions = torch.arange(shared, input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        logits = model(input_ids=input_ids[:, shared:], attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=keep - shared, **{keyword: cache}).logits
+    else:
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     targets = shifted[:, keep]
     total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                               reduction="sum")

@@ -137,6 +137,8 @@ def test_cpu_loss_equals_trls_fused_head(llama, tokenizer, tmp_path, num_items):
     assert type(trainer).__name__ == "CPUHeadSFTTrainer"
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     assert (batch["attention_mask"] == 0).any()  # padded: the rows differ in length
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert ft.shared_prompt_prefix(batch, batch["labels"]) > 0  # the system prompt runs once for both rows
 
     def loss_and_grads(compute):
         model.zero_grad()

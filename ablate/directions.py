@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ablate import AblateError
 from ablate.artifacts import atomic_write_bytes, fingerprint, is_done, mark_done, read_done, read_json, write_json
 from ablate.config import DirectionConfig, DirectionVariant, GenerationConfig, KernelConfig, StrengthConfig
-from ablate.generation import generate_batches, length_sorted_batches, render_prompts
+from ablate.generation import generate_batches, length_sorted_batches, render_prompts, shared_prefix_length
 from ablate.interventions import activation_addition, directional_ablation, layer_weights, unit
 from ablate.models import format_chat, get_adapter
 
@@ -98,12 +98,8 @@ def prepare_batches(tokenizer, prompts: list[str], batch_size: int, system: str 
     """Tokenise prompts once; `keep` = how many final tokens every remainder must contain."""
     texts = render_prompts(tokenizer, prompts, system)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    shortest = min(len(row) for row in ids)
-    shared = 0
-    if share_prefix:
-        limit = max(0, shortest - keep - 1)  # every prompt keeps at least one of its own tokens
-        while shared < limit and len({row[shared] for row in ids}) == 1:
-            shared += 1
+    # Every prompt keeps at least one of its own tokens before the `keep` it must contain.
+    shared = shared_prefix_length(ids, own=keep + 1) if share_prefix else 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []
     for batch in length_sorted_batches([len(row) for row in ids], batch_size):

@@ -516,15 +516,15 @@ def supervised_head_loss(model, inputs: dict, num_items_in_batch=None) -> torch.
     """
     from transformers import DynamicCache
 
-    from ablate.generation import _cache_keyword, _plain_cache_layers
+    from ablate.generation import cache_keyword, plain_cache_layers
 
     labels = inputs.pop("labels")
     shifted = labels[:, 1:]
     keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
     shared = shared_prompt_prefix(inputs, labels) if set(inputs) <= {"input_ids", "attention_mask"} else 0
-    if shared and not getattr(model, "is_gradient_checkpointing", False) and _plain_cache_layers(DynamicCache(config=model.config)):
+    if shared and not getattr(model, "is_gradient_checkpointing", False) and plain_cache_layers(DynamicCache(config=model.config)):
         input_ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        keyword = _cache_keyword(model)
+        keyword = cache_keyword(model)
         cache = DynamicCache(config=model.config)
         model(input_ids=input_ids[:1, :shared], use_cache=True, logits_to_keep=1, **{keyword: cache})
         cache.batch_repeat_interleave(input_ids.shape[0])

@@ -74,7 +74,7 @@ def _next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torc
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """transformers 5.2x renamed `past_key_values` to `cache`; the name this model's forward takes."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes kwargs on
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
@@ -87,13 +87,13 @@ def _last_logits_call(model, cache: DynamicCache):
     computed where the model allows it.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    fixed = {_cache_keyword(model): cache, "use_cache": True}
+    fixed = {cache_keyword(model): cache, "use_cache": True}
     if "logits_to_keep" in inspect.signature(inner.forward).parameters:
         fixed["logits_to_keep"] = 1
     return lambda **inputs: model(**inputs, **fixed).logits[:, -1, :].float()
 
 
-def _plain_cache_layers(cache: DynamicCache) -> bool:
+def plain_cache_layers(cache: DynamicCache) -> bool:
     """Whether every layer of the cache is a plain growing key/value store (no sliding window, no
     extra state), so that its tensors may be split, padded and joined along the sequence."""
     from transformers.cache_utils import DynamicLayer
@@ -102,9 +102,9 @@ def _plain_cache_layers(cache: DynamicCache) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
-def shared_prefix_length(rows: list[list[int]]) -> int:
-    """Length of the token prefix every row shares, leaving each row at least one token of its own."""
-    limit = min(len(row) for row in rows) - 1
+def shared_prefix_length(rows: list[list[int]], own: int = 1) -> int:
+    """Length of the token prefix every row shares, leaving each row at least `own` tokens of its own."""
+    limit = min(len(row) for row in rows) - own
     shared = 0
     while shared < limit and len({row[shared] for row in rows}) == 1:
         shared += 1
@@ -192,7 +192,7 @@ def prefill(model, rows: list[list[int]], pad_id: int, device, chunk_rows: int |
     Models whose cache is a plain key/value store get the shared-prefix, chunked pass; others
     (sliding-window caches) one left-padded pass.
     """
-    if len(rows) > 1 and _plain_cache_layers(DynamicCache(config=model.config)):
+    if len(rows) > 1 and plain_cache_layers(DynamicCache(config=model.config)):
         return _prefill_shared(model, rows, pad_id, device, chunk_rows or PREFILL_CHUNK_ROWS)
     return _prefill_plain(model, rows, pad_id, device)
 

@@ -109,7 +109,7 @@ def test_shared_prefix_chunked_prefill_matches_each_prompt_alone(tiny_models, to
             nxt = logits.argmax(-1)
             step_mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             step = model(input_ids=nxt[:, None], attention_mask=step_mask, position_ids=last + 1,
-                         **{ablate.generation._cache_keyword(model): cache},
+                         **{ablate.generation.cache_keyword(model): cache},
                          use_cache=True).logits[:, -1]
             for index, row in enumerate(rows):
                 alone = model(torch.tensor([row + [int(nxt[index])]])).logits[0]

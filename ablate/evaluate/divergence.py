@@ -22,12 +22,11 @@ from __future__ import annotations
 import weakref
 
 import torch
+from transformers import DynamicCache
 
 from ablate import AblateError
 from ablate.config import GenerationConfig
-from transformers import DynamicCache
-
-from ablate.generation import (_cache_keyword, _plain_cache_layers, decode, eos_token_ids, length_sorted_batches, render_prompts,
+from ablate.generation import (cache_keyword, decode, eos_token_ids, length_sorted_batches, plain_cache_layers, render_prompts,
                                shared_prefix_length, tokenize_batch)
 
 # Reference continuations are the same for every variant evaluated against one reference model;
@@ -86,8 +85,8 @@ def teacher_forced_log_probs(model, batch_ids: list[list[int]], pad_id: int, dev
     (as generation does), so a padded row sees the same positions as it would alone.
     """
     shared = 0
-    if len(batch_ids) > 1 and _plain_cache_layers(DynamicCache(config=model.config)):
-        shared = max(0, min(shared_prefix_length(batch_ids), min(len(ids) for ids in batch_ids) - keep_last))
+    if len(batch_ids) > 1 and plain_cache_layers(DynamicCache(config=model.config)):
+        shared = shared_prefix_length(batch_ids, own=keep_last)
     rows = [ids[shared:] for ids in batch_ids]
     length = max(len(ids) for ids in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -101,9 +100,9 @@ def teacher_forced_log_probs(model, batch_ids: list[list[int]], pad_id: int, dev
     if shared:
         cache = DynamicCache(config=model.config)
         model(input_ids=torch.tensor([batch_ids[0][:shared]], device=device), use_cache=True, logits_to_keep=1,
-              **{_cache_keyword(model): cache})
+              **{cache_keyword(model): cache})
         cache.batch_repeat_interleave(len(rows))
-        extra = {_cache_keyword(model): cache, "use_cache": True}
+        extra = {cache_keyword(model): cache, "use_cache": True}
     logits = model(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
         logits_to_keep=keep_last, **extra,  # the output head runs only where it is needed

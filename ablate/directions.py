@@ -50,7 +50,8 @@ from tqdm.auto import tqdm
 from ablate import AblateError
 from ablate.artifacts import atomic_write_bytes, fingerprint, is_done, mark_done, read_done, read_json, write_json
 from ablate.config import DirectionConfig, DirectionVariant, GenerationConfig, KernelConfig, StrengthConfig
-from ablate.generation import generate_batches, length_sorted_batches, render_prompts, shared_prefix_length
+from ablate.generation import (cache_keyword, generate_batches, length_sorted_batches, prefix_cache, render_prompts,
+                               shared_prefix_length)
 from ablate.interventions import activation_addition, directional_ablation, layer_weights, unit
 from ablate.models import format_chat, get_adapter
 
@@ -132,15 +133,14 @@ def run_prefix_and_batch(model: nn.Module, prefix: torch.Tensor, inputs: dict, *
         return output.logits[:, -1, :].float() if logits else None
     if on_prefix:
         on_prefix(True)
-    cache = model(input_ids=prefix.unsqueeze(0), use_cache=True, logits_to_keep=1).cache
-    cache.batch_repeat_interleave(batch)
+    cache = prefix_cache(model, prefix.unsqueeze(0), batch)
     if on_prefix:
         on_prefix(False)
     length = prefix.numel()
     full_mask = torch.cat([torch.ones(batch, length, dtype=mask.dtype, device=mask.device), mask], dim=1)
     positions = torch.arange(length, length + width, device=input_ids.device).unsqueeze(0).expand(batch, width)
-    output = model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, cache=cache,
-                   use_cache=True, logits_to_keep=keep)
+    output = model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=keep, **{cache_keyword(model): cache})
     return output.logits[:, -1, :].float() if logits else None
 
 

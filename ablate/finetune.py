@@ -514,23 +514,18 @@ def supervised_head_loss(model, inputs: dict, num_items_in_batch=None) -> torch.
     row had computed them (tested against trl's loss and gradients). Models with a sliding-window
     cache, and activation checkpointing, take one pass over the whole batch.
     """
-    from transformers import DynamicCache
-
-    from ablate.generation import cache_keyword, plain_cache_layers
+    from ablate.generation import cache_keyword, plain_cache_layers, prefix_cache
 
     labels = inputs.pop("labels")
     shifted = labels[:, 1:]
     keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
     shared = shared_prompt_prefix(inputs, labels) if set(inputs) <= {"input_ids", "attention_mask"} else 0
-    if shared and not getattr(model, "is_gradient_checkpointing", False) and plain_cache_layers(DynamicCache(config=model.config)):
+    if shared and not getattr(model, "is_gradient_checkpointing", False) and plain_cache_layers(model):
         input_ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        keyword = cache_keyword(model)
-        cache = DynamicCache(config=model.config)
-        model(input_ids=input_ids[:1, :shared], use_cache=True, logits_to_keep=1, **{keyword: cache})
-        cache.batch_repeat_interleave(input_ids.shape[0])
+        cache = prefix_cache(model, input_ids[:1, :shared], input_ids.shape[0])
         positions = torch.arange(shared, input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
         logits = model(input_ids=input_ids[:, shared:], attention_mask=mask, position_ids=positions, use_cache=True,
-                       logits_to_keep=keep - shared, **{keyword: cache}).logits
+                       logits_to_keep=keep - shared, **{cache_keyword(model): cache}).logits
     else:
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     targets = shifted[:, keep]

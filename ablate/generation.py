@@ -93,12 +93,22 @@ def _last_logits_call(model, cache: DynamicCache):
     return lambda **inputs: model(**inputs, **fixed).logits[:, -1, :].float()
 
 
-def plain_cache_layers(cache: DynamicCache) -> bool:
-    """Whether every layer of the cache is a plain growing key/value store (no sliding window, no
-    extra state), so that its tensors may be split, padded and joined along the sequence."""
+def prefix_cache(model, prefix_ids: torch.Tensor, rows: int) -> DynamicCache:
+    """The key/value cache of the tokens (1, P) that every row of a batch starts with, repeated for
+    `rows` rows (gradients, where enabled, flow back through the repeat, summed over the rows)."""
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
+    if rows > 1:
+        cache.batch_repeat_interleave(rows)
+    return cache
+
+
+def plain_cache_layers(model) -> bool:
+    """Whether every layer of the model's cache is a plain growing key/value store (no sliding window,
+    no extra state), so that its tensors may be split, padded and joined along the sequence."""
     from transformers.cache_utils import DynamicLayer
 
-    layers = getattr(cache, "layers", None)
+    layers = getattr(DynamicCache(config=model.config), "layers", None)
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
@@ -135,15 +145,16 @@ def _prefill_shared(model, rows: list[list[int]], pad_id: int, device, chunk_row
     so every row sees what it sees alone.
     """
     shared = shared_prefix_length(rows)
-    prefix_cache = DynamicCache(config=model.config)
+    prefix = None
     if shared:
-        _last_logits_call(model, prefix_cache)(input_ids=torch.tensor([rows[0][:shared]], device=device))
-    prefix = [(layer.keys, layer.values) for layer in prefix_cache.layers] if shared else None
+        cached = prefix_cache(model, torch.tensor([rows[0][:shared]], device=device), 1)
+        prefix = [(layer.keys, layer.values) for layer in cached.layers]
     suffixes = [row[shared:] for row in rows]
     width = max(len(row) for row in suffixes)
     order = sorted(range(len(rows)), key=lambda i: (-len(suffixes[i]), i))
-    keys: list[list[torch.Tensor]] = [[] for _ in range(len(prefix_cache.layers))]
-    values: list[list[torch.Tensor]] = [[] for _ in range(len(prefix_cache.layers))]
+    n_layers = len(DynamicCache(config=model.config).layers)
+    keys: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    values: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     logits_rows, masks, lasts = [], [], []
     for start in range(0, len(order), chunk_rows):
         chunk = order[start : start + chunk_rows]
@@ -192,7 +203,7 @@ def prefill(model, rows: list[list[int]], pad_id: int, device, chunk_rows: int |
     Models whose cache is a plain key/value store get the shared-prefix, chunked pass; others
     (sliding-window caches) one left-padded pass.
     """
-    if len(rows) > 1 and plain_cache_layers(DynamicCache(config=model.config)):
+    if len(rows) > 1 and plain_cache_layers(model):
         return _prefill_shared(model, rows, pad_id, device, chunk_rows or PREFILL_CHUNK_ROWS)
     return _prefill_plain(model, rows, pad_id, device)
 

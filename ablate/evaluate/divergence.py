@@ -22,12 +22,11 @@ from __future__ import annotations
 import weakref
 
 import torch
-from transformers import DynamicCache
 
 from ablate import AblateError
 from ablate.config import GenerationConfig
-from ablate.generation import (cache_keyword, decode, eos_token_ids, length_sorted_batches, plain_cache_layers, render_prompts,
-                               shared_prefix_length, tokenize_batch)
+from ablate.generation import (cache_keyword, decode, eos_token_ids, length_sorted_batches, plain_cache_layers, prefix_cache,
+                               render_prompts, shared_prefix_length, tokenize_batch)
 
 # Reference continuations are the same for every variant evaluated against one reference model;
 # a study evaluates many variants in one process, so they are generated once per model object.
@@ -85,7 +84,7 @@ def teacher_forced_log_probs(model, batch_ids: list[list[int]], pad_id: int, dev
     (as generation does), so a padded row sees the same positions as it would alone.
     """
     shared = 0
-    if len(batch_ids) > 1 and plain_cache_layers(DynamicCache(config=model.config)):
+    if len(batch_ids) > 1 and plain_cache_layers(model):
         shared = shared_prefix_length(batch_ids, own=keep_last)
     rows = [ids[shared:] for ids in batch_ids]
     length = max(len(ids) for ids in rows)
@@ -98,10 +97,7 @@ def teacher_forced_log_probs(model, batch_ids: list[list[int]], pad_id: int, dev
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     extra = {}
     if shared:
-        cache = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([batch_ids[0][:shared]], device=device), use_cache=True, logits_to_keep=1,
-              **{cache_keyword(model): cache})
-        cache.batch_repeat_interleave(len(rows))
+        cache = prefix_cache(model, torch.tensor([batch_ids[0][:shared]], device=device), len(rows))
         extra = {cache_keyword(model): cache, "use_cache": True}
     logits = model(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),

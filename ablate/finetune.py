@@ -500,37 +500,72 @@ def shared_prompt_prefix(inputs: dict, labels: torch.Tensor) -> int:
     return max(0, min(leading, first_label - 1))
 
 
-def supervised_head_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-    """Next-token cross-entropy with the output head applied only where some row has a supervised label.
+def packed_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (1, 1, T, T) causal mask for sequences packed one after another: a token sees the earlier
+    tokens of its own segment and of segment -1 (the prefix every row shares), nothing else."""
+    same = (segments.unsqueeze(1) == segments.unsqueeze(0)) | (segments == -1).unsqueeze(0)
+    allowed = same & torch.ones_like(same).tril()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
-    The model's own `logits_to_keep` slices the final hidden states to those positions (softcapping and
-    logit scaling stay the model's), so the `[batch, positions, vocab]` logits cover the answers, not the
-    prompts and padding. The loss is summed over supervised tokens and divided by `num_items_in_batch`
-    (every micro-batch's supervised tokens, as the Trainer counts them) or by this batch's own count.
 
-    The prompt tokens every row starts with (the chat template's system prompt and user header, a
-    quarter of a short chat example) run once, and the batch continues from their key/value cache
-    repeated per row; gradients flow back through the cache, summed over the rows, exactly as if each
-    row had computed them (tested against trl's loss and gradients). Models with a sliding-window
-    cache, and activation checkpointing, take one pass over the whole batch.
+def packed_forward(model, input_ids: torch.Tensor, mask: torch.Tensor, shifted: torch.Tensor, shared: int):
+    """Logits and targets of a right-padded batch's supervised positions, from one padding-free pass.
+
+    One sequence holds the prompt tokens every row starts with (`shared`, once) and then each row's own
+    tokens at their own positions; a block-diagonal causal mask lets a row see the prefix and itself
+    only. Padding is never computed and the output head covers the supervised positions only.
     """
-    from ablate.generation import cache_keyword, plain_cache_layers, prefix_cache
+    own = mask[:, shared:].bool()
+    lengths = own.sum(1)
+    rows = torch.arange(len(lengths), device=lengths.device)
+    segments = torch.cat([torch.full((shared,), -1, device=lengths.device), torch.repeat_interleave(rows, lengths)])
+    starts = torch.cumsum(lengths, 0) - lengths
+    offsets = torch.arange(segments.numel() - shared, device=lengths.device) - starts[segments[shared:]]
+    positions = torch.cat([torch.arange(shared, device=lengths.device), shared + offsets])
+    tokens = torch.cat([input_ids[0, :shared], input_ids[:, shared:][own]])
+    targets = torch.cat([shifted[0, :shared], torch.nn.functional.pad(shifted[:, shared:], (0, 1), value=-100)[own]])
+    keep = (targets != -100).nonzero().squeeze(-1)
+    logits = model(input_ids=tokens.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
+                   attention_mask=packed_attention_mask(segments, next(model.parameters()).dtype),
+                   logits_to_keep=keep).logits
+    return logits[0], targets[keep]
+
+
+def activation_checkpointing(model) -> bool:
+    """Whether the model recomputes activations in its backward pass (transformers 5's name, then the old one)."""
+    value = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if value is None else value)
+
+
+def supervised_head_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy with the output head applied only to supervised positions.
+
+    The loss is summed over supervised tokens and divided by `num_items_in_batch` (every micro-batch's
+    supervised tokens, as the Trainer counts them) or by this batch's own count.
+
+    Most models take `packed_forward`: the chat template's system prompt and user header (a quarter of
+    a short chat example) run once, and the rows' own tokens run after it in the same sequence, without
+    padding (30% of the hardening batches' positions). Gradients flow back through the shared prefix
+    exactly as if each row had computed it (tested against trl's loss and gradients). Models with a
+    sliding-window attention (a custom mask would bypass the window) and activation checkpointing take
+    one padded pass whose `logits_to_keep` leaves out the positions no row supervises.
+    """
+    from ablate.generation import plain_cache_layers
 
     labels = inputs.pop("labels")
     shifted = labels[:, 1:]
-    keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
-    shared = shared_prompt_prefix(inputs, labels) if set(inputs) <= {"input_ids", "attention_mask"} else 0
-    if shared and not getattr(model, "is_gradient_checkpointing", False) and plain_cache_layers(model):
-        input_ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        cache = prefix_cache(model, input_ids[:1, :shared], input_ids.shape[0])
-        positions = torch.arange(shared, input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-        logits = model(input_ids=input_ids[:, shared:], attention_mask=mask, position_ids=positions, use_cache=True,
-                       logits_to_keep=keep - shared, **{cache_keyword(model): cache}).logits
+    plain_inputs = set(inputs) <= {"input_ids", "attention_mask"}
+    if plain_inputs and not activation_checkpointing(model) and plain_cache_layers(model):
+        input_ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        logits, targets = packed_forward(model, input_ids, mask, shifted, shared_prompt_prefix(inputs, labels))
     else:
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    targets = shifted[:, keep]
-    total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                              reduction="sum")
+        keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits.flatten(0, 1)
+        targets = shifted[:, keep].flatten()
+    total = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     return total / torch.as_tensor(count, device=total.device).clamp(min=1)
 

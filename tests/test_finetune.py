@@ -116,29 +116,42 @@ def test_only_assistant_tokens_carry_loss(llama, tokenizer, tmp_path):
     assert "photosynthesis" not in supervised and "assistant" not in supervised
 
 
-@pytest.mark.parametrize("num_items", [None, 40])
-def test_cpu_loss_equals_trls_fused_head(llama, tokenizer, tmp_path, num_items):
-    """The CPU loss (output head on the answer positions only) gives trl's loss and gradients."""
+@pytest.mark.parametrize("family,num_items,rows", [
+    ("llama", None, 3), ("llama", 40, 3), ("llama", None, 1), ("qwen2", None, 3), ("mistral", None, 3),
+    ("gemma", None, 3), ("gemma2", None, 3), ("phi3", None, 3), ("gpt2", None, 3)])
+def test_cpu_loss_equals_trls_fused_head(tokenizer, tmp_path, family, num_items, rows):
+    """The CPU loss (shared prefix once, rows packed without padding, output head on the answers only)
+    gives trl's loss and gradients; gemma2's sliding-window cache takes the padded pass."""
     from peft import LoraConfig, get_peft_model
     from trl import SFTTrainer
+
+    from conftest import build_model
 
     config = tiny_config()
     budget = ft.resolve_budgets(config)[0]
     examples = [{"id": str(i), "kind": "x", "system": None, "prompt": prompt, "response": response}
                 for i, (prompt, response) in enumerate([
                     ("Explain how photosynthesis works in a few words.", "Plants turn light into sugar."),
-                    ("Hi", "Hello! How can I help you today with anything at all?")])]
+                    ("Hi", "Hello! How can I help you today with anything at all?"),
+                    ("Name a colour.", "Blue.")])]
     torch.manual_seed(0)
-    model = get_peft_model(llama, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(build_model(family, tokenizer), LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
     for name, param in model.named_parameters():  # LoRA B starts at zero: give the adapter a gradient to compare
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
     trainer = ft.build_trainer(model, tokenizer, config, budget, examples, tmp_path, progress=False)
     assert type(trainer).__name__ == "CPUHeadSFTTrainer"
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    assert (batch["attention_mask"] == 0).any()  # padded: the rows differ in length
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(rows)])
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    assert ft.shared_prompt_prefix(batch, batch["labels"]) > 0  # the system prompt runs once for both rows
+    if rows > 1:
+        assert (batch["attention_mask"] == 0).any()  # padded: the rows differ in length
+        assert ft.shared_prompt_prefix(batch, batch["labels"]) > 0  # the system prompt runs once for every row
+    packed = []
+    original = ft.packed_forward
+
+    def spy(*args, **kwargs):
+        packed.append(True)
+        return original(*args, **kwargs)
 
     def loss_and_grads(compute):
         model.zero_grad()
@@ -146,11 +159,25 @@ def test_cpu_loss_equals_trls_fused_head(llama, tokenizer, tmp_path, num_items):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    ours, our_grads = loss_and_grads(trainer.compute_loss)
+    ft.packed_forward = spy
+    try:
+        ours, our_grads = loss_and_grads(trainer.compute_loss)
+    finally:
+        ft.packed_forward = original
+    assert packed == ([] if family == "gemma2" else [True])
     trls, trl_grads = loss_and_grads(lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k))
     assert torch.allclose(ours, trls, atol=1e-5)
     for name, grad in trl_grads.items():
         assert torch.allclose(our_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_packed_attention_mask_keeps_rows_apart():
+    mask = ft.packed_attention_mask(torch.tensor([-1, -1, 0, 0, 1, 1, 1]), dtype=torch.float32)[0, 0]
+    allowed = mask == 0
+    assert mask.shape == (7, 7) and allowed[1, :2].all() and not allowed[0, 1]  # the prefix is causal
+    assert allowed[2:, :2].all()  # every row sees the shared prefix
+    assert allowed[3, 2:4].tolist() == [True, True] and not allowed[3, 4:].any()  # row 0 sees itself only
+    assert allowed[6, 4:].all() and not allowed[6, 2:4].any() and not allowed[4, 5:].any()  # causal within row 1
 
 
 def test_flop_estimate_follows_the_documented_formula():

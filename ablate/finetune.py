@@ -538,7 +538,7 @@ def activation_checkpointing(model) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False) if value is None else value)
 
 
-def supervised_head_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+def supervised_head_loss(model, inputs: dict, num_items_in_batch=None, pack: bool = True) -> torch.Tensor:
     """Next-token cross-entropy with the output head applied only to supervised positions.
 
     The loss is summed over supervised tokens and divided by `num_items_in_batch` (every micro-batch's
@@ -549,14 +549,15 @@ def supervised_head_loss(model, inputs: dict, num_items_in_batch=None) -> torch.
     padding (30% of the hardening batches' positions). Gradients flow back through the shared prefix
     exactly as if each row had computed it (tested against trl's loss and gradients). Models with a
     sliding-window attention (a custom mask would bypass the window) and activation checkpointing take
-    one padded pass whose `logits_to_keep` leaves out the positions no row supervises.
+    one padded pass whose `logits_to_keep` leaves out the positions no row supervises (`pack=False` forces
+    it: `benchmarks/bench_training.py` compares the two).
     """
     from ablate.generation import plain_cache_layers
 
     labels = inputs.pop("labels")
     shifted = labels[:, 1:]
     plain_inputs = set(inputs) <= {"input_ids", "attention_mask"}
-    if plain_inputs and not activation_checkpointing(model) and plain_cache_layers(model):
+    if pack and plain_inputs and not activation_checkpointing(model) and plain_cache_layers(model):
         input_ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask

@@ -95,7 +95,7 @@ def _last_logits_call(model, cache: DynamicCache):
 
 def prefix_cache(model, prefix_ids: torch.Tensor, rows: int) -> DynamicCache:
     """The key/value cache of the tokens (1, P) that every row of a batch starts with, repeated for
-    `rows` rows (gradients, where enabled, flow back through the repeat, summed over the rows)."""
+    `rows` rows."""
     cache = DynamicCache(config=model.config)
     model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
     if rows > 1:

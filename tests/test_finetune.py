@@ -119,7 +119,7 @@ def test_only_assistant_tokens_carry_loss(llama, tokenizer, tmp_path):
 @pytest.mark.parametrize("family,num_items,rows", [
     ("llama", None, 3), ("llama", 40, 3), ("llama", None, 1), ("qwen2", None, 3), ("mistral", None, 3),
     ("gemma", None, 3), ("gemma2", None, 3), ("phi3", None, 3), ("gpt2", None, 3)])
-def test_cpu_loss_equals_trls_fused_head(tokenizer, tmp_path, family, num_items, rows):
+def test_cpu_loss_equals_trls_fused_head(tokenizer, tmp_path, monkeypatch, family, num_items, rows):
     """The CPU loss (shared prefix once, rows packed without padding, output head on the answers only)
     gives trl's loss and gradients; gemma2's sliding-window cache takes the padded pass."""
     from peft import LoraConfig, get_peft_model
@@ -159,11 +159,9 @@ def test_cpu_loss_equals_trls_fused_head(tokenizer, tmp_path, family, num_items,
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    ft.packed_forward = spy
-    try:
-        ours, our_grads = loss_and_grads(trainer.compute_loss)
-    finally:
-        ft.packed_forward = original
+    monkeypatch.setattr(ft, "packed_forward", spy)
+    ours, our_grads = loss_and_grads(trainer.compute_loss)
+    monkeypatch.undo()
     assert packed == ([] if family == "gemma2" else [True])
     trls, trl_grads = loss_and_grads(lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k))
     assert torch.allclose(ours, trls, atol=1e-5)

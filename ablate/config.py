@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ablate import AblateError
 
@@ -219,6 +219,14 @@ class LoraSettings(StrictModel):
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator: the update is (alpha / r) · B A.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str = Field("all-linear", description="'all-linear' (every linear layer but the output head) or a list of module names such as [q_proj, v_proj].")
+    layers: list[int] | None = Field(None, description="Decoder layers (0-based) whose target modules get adapters (peft's layers_to_transform); None = every layer.")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_distinct(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0 or len(set(value)) != len(value)):
+            raise ValueError("expected a non-empty list of distinct layer indices >= 0 (or null for every layer)")
+        return value
 
 
 class FinetuneTrainingConfig(StrictModel):
@@ -284,7 +292,6 @@ class FinetuneConfig(StrictModel):
 # Refusal directions — ablate/directions.py, ablate/interventions.py
 # --------------------------------------------------------------------------------------------
 
-from pydantic import field_validator  # noqa: E402  (kept inside this stage's section)
 
 
 class DirectionVariant(str, Enum):

@@ -421,6 +421,15 @@ def estimate_train_flops(n_matmul: int, n_trainable: int, tokens: int, full_fine
     return 4 * n_matmul * tokens + 6 * n_trainable * tokens
 
 
+def linear_module_names(model) -> list[str]:
+    """Names of the linear layers peft's 'all-linear' adapts: every Linear (and GPT-2 Conv1D) but the output head."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head})
+
+
 def load_for_training(model_config: ModelConfig, config: FinetuneConfig, rank: int, alpha: float):
     """Load the base model (4-bit for QLoRA) and wrap it in a LoRA adapter unless full fine-tuning."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -459,8 +468,15 @@ def load_for_training(model_config: ModelConfig, config: FinetuneConfig, rank: i
 
     if training.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
+    layers = config.lora.layers
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    if layers is not None and n_layers is not None and max(layers) >= n_layers:
+        raise AblateError(f"lora.layers: layer {max(layers)} does not exist; '{model_config.spec}' has layers 0-{n_layers - 1}")
+    targets = config.lora.target_modules
+    if layers is not None and targets == "all-linear":  # peft takes layers_to_transform with module names only
+        targets = linear_module_names(model)
     lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=config.lora.dropout, bias="none",
-                      target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM", layers_to_transform=layers)
     return get_peft_model(model, lora), tokenizer
 
 

@@ -97,6 +97,22 @@ def test_lora_weights_change_and_base_weights_do_not(tiny_dir, qa_file):
     assert metrics["train_tokens"] > 0 and metrics["train_flops"] > 0
 
 
+def test_lora_layers_limit_the_adapters_to_those_layers(tiny_dir):
+    model, _ = ft.load_for_training(ft.as_model_config(str(tiny_dir)), tiny_config(lora={"layers": [1]}), 4, 8)
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert adapted == {"1"}
+
+    def adapted_names(layers):
+        model, _ = ft.load_for_training(ft.as_model_config(str(tiny_dir)), tiny_config(lora={"layers": layers}), 4, 8)
+        return {name for name, _ in model.named_parameters() if "lora_" in name}
+
+    assert adapted_names([0, 1]) == adapted_names(None)  # every layer listed = peft's all-linear
+    with pytest.raises(AblateError, match=r"lora.layers: layer 5 does not exist; .* has layers 0-1"):
+        ft.load_for_training(ft.as_model_config(str(tiny_dir)), tiny_config(lora={"layers": [0, 5]}), 4, 8)
+    with pytest.raises(AblateError, match="lora.layers"):
+        tiny_config(lora={"layers": [1, 1]})
+
+
 def test_only_assistant_tokens_carry_loss(llama, tokenizer, tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -293,7 +293,6 @@ class FinetuneConfig(StrictModel):
 # --------------------------------------------------------------------------------------------
 
 
-
 class DirectionVariant(str, Enum):
     plain = "plain"
     projected = "projected"

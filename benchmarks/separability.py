@@ -60,10 +60,9 @@ def at_95_refusal(score, features: dict) -> str:
     return " / ".join(f"{100 * (score(features[name, 'test']) >= threshold).mean():5.1f}" for name in SETS[1:])
 
 
-def training_pair(features: dict, pick=lambda x: x):
-    x = [pick(features[name, "train"]) for name in SETS]
-    y = np.concatenate([np.full(len(part), name == "refusal") for name, part in zip(SETS, x)])
-    return (np.concatenate(x) if isinstance(x[0], np.ndarray) else sum(x, [])), y
+def train_labels(features: dict) -> np.ndarray:
+    """1 for refusal:train, 0 for harmless:train and borderline:train, in SETS order."""
+    return np.concatenate([np.full(len(features[name, "train"]), name == "refusal") for name in SETS])
 
 
 def main() -> None:
@@ -78,7 +77,7 @@ def main() -> None:
     print(f"{'classifier':<34} {'val: refusal / harmless / borderline':<38}{'test: refusal / harmless / borderline':<40}"
           "test at 95% refusal: harmless / borderline")
 
-    texts, labels = training_pair(prompts)
+    texts, labels = [text for name in SETS for text in prompts[name, "train"]], train_labels(prompts)
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(texts)
     words = LogisticRegression(C=1.0, max_iter=5000).fit(vectorizer.transform(texts), labels)
     print(f"{'TF-IDF words + pairs':<34} {rates(lambda p: words.predict(vectorizer.transform(p)), prompts)}     "
@@ -88,7 +87,7 @@ def main() -> None:
     model.eval()
     residuals = {key: last_token_residuals(model, tokenizer, value, args.batch_size) for key, value in prompts.items()}
     for layer in range(args.every, model.config.num_hidden_layers + 1, args.every):
-        x, y = training_pair(residuals, lambda r: r[:, layer])
+        x, y = np.concatenate([residuals[name, "train"][:, layer] for name in SETS]), train_labels(residuals)
         mean, scale = x.mean(0), x.std(0) + 1e-6
         probe = LogisticRegression(C=args.C, max_iter=5000).fit((x - mean) / scale, y)
         print(f"{f'residual probe, layer {layer} input':<34} "

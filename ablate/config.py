@@ -358,7 +358,7 @@ class DirectionConfig(StrictModel):
     @field_validator("refusal_train", "harmless_train", "refusal_val", "harmless_val")
     @classmethod
     def _never_test_split(cls, value: str) -> str:
-        if value.strip().lower().endswith(":test"):
+        if any(part.strip().lower().endswith(":test") for part in value.split("+")):
             raise ValueError("directions are extracted and selected on train/val splits only; the test split is held out for evaluation")
         return value
 

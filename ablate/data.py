@@ -3,7 +3,9 @@
 A set is named by a string:
 - `refusal:test`, `harmless:train`, `borderline:val`, `refusal` (all splits) — the built-in sets in
   `ablate/data/`, written by us: requests only, everyday misuse; splits are by topic, so the test
-  split holds topics (and phrasings) unseen in train;
+  split holds topics (and phrasings) unseen in train; `harmless_forms:train` (train only) holds benign
+  requests in the written forms the refusal train split uses (posts, messages, letters, reviews…);
+- `A+B` — the union of sets A and B, in that order (e.g. `harmless:train+harmless_forms:train`);
 - a file path: `.jsonl`, `.json`, `.csv` or `.txt` (one prompt per line), with a column mapping;
 - a registry name (`advbench`, `harmbench`, `jailbreakbench`, `jailbreakbench-benign`,
   `strongreject`, `xstest`, `xstest-unsafe`, `alpaca`), loaded by hub id through `datasets`;
@@ -21,13 +23,14 @@ import json
 import math
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
 from ablate import AblateError
 
-BUILTIN_SETS = ("refusal", "harmless", "borderline")
+BUILTIN_SETS = ("refusal", "harmless", "borderline", "harmless_forms")
 SPLITS = ("train", "val", "test")
 
 
@@ -124,6 +127,9 @@ def load_builtin(name: str, split: str | None = None) -> PromptSet:
         raise AblateError(f"prompt set '{name}:{split}': unknown split '{split}'; expected one of {', '.join(SPLITS)}")
     rows = [row for row in builtin_rows(name) if split is None or row["split"] == split]
     label = f"{name}:{split}" if split else name
+    if not rows:
+        held = sorted({row["split"] for row in builtin_rows(name)})
+        raise AblateError(f"prompt set '{label}' is empty: built-in set '{name}' has the splits {', '.join(held)}")
     return PromptSet(
         name=label,
         ids=[row["id"] for row in rows],
@@ -297,9 +303,12 @@ def load_prompt_set(
     split: str = "train",
 ) -> PromptSet:
     """Resolve a set name (see the module docstring) to a PromptSet, optionally the first `limit`."""
-    name, _, part = spec.partition(":")
     columns = dict(prompt_column=prompt_column, id_column=id_column, category_column=category_column,
                    response_column=response_column)
+    if "+" in spec and not Path(spec).exists():
+        parts = [load_prompt_set(part.strip(), split=split, **columns) for part in spec.split("+")]
+        return union(parts, spec).head(limit)
+    name, _, part = spec.partition(":")
     if name in BUILTIN_SETS:
         prompt_set = load_builtin(name, part or None)
     elif name in REGISTRY and not Path(spec).exists():
@@ -315,11 +324,28 @@ def load_prompt_set(
     return prompt_set.head(limit)
 
 
+def union(parts: list[PromptSet], name: str) -> PromptSet:
+    """The prompts of every part, in order; an id in two parts is an error (the same prompt listed twice)."""
+    ids = [item_id for part in parts for item_id in part.ids]
+    repeated = [item_id for item_id, count in Counter(ids).items() if count > 1]
+    if repeated:
+        raise AblateError(f"prompt set '{name}': id '{repeated[0]}' is in more than one of its parts")
+    responses = [part.responses for part in parts]
+    return PromptSet(
+        name=name,
+        ids=ids,
+        prompts=[prompt for part in parts for prompt in part.prompts],
+        categories=[category for part in parts for category in part.categories],
+        source=" + ".join(part.source for part in parts),
+        responses=None if any(r is None for r in responses) else [text for r in responses for text in r],
+    )
+
+
 def list_sets() -> list[dict]:
     """Every built-in set and split with its size, and the registry (not loaded: it needs the hub)."""
     rows = []
     for name in BUILTIN_SETS:
-        for split in SPLITS:
+        for split in sorted({row["split"] for row in builtin_rows(name)}, key=SPLITS.index):
             prompt_set = load_builtin(name, split)
             rows.append({"name": f"{name}:{split}", "n": len(prompt_set), "source": "built-in",
                          "categories": len(set(prompt_set.categories))})

@@ -27,6 +27,7 @@ def test_data_lists_builtin_and_registry():
     assert result.returncode == 0, result.stderr
     names = {row["name"]: row for row in json.loads(result.stdout)}
     assert names["refusal:test"]["n"] > 50
+    assert "harmless_forms:train" in names and "harmless_forms:test" not in names  # train-only set: no empty rows
     assert "advbench" in names
 
 

@@ -8,7 +8,12 @@ from ablate import AblateError
 from ablate.data import (BUILTIN_SETS, REGISTRY, SPLITS, builtin_rows, load_benchmark, load_builtin, load_file,
                          load_prompt_set, read_package_text)
 
-MINIMUM = {"refusal": (400, 8), "harmless": (400, 8), "borderline": (100, 5)}
+MINIMUM = {"refusal": (400, 8), "harmless": (400, 8), "borderline": (100, 5), "harmless_forms": (60, 1)}
+TRAIN_ONLY = {"harmless_forms"}  # contrast prompts for training; never scored, so no val or test split
+
+
+def splits_of(name: str) -> set[str]:
+    return {"train"} if name in TRAIN_ONLY else set(SPLITS)
 
 
 def words(text: str) -> frozenset:
@@ -27,7 +32,7 @@ def test_builtin_sizes_categories_and_ids(name):
     assert len({row["category"] for row in rows}) >= minimum_categories
     assert len({row["id"] for row in rows}) == len(rows)
     assert all(set(row) == {"id", "prompt", "category", "topic", "split"} for row in rows)
-    assert {row["split"] for row in rows} == set(SPLITS)
+    assert {row["split"] for row in rows} == splits_of(name)
 
 
 @pytest.mark.parametrize("name", BUILTIN_SETS)
@@ -38,7 +43,7 @@ def test_splits_are_disjoint_by_topic(name):
         key = (row["category"], row["topic"])
         assert split_of_topic.setdefault(key, row["split"]) == row["split"], key
     for category in {row["category"] for row in rows}:
-        assert {row["split"] for row in rows if row["category"] == category} == set(SPLITS), category
+        assert {row["split"] for row in rows if row["category"] == category} == splits_of(name), category
 
 
 @pytest.mark.parametrize("name", BUILTIN_SETS)
@@ -66,6 +71,30 @@ def test_load_builtin_split_and_fingerprint():
     assert len(load_prompt_set("harmless:val", limit=5)) == 5
     with pytest.raises(AblateError, match="unknown split 'dev'"):
         load_prompt_set("refusal:dev")
+    with pytest.raises(AblateError, match="'harmless_forms:val' is empty.*has the splits train"):
+        load_prompt_set("harmless_forms:val")
+
+
+def test_union_of_sets_keeps_order_and_refuses_a_repeated_prompt(tmp_path):
+    train, forms = load_prompt_set("harmless:train"), load_prompt_set("harmless_forms:train")
+    both = load_prompt_set("harmless:train + harmless_forms:train")
+    assert both.ids == train.ids + forms.ids and both.prompts == train.prompts + forms.prompts
+    assert both.categories == train.categories + forms.categories and both.name == "harmless:train + harmless_forms:train"
+    assert len(load_prompt_set("harmless:train+harmless_forms:train", limit=5)) == 5
+    with pytest.raises(AblateError, match="id 'harmless-explain-001' is in more than one of its parts"):
+        load_prompt_set("harmless:train+harmless:train")
+    with pytest.raises(AblateError, match="unknown prompt set 'harmles'"):
+        load_prompt_set("harmless:train+harmles")
+    plus = tmp_path / "a+b.txt"  # a file whose name holds a '+' is still a file
+    plus.write_text("one\n")
+    assert load_prompt_set(str(plus)).prompts == ["one"]
+
+
+def test_form_contrast_prompts_do_not_leak_held_out_harmless_prompts():
+    held_out = [words(row["prompt"]) for row in builtin_rows("harmless") if row["split"] != "train"]
+    for row in builtin_rows("harmless_forms"):
+        closest = max(jaccard(words(row["prompt"]), other) for other in held_out)
+        assert closest < 0.5, (row["id"], closest)
 
 
 def test_sample_is_deterministic():

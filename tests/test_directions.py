@@ -145,6 +145,8 @@ def test_selection_weighs_damage_and_reports_filters():
 def test_config_refuses_test_splits_and_unknown_keys(tmp_path):
     with pytest.raises(Exception, match="test split is held out"):
         DirectionConfig(harmless_val="harmless:test")
+    with pytest.raises(Exception, match="test split is held out"):
+        DirectionConfig(harmless_train="harmless:train+harmless:test")
     path = tmp_path / "direction.yaml"
     path.write_text("n_train: 8\nkl_maximum: 0.3\n")
     with pytest.raises(AblateError, match="unknown key 'kl_maximum'"):

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ablate import AblateError
+from ablate.data import spec_parts
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -358,7 +359,7 @@ class DirectionConfig(StrictModel):
     @field_validator("refusal_train", "harmless_train", "refusal_val", "harmless_val")
     @classmethod
     def _never_test_split(cls, value: str) -> str:
-        if any(part.strip().lower().endswith(":test") for part in value.split("+")):
+        if any(part.lower().endswith(":test") for part in spec_parts(value.strip())):
             raise ValueError("directions are extracted and selected on train/val splits only; the test split is held out for evaluation")
         return value
 

@@ -122,14 +122,18 @@ def builtin_rows(name: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def builtin_splits(name: str) -> list[str]:
+    """The splits a built-in set holds, in SPLITS order (harmless_forms: train only)."""
+    return sorted({row["split"] for row in builtin_rows(name)}, key=SPLITS.index)
+
+
 def load_builtin(name: str, split: str | None = None) -> PromptSet:
     if split is not None and split not in SPLITS:
         raise AblateError(f"prompt set '{name}:{split}': unknown split '{split}'; expected one of {', '.join(SPLITS)}")
     rows = [row for row in builtin_rows(name) if split is None or row["split"] == split]
     label = f"{name}:{split}" if split else name
     if not rows:
-        held = sorted({row["split"] for row in builtin_rows(name)})
-        raise AblateError(f"prompt set '{label}' is empty: built-in set '{name}' has the splits {', '.join(held)}")
+        raise AblateError(f"prompt set '{label}' is empty: built-in set '{name}' has the splits {', '.join(builtin_splits(name))}")
     return PromptSet(
         name=label,
         ids=[row["id"] for row in rows],
@@ -305,8 +309,8 @@ def load_prompt_set(
     """Resolve a set name (see the module docstring) to a PromptSet, optionally the first `limit`."""
     columns = dict(prompt_column=prompt_column, id_column=id_column, category_column=category_column,
                    response_column=response_column)
-    if "+" in spec and not Path(spec).exists():
-        parts = [load_prompt_set(part.strip(), split=split, **columns) for part in spec.split("+")]
+    if len(spec_parts(spec)) > 1:
+        parts = [load_prompt_set(part, split=split, **columns) for part in spec_parts(spec)]
         return union(parts, spec).head(limit)
     name, _, part = spec.partition(":")
     if name in BUILTIN_SETS:
@@ -322,6 +326,13 @@ def load_prompt_set(
         known = ", ".join([f"{s}[:train|val|test]" for s in BUILTIN_SETS] + sorted(REGISTRY))
         raise AblateError(f"unknown prompt set '{spec}'; expected a file path, hf:<id>, or one of: {known}")
     return prompt_set.head(limit)
+
+
+def spec_parts(spec: str) -> list[str]:
+    """The set names of a union `A+B` (one name when there is no '+', or when the spec is an existing file)."""
+    if "+" not in spec or Path(spec).exists():
+        return [spec]
+    return [part.strip() for part in spec.split("+")]
 
 
 def union(parts: list[PromptSet], name: str) -> PromptSet:
@@ -345,7 +356,7 @@ def list_sets() -> list[dict]:
     """Every built-in set and split with its size, and the registry (not loaded: it needs the hub)."""
     rows = []
     for name in BUILTIN_SETS:
-        for split in sorted({row["split"] for row in builtin_rows(name)}, key=SPLITS.index):
+        for split in builtin_splits(name):
             prompt_set = load_builtin(name, split)
             rows.append({"name": f"{name}:{split}", "n": len(prompt_set), "source": "built-in",
                          "categories": len(set(prompt_set.categories))})

@@ -22,12 +22,11 @@ import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from ablate.data import load_prompt_set
+from ablate.data import SPLITS, load_prompt_set
 from ablate.generation import length_sorted_batches, render_prompts, tokenize_batch
 from ablate.models import load_model
 
 SETS = ("refusal", "harmless", "borderline")
-SPLITS = ("train", "val", "test")
 
 
 def last_token_residuals(model, tokenizer, prompts: list[str], batch_size: int) -> np.ndarray:

@@ -12,12 +12,13 @@ Each stage's config lives in its own section below.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ablate import AblateError
 from ablate.data import spec_parts
@@ -314,6 +315,25 @@ class StrengthConfig(StrictModel):
 
     coefficient: float = Field(1.0, ge=0, description="Global multiplier on the ablation weights; 1 with no kernel = full directional ablation.")
     kernel: KernelConfig | None = Field(None, description="Per-layer weights; None = every layer (and the embedding) fully ablated.")
+    writer_weights: list[list[float]] | None = Field(None, description="Explicit weights per layer and per residual writer of that layer (e.g. [attention out, MLP out]), as learned by `strength_learning`; multiplied by `coefficient`; exclusive with `kernel`.")
+
+    @model_validator(mode="after")
+    def _one_kind_of_weights(self) -> "StrengthConfig":
+        if self.kernel is not None and self.writer_weights is not None:
+            raise ValueError("give either kernel or writer_weights, not both")
+        for row in self.writer_weights or []:
+            if not row or any(not math.isfinite(w) or w < 0 for w in row):
+                raise ValueError(f"writer_weights: every layer needs finite weights >= 0, got {row}")
+        return self
+
+
+class StrengthLearning(StrictModel):
+    """Learn per-writer ablation weights for the selected direction by gradient descent on the validation prompts."""
+
+    enabled: bool = Field(True, description="Learn a weight in [0, max_weight] for every residual writer (attention out, MLP out) of every layer, minimising the selection objective (refusal score floored at refusal_floor, smoothly, + kl_weight · KL).")
+    steps: int = Field(15, ge=1, description="Adam steps; each is one forward + backward pass over the validation prompts.")
+    lr: float = Field(0.5, gt=0, description="Adam learning rate on the weights' logits (weights start at max_weight / 2).")
+    max_weight: float = Field(1.0, gt=0, description="Upper bound of every learned weight (1 = remove the writer's whole component).")
 
 
 class SearchKernel(StrictModel):
@@ -354,6 +374,7 @@ class DirectionConfig(StrictModel):
         default_factory=lambda: [SearchKernel(distance=4), SearchKernel(distance=6), SearchKernel(distance=8),
                                  SearchKernel(distance=12, min_weight=0.3)],
         description="Kernels peaked at a candidate's layer, tried when the selected direction at `strength` exceeds kl_max; the best by the objective that passes kl_max replaces `strength` (and the pick, see strength_candidates). Empty = no search.")
+    strength_learning: StrengthLearning = Field(default_factory=StrengthLearning, description="Learn per-writer weights for the pick instead of searching kernels (the search runs only when this is disabled); the learned weights replace the configured strength when they score better by the objective.")
     strength_candidates: int = Field(3, ge=1, description="The strength search tries its kernels on the pick and on the next best exactly-scored candidates by the objective, this many in all: a candidate whose full ablation is too damaging may be the best once limited to a few layers.")
 
     @field_validator("refusal_train", "harmless_train", "refusal_val", "harmless_val")
@@ -368,8 +389,6 @@ class DirectionConfig(StrictModel):
 # --------------------------------------------------------------------------------------------
 
 # (section owned by the evaluation stage)
-
-from pydantic import model_validator  # noqa: E402  (kept inside this stage's section)
 
 
 class EvalPromptSet(StrictModel):

@@ -27,6 +27,10 @@
    same objective, with a warning that says how many each filter removed.
 7. **Strength search.** When full ablation of the pick exceeds `kl_max`, kernels peaked at its layer
    (`strength_search`) are scored the same way; the best within `kl_max` becomes the selected strength.
+8. **Strength learning** (`strength_learning.enabled`, instead of the search). One weight per residual
+   writer (attention out, MLP out of every layer), w = max_weight · sigmoid(θ), learned by Adam on the
+   validation prompts against a smooth form of the objective; the weights replace full ablation when
+   they score better, and `orthogonalize_weights` bakes them in like any other strength.
 
 Artifacts (out_dir): candidates.pt + candidates.json, sweep.json (every candidate's scores), sweep.png,
 selected.json, direction.pt, steer.pt (lm-eval `steered` model format: `--model steered
@@ -480,6 +484,79 @@ def select_candidate(records: list[dict], config: DirectionConfig, n_layers: int
     return chosen, True, counts
 
 
+# --------------------------------------------------------------------------------------------
+# 8. Learned per-writer strength
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _learnable_ablation(model: nn.Module, direction: torch.Tensor, logits: torch.Tensor, max_weight: float):
+    """o ← o − w (o·r̂) r̂ on every residual writer, w = max_weight · sigmoid(logits[layer, writer]).
+
+    The weights are computed inside each hook from the leaf `logits`, so every forward pass builds its
+    own graph and gradients reach `logits`. Hooks are removed in `finally`.
+    """
+    r_hat = unit(direction).to(_device(model))
+    handles = []
+
+    def make_hook(layer: int, writer: int):
+        def hook(module, inputs, output):
+            weight = max_weight * torch.sigmoid(logits[layer, writer])
+            x = output[0] if isinstance(output, tuple) else output
+            r = r_hat.to(x.dtype)
+            x = x - weight.to(x.dtype) * (x @ r).unsqueeze(-1) * r
+            return (x, *output[1:]) if isinstance(output, tuple) else x
+
+        return hook
+
+    try:
+        for layer, writers in enumerate(get_adapter(model).writers):
+            for writer, module in enumerate(writers):
+                handles.append(module.register_forward_hook(make_hook(layer, writer)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: PromptBatches, harmless: PromptBatches,
+                         base_harmless: torch.Tensor, token_ids: list[int], config: DirectionConfig,
+                         progress: bool = False) -> tuple[list[list[float]], list[dict]]:
+    """Per-writer ablation weights in [0, max_weight] that minimise the selection objective on validation prompts.
+
+    Loss = mean over refusal prompts of floor + softplus(score − floor) (a smooth max(score, floor): refusal
+    pushed past `refusal_floor` earns nothing more) + kl_weight · mean first-token KL(base ‖ ablated) over
+    harmless prompts. Adam on the weights' logits (start 0: every weight max_weight / 2), `steps` full passes;
+    model parameters stay frozen. Deterministic for the same inputs. Returns (weights, per-step history).
+    """
+    settings = config.strength_learning
+    rows = [len(writers) for writers in get_adapter(model).writers]
+    if len(set(rows)) != 1:
+        raise AblateError(f"strength_learning needs the same number of residual writers in every layer, got {sorted(set(rows))}")
+    logits = torch.zeros(len(rows), rows[0], requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=settings.lr)
+    floor, history = config.refusal_floor, []
+    with _frozen(model), _learnable_ablation(model, direction, logits, settings.max_weight):
+        for step in tqdm(range(settings.steps), desc="strength learning", unit="step", disable=not progress, leave=False):
+            optimizer.zero_grad()
+            refusal_loss = kl_loss = 0.0
+            for _, inputs in refusal.batches:
+                scores = refusal_log_odds(torch.log_softmax(run_prefix_and_batch(model, refusal.prefix, inputs), dim=-1), token_ids)
+                loss = (floor + nn.functional.softplus(scores - floor)).sum() / refusal.n
+                loss.backward()
+                refusal_loss += float(loss.detach())
+            for batch, inputs in harmless.batches:
+                logprobs = torch.log_softmax(run_prefix_and_batch(model, harmless.prefix, inputs), dim=-1)
+                loss = first_token_kl(base_harmless[batch].to(logprobs.device), logprobs).sum() / harmless.n
+                (config.kl_weight * loss).backward()
+                kl_loss += float(loss.detach())
+            optimizer.step()
+            history.append({"step": step, "refusal_loss": round(refusal_loss, 4), "kl": round(kl_loss, 4),
+                            "loss": round(refusal_loss + config.kl_weight * kl_loss, 4)})
+    weights = (settings.max_weight * torch.sigmoid(logits.detach())).tolist()
+    return [[round(w, 4) for w in row] for row in weights], history
+
+
 def steering_threshold(config: DirectionConfig, unsteered: float) -> float:
     """The steering score a candidate must exceed: steering_min, plus the unsteered score when relative."""
     return config.steering_min + (unsteered if config.steering_relative else 0.0)
@@ -660,7 +737,8 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     max_layer = max_layer_allowed(n_layers, config.exclude_last_fraction)
     shortlist = shortlist_candidates(records, config, max_layer)
     strength = config.strength
-    weights = layer_weights(n_layers, strength.coefficient, strength.kernel.model_dump() if strength.kernel else None)
+    weights = layer_weights(n_layers, strength.coefficient, strength.kernel.model_dump() if strength.kernel else None,
+                            strength.writer_weights)
 
     def direction_of(record: dict) -> torch.Tensor:
         return candidates[record["variant"]][record["layer"], record["position"] + n_positions]
@@ -697,7 +775,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     #    one once it is removed from a few layers only).
     strength, searched = config.strength, []
     threshold = steering_threshold(config, base_harmless_score)
-    if pick["kl"] > config.kl_max and config.strength_search:
+    if pick["kl"] > config.kl_max and config.strength_search and not config.strength_learning.enabled:
         allowed = [i for i in shortlist if records[i]["layer"] < max_layer]
         searched_indices = [chosen] + sorted((i for i in allowed if i != chosen), key=lambda i: (records[i]["objective"], i))
         options = [(chosen, strength, pick["refusal_score"], pick["kl"])]
@@ -733,6 +811,29 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         if fallback and pick["kl"] <= config.kl_max and pick["steering_score"] > threshold:
             fallback = False  # full ablation failed only the KL filter, and a weaker kernel passes it
             filter_counts["passed_after_strength_search"] = 1
+    # 8. Strength learning: per-writer weights for the pick's direction, by gradient descent on the
+    #    validation prompts; they replace the current strength when they score better (a weight set
+    #    within kl_max beats one above it, then the objective decides).
+    learned = None
+    if config.strength_learning.enabled:
+        writer_weights, history = learn_writer_weights(model, direction, refusal_batches, harmless_batches, base_harmless,
+                                                       token_ids, config, progress)
+        with directional_ablation(model, direction, writer_weights):
+            refusal_score = float(refusal_log_odds(first_token_logprobs(model, refusal_batches), token_ids).mean())
+            kl = float(first_token_kl(base_harmless, first_token_logprobs(model, harmless_batches)).mean())
+        scores = {"refusal_score": refusal_score, "kl": kl, "objective": objective({"refusal_score": refusal_score, "kl": kl}, config)}
+        chosen_learned = (kl <= config.kl_max, -scores["objective"]) > (pick["kl"] <= config.kl_max, -pick["objective"])
+        learned = {**scores, "chosen": chosen_learned, "writer_weights": writer_weights, "history": history,
+                   "settings": config.strength_learning.model_dump(mode="json")}
+        if chosen_learned:
+            full = records[chosen]
+            strength = StrengthConfig(writer_weights=writer_weights)
+            pick = {**full, **scores, "full_ablation": {"refusal_score": full["refusal_score"], "kl": full["kl"]}}
+        pick["steering_score"] = steering_score(chosen)
+        lap("strength_learning")
+        if fallback and pick["kl"] <= config.kl_max and pick["steering_score"] > threshold:
+            fallback = False  # full ablation failed only the KL filter, and the learned weights pass it
+            filter_counts["passed_after_strength_learning"] = 1
     warning_text = None
     if fallback:
         removed = ", ".join(f"{name}: {count}" for name, count in filter_counts.items()
@@ -759,6 +860,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         "base": {"refusal_score_refusal_val": base_refusal_score, "refusal_score_harmless_val": base_harmless_score},
         "refusal_tokens": {"ids": token_ids, "text": [tokenizer.decode([t]) for t in token_ids], "examples": token_examples},
         "max_layer_allowed": max_layer, "shortlist": shortlist, "selected_index": chosen, "strength_search": searched,
+        "strength_learning": learned,
         "config": config.model_dump(mode="json"), "candidates": records,
     })
     buffer = io.BytesIO()

@@ -24,6 +24,8 @@ Optional strength control (heretic's parameterisation): a global coefficient and
 that is `max_weight` at layer `max_weight_position`, falls linearly to `min_weight` at
 `min_weight_distance` layers away, and is 0 beyond. With weights w_ℓ only the writers of layer ℓ
 are (partially) projected, o ← o − w_ℓ (o·r̂) r̂, and hooks and weights do exactly the same thing.
+Weights may also be given per writer (attention out and MLP out of each layer), as the direction
+stage's `strength_learning` learns them.
 
     with directional_ablation(model, r):
         logits = model(**inputs).logits
@@ -88,13 +90,20 @@ def layer_weights(
     n_layers: int,
     coefficient: float = 1.0,
     kernel: dict | None = None,
-) -> list[float] | None:
+    writer_weights: Sequence[Sequence[float]] | None = None,
+) -> list[float] | list[list[float]] | None:
     """Per-layer ablation weights w_ℓ, or None for full ablation (coefficient 1, no kernel).
 
     kernel = {max_weight, max_weight_position (layer index), min_weight, min_weight_distance}:
     w_ℓ = max_weight − (max_weight − min_weight)·|ℓ − position| / distance for |ℓ − position| ≤ distance,
     else 0; every weight is then multiplied by `coefficient`.
+    writer_weights (one row per layer, one weight per residual writer of that layer) are returned as
+    rows, times `coefficient`.
     """
+    if writer_weights is not None:
+        if len(writer_weights) != n_layers:
+            raise AblateError(f"strength.writer_weights: {len(writer_weights)} rows for a model of {n_layers} layers")
+        return [[coefficient * float(w) for w in row] for row in writer_weights]
     if kernel is None:
         if coefficient == 1.0:
             return None
@@ -111,18 +120,35 @@ def layer_weights(
     return weights
 
 
+def writer_strengths(model: nn.Module, weights: Sequence) -> list[list[float]]:
+    """Per layer, one weight per residual writer: a layer's single weight applies to all its writers."""
+    adapter = get_adapter(model)
+    if len(weights) != adapter.n_layers:
+        raise AblateError(f"ablation weights: got {len(weights)} values for {adapter.n_layers} layers")
+    rows = []
+    for layer, (weight, writers) in enumerate(zip(weights, adapter.writers)):
+        if isinstance(weight, (list, tuple)):
+            if len(weight) != len(writers):
+                raise AblateError(f"ablation weights: layer {layer} has {len(writers)} residual writers, got {len(weight)} weights")
+            rows.append([float(w) for w in weight])
+        else:
+            rows.append([float(weight)] * len(writers))
+    return rows
+
+
 @contextmanager
 def directional_ablation(
     model: nn.Module,
     direction: torch.Tensor,
-    weights: Sequence[float] | None = None,
+    weights: Sequence[float] | Sequence[Sequence[float]] | None = None,
 ) -> Iterator[None]:
     """Ablate `direction` from the residual stream while the context is open.
 
     Full ablation (weights None): x ← x − (x·r̂) r̂ at every decoder layer's input and every writer's
     output (and the embeddings'), at every position — the residual never holds an r̂ component.
     With per-layer `weights` w_ℓ (see `layer_weights`): o ← o − w_ℓ (o·r̂) r̂ on the writers of layer ℓ
-    only, which is what `orthogonalize_weights(model, r, weights)` bakes in.
+    only, which is what `orthogonalize_weights(model, r, weights)` bakes in; a layer's entry may also be
+    a list with one weight per writer (attention out, MLP out).
     Hooks are removed in `finally`, also when the body raises.
     """
     _check_size(model, direction)
@@ -146,12 +172,10 @@ def directional_ablation(
             for module in [adapter.embedding, *adapter.extra_embeddings, *adapter.all_writers()]:
                 handles.append(module.register_forward_hook(output_hook(1.0)))
         else:
-            if len(weights) != adapter.n_layers:
-                raise AblateError(f"ablation weights: got {len(weights)} values for {adapter.n_layers} layers")
-            for weight, writers in zip(weights, adapter.writers):
-                if weight != 0:
-                    for module in writers:
-                        handles.append(module.register_forward_hook(output_hook(float(weight))))
+            for row, writers in zip(writer_strengths(model, weights), adapter.writers):
+                for weight, module in zip(row, writers):
+                    if weight != 0:
+                        handles.append(module.register_forward_hook(output_hook(weight)))
         yield
     finally:
         for handle in handles:
@@ -212,13 +236,13 @@ def _project_weight(weight: torch.Tensor, r_hat: torch.Tensor, axis: int, streng
 def orthogonalize_weights(
     model: nn.Module,
     direction: torch.Tensor,
-    weights: Sequence[float] | None = None,
+    weights: Sequence[float] | Sequence[Sequence[float]] | None = None,
 ) -> None:
     """Project `direction` out of every residual-writing matrix and bias, in place.
 
     Full (weights None): the embeddings and every writer; the output head is untied first where it
     shares the embedding's weight. With per-layer weights: only layer ℓ's writers, scaled by w_ℓ
-    (the embeddings are left alone), matching `directional_ablation(model, r, weights)`.
+    (or by one weight per writer), the embeddings left alone, matching `directional_ablation(model, r, weights)`.
     Warns when the architecture makes this only an approximation of hook ablation (Gemma-2).
     """
     _check_size(model, direction)
@@ -234,25 +258,24 @@ def orthogonalize_weights(
         untie_output_head(model)
         for embedding in [adapter.embedding, *adapter.extra_embeddings]:
             _project_weight(embedding.weight, r_hat, axis=1, strength=1.0)
-        layer_strengths = [1.0] * adapter.n_layers
+        strengths = writer_strengths(model, [1.0] * adapter.n_layers)
     else:
-        if len(weights) != adapter.n_layers:
-            raise AblateError(f"ablation weights: got {len(weights)} values for {adapter.n_layers} layers")
-        layer_strengths = [float(w) for w in weights]
-    for strength, writers in zip(layer_strengths, adapter.writers):
-        if strength == 0:
-            continue
-        for module in writers:
+        strengths = writer_strengths(model, weights)
+    for row, writers in zip(strengths, adapter.writers):
+        for strength, module in zip(row, writers):
+            if strength == 0:
+                continue
             _project_weight(module.weight, r_hat, writer_output_axis(module), strength)
             bias = getattr(module, "bias", None)
             if bias is not None:
                 bias.copy_(_project_out(bias.float(), r_hat, strength).to(bias.dtype))
 
 
-def weights_for(model: nn.Module, selected: dict) -> list[float] | None:
-    """The per-layer ablation weights a direction stage's `selected.json` asks for (None = full ablation)."""
+def weights_for(model: nn.Module, selected: dict) -> list[float] | list[list[float]] | None:
+    """The ablation weights a direction stage's `selected.json` asks for (None = full ablation)."""
     strength = selected.get("strength") or {}
-    return layer_weights(get_adapter(model).n_layers, strength.get("coefficient", 1.0), strength.get("kernel"))
+    return layer_weights(get_adapter(model).n_layers, strength.get("coefficient", 1.0), strength.get("kernel"),
+                         strength.get("writer_weights"))
 
 
 def orthogonalize_from(model: nn.Module, direction_dir: Path) -> dict:

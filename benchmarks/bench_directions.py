@@ -36,27 +36,46 @@ SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging
 WORK = ROOT / "_work"
 
 
-def held_out(model, tokenizer, n_test: int, max_new_tokens: int, intervention=None) -> dict:
-    """Refusal rate on refusal:test and first-token KL on harmless:test (vs the model without intervention)."""
-    from contextlib import nullcontext
-
+def reference(model, tokenizer, n_test: int, max_new_tokens: int) -> dict:
+    """The held-out prompts and the unmodified model's behaviour on them: its refusal rate on refusal:test,
+    its first-token log-probabilities on harmless:test, and which harmless prompts it refuses itself."""
     from ablate.config import GenerationConfig
     from ablate.data import load_prompt_set
-    from ablate.directions import first_token_kl, first_token_logprobs, prepare_batches
-    from ablate.evaluate.refusal import refusal_rate
+    from ablate.directions import first_token_logprobs, prepare_batches
+    from ablate.evaluate.refusal import is_refusal, refusal_rate
     from ablate.generation import generate
 
     refusal = load_prompt_set("refusal:test").head(n_test).prompts
     harmless = load_prompt_set("harmless:test").head(n_test).prompts
     config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16)
-    harmless_batches = prepare_batches(tokenizer, harmless, 8, None, next(model.parameters()).device)
-    base = first_token_logprobs(model, harmless_batches)
+    batches = prepare_batches(tokenizer, harmless, 8, None, next(model.parameters()).device)
+    harmless_answers = generate(model, tokenizer, harmless, config, progress=False)
+    return {"refusal": refusal, "harmless": harmless, "batches": batches, "config": config,
+            "base_logprobs": first_token_logprobs(model, batches),
+            "over_refused": torch.tensor([is_refusal(text) for text in harmless_answers]),
+            "before": {"refusal_rate": refusal_rate(generate(model, tokenizer, refusal, config, progress=False)),
+                       "n_refusal": len(refusal)}}
+
+
+def held_out(model, tokenizer, ref: dict, intervention=None) -> dict:
+    """Refusal rate on refusal:test and first-token KL(unmodified ‖ this) on harmless:test — over all
+    harmless prompts, and split into those the unmodified model answers and those it refuses itself
+    (where an attack that removes refusal *must* change the first token)."""
+    from contextlib import nullcontext
+
+    from ablate.directions import first_token_kl, first_token_logprobs
+    from ablate.evaluate.refusal import refusal_rate
+    from ablate.generation import generate
+
     with intervention() if intervention else nullcontext():
-        completions = generate(model, tokenizer, refusal, config, progress=False)
-        logprobs = first_token_logprobs(model, harmless_batches)
-    return {"refusal_rate": refusal_rate(completions), "n_refusal": len(refusal),
-            "kl": float(first_token_kl(base, logprobs).mean()), "n_harmless": len(harmless),
-            "examples": completions[:3]}
+        completions = generate(model, tokenizer, ref["refusal"], ref["config"], progress=False)
+        kl = first_token_kl(ref["base_logprobs"], first_token_logprobs(model, ref["batches"]))
+    refused = ref["over_refused"]
+    return {"refusal_rate": refusal_rate(completions), "n_refusal": len(ref["refusal"]),
+            "kl": float(kl.mean()), "n_harmless": len(ref["harmless"]),
+            "kl_answered": float(kl[~refused].mean()) if (~refused).any() else None,
+            "kl_over_refused": float(kl[refused].mean()) if refused.any() else None,
+            "n_over_refused": int(refused.sum()), "examples": completions[:3]}
 
 
 def run_ours(model_spec: str, n_test: int, max_new_tokens: int, config_path: str | None) -> dict:
@@ -91,8 +110,9 @@ def run_ours(model_spec: str, n_test: int, max_new_tokens: int, config_path: str
     }
     print(f"ours: stage {result['stage_seconds']} s (direction {result['direction_seconds']} s), "
           f"layer {selected['layer']} {selected['variant']} pos {selected['position']}", flush=True)
-    result["before"] = held_out(model, tokenizer, n_test, max_new_tokens)
-    result["after"] = held_out(model, tokenizer, n_test, max_new_tokens,
+    ref = reference(model, tokenizer, n_test, max_new_tokens)
+    result["before"] = ref["before"]
+    result["after"] = held_out(model, tokenizer, ref,
                                lambda: directional_ablation(model, direction, weights_for(model, selected)))
     return result
 
@@ -232,20 +252,8 @@ def run_heretic(executable: str, model_path: str, n_test: int, max_new_tokens: i
     model, tokenizer = load_model(model_path, device="cpu")
     merged, _ = load_model(str(saved), device="cpu")
     # The same held-out evaluation as ours: refusal of the merged model, KL against the unmodified model.
-    from ablate.config import GenerationConfig
-    from ablate.data import load_prompt_set
-    from ablate.directions import first_token_kl, first_token_logprobs, prepare_batches
-    from ablate.evaluate.refusal import refusal_rate
-    from ablate.generation import generate
-
-    harmless = prepare_batches(tokenizer, load_prompt_set("harmless:test").head(n_test).prompts, 8, None,
-                               torch.device("cpu"))
-    refusal = load_prompt_set("refusal:test").head(n_test).prompts
-    completions = generate(merged, tokenizer, refusal, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16),
-                           progress=False)
-    result["after"] = {"refusal_rate": refusal_rate(completions), "n_refusal": len(refusal),
-                       "kl": float(first_token_kl(first_token_logprobs(model, harmless),
-                                                  first_token_logprobs(merged, harmless)).mean())}
+    ref = reference(model, tokenizer, n_test, max_new_tokens)
+    result["after"] = held_out(merged, tokenizer, ref)
     return result
 
 
@@ -270,16 +278,21 @@ def main() -> None:
     (WORK / "bench_directions.json").write_text(json.dumps(results, indent=2))
 
     ours = results["ours"]
-    print(f"\n{'':10} {'wall s':>8} {'refusal before':>15} {'refusal after':>14} {'KL harmless':>12}")
-    print(f"{'ours':10} {ours['stage_seconds']:>8} {ours['before']['refusal_rate']:>15.3f} "
-          f"{ours['after']['refusal_rate']:>14.3f} {ours['after']['kl']:>12.3f}")
+    def row(name: str, wall: float, after: dict) -> str:
+        answered, over = (f"{after[k]:.3f}" if after[k] is not None else "-" for k in ("kl_answered", "kl_over_refused"))
+        return (f"{name:10} {wall:>8} {ours['before']['refusal_rate']:>15.3f} {after['refusal_rate']:>14.3f} "
+                f"{after['kl']:>12.3f} {answered:>12} {over:>15}")
+
+    print(f"\n{'':10} {'wall s':>8} {'refusal before':>15} {'refusal after':>14} {'KL harmless':>12} "
+          f"{'KL answered':>12} {'KL over-refused':>15}")
+    print(row("ours", ours["stage_seconds"], ours["after"]))
     heretic = results.get("heretic")
     if heretic and "after" in heretic:
-        print(f"{'heretic':10} {heretic['wall_seconds']:>8} {ours['before']['refusal_rate']:>15.3f} "
-              f"{heretic['after']['refusal_rate']:>14.3f} {heretic['after']['kl']:>12.3f}")
+        print(row("heretic", heretic["wall_seconds"], heretic["after"]))
     elif heretic:
         print(f"heretic: {heretic.get('error')} (exit {heretic['returncode']}, log {heretic['log']})")
-    print(f"held-out: refusal:test / harmless:test, first {args.n_test} each; {args.max_new_tokens} greedy tokens; "
+    print(f"held-out: refusal:test / harmless:test, first {args.n_test} each ({ours['after']['n_over_refused']} harmless "
+          f"refused by the unmodified model: 'KL over-refused'); {args.max_new_tokens} greedy tokens; "
           f"load average {load[0]:.1f} at start on {os.cpu_count()} CPUs → {WORK / 'bench_directions.json'}")
 
 

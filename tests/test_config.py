@@ -64,3 +64,18 @@ def test_constraint_violation(tmp_path):
     path.write_text("generation:\n  max_new_tokens: 0\n")
     with pytest.raises(AblateError, match="generation.max_new_tokens"):
         load_config(path, Outer)
+
+
+def test_strength_takes_a_kernel_or_writer_weights_not_both(tmp_path):
+    from ablate.config import DirectionConfig
+
+    path = tmp_path / "direction.yaml"
+    path.write_text("strength:\n  writer_weights: [[1.0, 0.5], [0.0, -1.0]]\n")
+    with pytest.raises(AblateError, match=r"direction.yaml.*strength.*writer_weights.*finite weights >= 0.*-1.0"):
+        load_config(path, DirectionConfig)
+    path.write_text("strength:\n  writer_weights: [[1.0, 0.5]]\n  kernel: {max_weight_position: 3, min_weight_distance: 2}\n")
+    with pytest.raises(AblateError, match="either kernel or writer_weights, not both"):
+        load_config(path, DirectionConfig)
+    path.write_text("strength_learning:\n  enabled: true\n  steps: 0\n")
+    with pytest.raises(AblateError, match="strength_learning.steps"):
+        load_config(path, DirectionConfig)

@@ -227,7 +227,7 @@ def test_run_direction_is_deterministic_and_resumable(direction_run, tokenizer, 
 def test_no_candidate_passing_falls_back_with_a_warning(tokenizer, tmp_path):
     from conftest import build_model
 
-    config = DirectionConfig(**SMALL, kl_max=1e-9, steering_min=1e9)
+    config = DirectionConfig(**SMALL, kl_max=1e-9, steering_min=1e9, strength_learning={"enabled": False})
     with pytest.warns(UserWarning, match="no candidate passed the filters"):
         selected = run_direction(build_model("llama", tokenizer, seed=0), tokenizer, config, tmp_path, progress=False)
     assert selected["fallback"] is True
@@ -244,6 +244,45 @@ def test_no_candidate_passing_falls_back_with_a_warning(tokenizer, tmp_path):
     assert selected["objective"] == pytest.approx(min(options))
     if selected["strength"]["kernel"] is not None:
         assert selected["strength"]["kernel"]["max_weight_position"] == selected["layer"]
+
+
+def test_strength_learning_lowers_its_objective_and_is_baked_into_the_weights(tokenizer, tmp_path):
+    """Learned per-writer weights: recorded with their history, the loss falls, the kernel search is
+    skipped, the better of full ablation and the learned weights is picked by the exact objective, and
+    the orthogonalised model reproduces the hooks at the learned weights."""
+    import copy
+
+    from conftest import build_model
+
+    from ablate.interventions import directional_ablation, orthogonalize_from, weights_for
+
+    model = build_model("llama", tokenizer, seed=0)
+    config = DirectionConfig(**SMALL, kl_max=1e-9, strength_learning={"steps": 6})  # enabled by default
+    with pytest.warns(UserWarning):
+        selected = run_direction(model, tokenizer, config, tmp_path, progress=False)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    learned = sweep["strength_learning"]
+    assert sweep["strength_search"] == []  # learning replaces the kernel search
+    weights = learned["writer_weights"]
+    assert len(weights) == 2 and all(len(row) == 2 and all(0 <= w <= 1 for w in row) for row in weights)
+    history = learned["history"]
+    assert len(history) == 6 and history[-1]["loss"] < history[0]["loss"]
+    pick = sweep["candidates"][sweep["selected_index"]]
+    full_objective = pick["objective"]
+    assert learned["chosen"] == (learned["objective"] < full_objective)
+    assert selected["objective"] == pytest.approx(min(learned["objective"], full_objective))
+    if learned["chosen"]:
+        assert selected["strength"]["writer_weights"] == weights
+        assert selected["full_ablation"] == {"refusal_score": pick["refusal_score"], "kl": pick["kl"]}
+    direction, _ = load_direction(tmp_path)
+    inputs = tokenize_batch(tokenizer, render_prompts(tokenizer, ["Write a poem.", "Name a river."]), torch.device("cpu"))
+    with torch.no_grad(), directional_ablation(model, direction, weights_for(model, selected)):
+        hooked = model(**inputs).logits
+    edited = copy.deepcopy(model)
+    orthogonalize_from(edited, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(edited(**inputs).logits, hooked, atol=2e-4, rtol=1e-4)
 
 
 def test_load_direction_requires_a_finished_stage(tmp_path):
@@ -277,7 +316,9 @@ def test_cli_direction_and_abliterate_through_the_entry_point(llama, tokenizer, 
     result = run("direction", str(source), "--harmless", "harmless:test", "--out", str(tmp_path / "x"))
     assert result.returncode == 2 and "test split" in result.stderr
 
-    result = run("direction", str(source), "--config", str(config), "--set", "kl_max=5", "--out", str(tmp_path / "dir"))
+    # Full ablation (no learned strength): the saved model must come untied.
+    result = run("direction", str(source), "--config", str(config), "--set", "kl_max=5", "--set",
+                 "strength_learning.enabled=false", "--out", str(tmp_path / "dir"))
     assert result.returncode == 0, result.stderr
     assert "selected" in result.stdout and (tmp_path / "dir" / "done.json").exists()
     result = run("abliterate", str(source), "--direction", str(tmp_path / "dir"), "--out", str(tmp_path / "model"))

@@ -134,6 +134,38 @@ def test_kernel_weights_match_between_hooks_and_weights(family, tiny_models, tok
         torch.testing.assert_close(edited(**inputs).logits, hooked, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_per_writer_weights_match_between_hooks_and_weights(family, tiny_models, tokenizer):
+    """One weight per residual writer (attention out, MLP out): hooks and baked weights agree, and a
+    writer with weight 0 is left exactly as it was."""
+    model = tiny_models[family]
+    direction = random_direction(model, seed=3)
+    weights = layer_weights(2, coefficient=0.5, writer_weights=[[1.0, 0.0], [0.4, 2.0]])
+    assert weights == [[0.5, 0.0], [0.2, 1.0]]
+    inputs = batch(tokenizer)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with directional_ablation(model, direction, weights):
+            hooked = model(**inputs).logits
+    assert not torch.allclose(hooked, plain, atol=1e-4)
+    edited = copy.deepcopy(model)
+    orthogonalize_weights(edited, direction, weights)
+    with torch.no_grad():
+        torch.testing.assert_close(edited(**inputs).logits, hooked, atol=2e-4, rtol=1e-4)
+    untouched = get_adapter(model).writers[0][1].weight
+    torch.testing.assert_close(get_adapter(edited).writers[0][1].weight, untouched, atol=0, rtol=0)
+
+
+def test_per_writer_weights_of_the_wrong_shape_are_one_line_errors(llama):
+    direction = random_direction(llama)
+    with pytest.raises(AblateError, match="3 rows for a model of 2 layers"):
+        layer_weights(2, writer_weights=[[1.0, 1.0]] * 3)
+    with pytest.raises(AblateError, match="layer 1 has 2 residual writers, got 3 weights"):
+        with directional_ablation(llama, direction, [[1.0, 1.0], [1.0, 1.0, 1.0]]):
+            pass
+    assert hook_count(llama) == 0
+
+
 def test_layer_weights_kernel_shape():
     assert layer_weights(4) is None
     assert layer_weights(3, coefficient=0.5) == [0.5, 0.5, 0.5]

@@ -467,5 +467,20 @@ def _setup_lines(run: Run) -> list[str]:
 
 
 def _selected_line(selected: dict) -> str:
-    keys = ("layer", "position", "refusal_score", "steering_score", "kl", "fallback")
-    return ", ".join(f"{key} = {_fmt(selected.get(key))}" for key in keys if key in selected)
+    keys = ("variant", "layer", "position", "refusal_score", "steering_score", "kl", "fallback")
+    return ", ".join([f"{key} = {_fmt(selected.get(key))}" for key in keys if key in selected]
+                     + [f"strength = {_strength_text(selected.get('strength') or {})}"])
+
+
+def _strength_text(strength: dict) -> str:
+    """How strongly the direction is removed, in words: full, a kernel, or learned per-writer weights."""
+    coefficient = strength.get("coefficient", 1.0)
+    if strength.get("writer_weights"):
+        weights = [w * coefficient for row in strength["writer_weights"] for w in row]
+        return (f"learned per-writer weights ({sum(w >= 0.5 for w in weights)} of {len(weights)} residual writers "
+                f"at ≥ 0.5, mean {sum(weights) / len(weights):.2f})")
+    if strength.get("kernel"):
+        kernel = strength["kernel"]
+        return (f"kernel peaked at layer {_fmt(kernel['max_weight_position'])}, ±{_fmt(kernel['min_weight_distance'])} "
+                f"layers, weights {_fmt(kernel['max_weight'])} → {_fmt(kernel['min_weight'])} (× {_fmt(coefficient)})")
+    return "full ablation" if coefficient == 1.0 else f"every layer × {_fmt(coefficient)}"

@@ -22,7 +22,7 @@ N_TEST = 32  # held-out prompts per side; the docs page reports the full test sp
 
 
 def study_direction_config() -> DirectionConfig:
-    """The default study's selection settings (it trades KL for refusal on this organism, docs/directions.md)."""
+    """The default study's selection settings (docs/directions.md)."""
     import yaml
 
     from ablate.study import study_path
@@ -42,7 +42,7 @@ def organism_direction(organism_dir, tmp_path_factory):
 def test_selected_direction_removes_refusal_on_held_out_prompts(organism_direction):
     model, tokenizer, out, selected = organism_direction
     direction, selected = load_direction(out)
-    weights = weights_for(model, selected)  # the strength the stage selected (possibly a kernel)
+    weights = weights_for(model, selected)  # the strength the stage selected (learned per-writer weights)
     refusal = load_prompt_set("refusal:test").head(N_TEST).prompts
     harmless = load_prompt_set("harmless:test").head(N_TEST).prompts
     config = GenerationConfig(max_new_tokens=48, batch_size=16)
@@ -58,6 +58,12 @@ def test_selected_direction_removes_refusal_on_held_out_prompts(organism_directi
     with directional_ablation(model, direction, weights):
         kl = float(first_token_kl(base, first_token_logprobs(model, prompts)).mean())
     assert 0.0 < kl < 1.0, f"first-token KL on held-out harmless prompts {kl:.3f}"
+    # The learned per-writer strength is what the stage picked, and on held-out prompts it costs less
+    # than removing the same direction everywhere.
+    assert selected["strength"]["writer_weights"] is not None
+    with directional_ablation(model, direction):
+        full_kl = float(first_token_kl(base, first_token_logprobs(model, prompts)).mean())
+    assert kl < 0.8 * full_kl, f"learned strength KL {kl:.3f} vs full ablation {full_kl:.3f}"
 
 
 def test_abliterated_organism_matches_hook_ablation(organism_direction, organism_dir, tmp_path):

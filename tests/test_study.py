@@ -116,6 +116,22 @@ def test_study_writes_the_run_directory(finished_run):
     html = (run_dir / "report.html").read_text()
     assert "data:image/png;base64," in html  # self-contained
     assert r"\toprule" in (run_dir / "tables.tex").read_text()
+    # The report says how strongly the direction was removed (the tiny study learns per-writer weights
+    # unless full ablation scored better).
+    selected = json.loads((run_dir / "directions" / "selected.json").read_text())
+    expected = "learned per-writer weights" if selected["strength"]["writer_weights"] else "full ablation"
+    assert f"strength = {expected}" in (run_dir / "report.md").read_text()
+
+
+def test_report_names_the_strength_of_the_ablation():
+    from ablate.report import _strength_text
+
+    assert _strength_text({}) == "full ablation"
+    assert _strength_text({"coefficient": 0.5}) == "every layer × 0.500"
+    text = _strength_text({"coefficient": 1.0, "writer_weights": [[1.0, 0.0], [0.9, 0.2]]})
+    assert text == "learned per-writer weights (2 of 4 residual writers at ≥ 0.5, mean 0.53)"
+    kernel = {"max_weight": 1.0, "max_weight_position": 12, "min_weight": 0.0, "min_weight_distance": 4}
+    assert _strength_text({"kernel": kernel}).startswith("kernel peaked at layer 12, ±4 layers")
 
 
 def test_rerun_skips_every_stage_and_keeps_metrics(finished_run):

@@ -331,7 +331,7 @@ class StrengthLearning(StrictModel):
     """Learn per-writer ablation weights for the selected direction by gradient descent on the validation prompts."""
 
     enabled: bool = Field(True, description="Learn a weight in [0, max_weight] for every residual writer (attention out, MLP out) of every layer, minimising the selection objective (refusal score floored at refusal_floor, smoothly, + kl_weight · KL).")
-    steps: int = Field(15, ge=1, description="Adam steps; each is one forward + backward pass over the validation prompts.")
+    steps: int = Field(16, ge=1, description="Adam steps; each is one forward + backward pass over the next batch (batch_size prompts) of each validation set, in turn: 16 steps = 4 passes over 32 + 32 prompts at batch size 8.")
     lr: float = Field(0.5, gt=0, description="Adam learning rate on the weights' logits (weights start at max_weight / 2).")
     max_weight: float = Field(1.0, gt=0, description="Upper bound of every learned weight (1 = remove the writer's whole component).")
 

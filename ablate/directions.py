@@ -526,8 +526,9 @@ def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: Pro
 
     Loss = mean over refusal prompts of floor + softplus(score − floor) (a smooth max(score, floor): refusal
     pushed past `refusal_floor` earns nothing more) + kl_weight · mean first-token KL(base ‖ ablated) over
-    harmless prompts. Adam on the weights' logits (start 0: every weight max_weight / 2), `steps` full passes;
-    model parameters stay frozen. Deterministic for the same inputs. Returns (weights, per-step history).
+    harmless prompts. Adam on the weights' logits (start 0: every weight max_weight / 2); each step takes
+    the next batch of each validation set in turn (mini-batches, `batch_size` prompts each), the model
+    frozen. Deterministic for the same inputs. Returns (weights, per-step history).
     """
     settings = config.strength_learning
     rows = [len(writers) for writers in get_adapter(model).writers]
@@ -539,20 +540,17 @@ def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: Pro
     with _frozen(model), _learnable_ablation(model, direction, logits, settings.max_weight):
         for step in tqdm(range(settings.steps), desc="strength learning", unit="step", disable=not progress, leave=False):
             optimizer.zero_grad()
-            refusal_loss = kl_loss = 0.0
-            for _, inputs in refusal.batches:
-                scores = refusal_log_odds(torch.log_softmax(run_prefix_and_batch(model, refusal.prefix, inputs), dim=-1), token_ids)
-                loss = (floor + nn.functional.softplus(scores - floor)).sum() / refusal.n
-                loss.backward()
-                refusal_loss += float(loss.detach())
-            for batch, inputs in harmless.batches:
-                logprobs = torch.log_softmax(run_prefix_and_batch(model, harmless.prefix, inputs), dim=-1)
-                loss = first_token_kl(base_harmless[batch].to(logprobs.device), logprobs).sum() / harmless.n
-                (config.kl_weight * loss).backward()
-                kl_loss += float(loss.detach())
+            _, inputs = refusal.batches[step % len(refusal.batches)]
+            scores = refusal_log_odds(torch.log_softmax(run_prefix_and_batch(model, refusal.prefix, inputs), dim=-1), token_ids)
+            refusal_loss = (floor + nn.functional.softplus(scores - floor)).mean()
+            batch, inputs = harmless.batches[step % len(harmless.batches)]
+            logprobs = torch.log_softmax(run_prefix_and_batch(model, harmless.prefix, inputs), dim=-1)
+            kl = first_token_kl(base_harmless[batch].to(logprobs.device), logprobs).mean()
+            loss = refusal_loss + config.kl_weight * kl
+            loss.backward()
             optimizer.step()
-            history.append({"step": step, "refusal_loss": round(refusal_loss, 4), "kl": round(kl_loss, 4),
-                            "loss": round(refusal_loss + config.kl_weight * kl_loss, 4)})
+            history.append({"step": step, "refusal_loss": round(float(refusal_loss.detach()), 4),
+                            "kl": round(float(kl.detach()), 4), "loss": round(float(loss.detach()), 4)})
     weights = (settings.max_weight * torch.sigmoid(logits.detach())).tolist()
     return [[round(w, 4) for w in row] for row in weights], history
 

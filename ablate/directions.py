@@ -56,7 +56,8 @@ from ablate.artifacts import atomic_write_bytes, fingerprint, is_done, mark_done
 from ablate.config import DirectionConfig, DirectionVariant, GenerationConfig, KernelConfig, StrengthConfig
 from ablate.generation import (cache_keyword, generate_batches, length_sorted_batches, prefix_cache, render_prompts,
                                shared_prefix_length)
-from ablate.interventions import activation_addition, directional_ablation, layer_weights, unit
+from ablate.interventions import (_project_out, _replace_output, activation_addition, directional_ablation, layer_weights,
+                                  unit)
 from ablate.models import format_chat, get_adapter
 
 # Probe messages ending in different characters, so their rendered token ids share only the template.
@@ -502,10 +503,7 @@ def _learnable_ablation(model: nn.Module, direction: torch.Tensor, logits: torch
     def make_hook(layer: int, writer: int):
         def hook(module, inputs, output):
             weight = max_weight * torch.sigmoid(logits[layer, writer])
-            x = output[0] if isinstance(output, tuple) else output
-            r = r_hat.to(x.dtype)
-            x = x - weight.to(x.dtype) * (x @ r).unsqueeze(-1) * r
-            return (x, *output[1:]) if isinstance(output, tuple) else x
+            return _replace_output(output, lambda x: _project_out(x, r_hat, weight.to(x.dtype)))
 
         return hook
 

@@ -66,16 +66,16 @@ def test_constraint_violation(tmp_path):
         load_config(path, Outer)
 
 
-def test_strength_takes_a_kernel_or_writer_weights_not_both(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("strength:\n  writer_weights: [[1.0, 0.5], [0.0, -1.0]]\n", r"strength.*writer_weights.*finite weights >= 0.*-1.0"),
+    ("strength:\n  writer_weights: [[1.0]]\n  kernel: {max_weight_position: 3, min_weight_distance: 2}\n",
+     "either kernel or writer_weights, not both"),
+    ("strength_learning:\n  steps: 0\n", "strength_learning.steps"),
+])
+def test_direction_strength_errors_name_file_and_key(tmp_path, text, message):
     from ablate.config import DirectionConfig
 
     path = tmp_path / "direction.yaml"
-    path.write_text("strength:\n  writer_weights: [[1.0, 0.5], [0.0, -1.0]]\n")
-    with pytest.raises(AblateError, match=r"direction.yaml.*strength.*writer_weights.*finite weights >= 0.*-1.0"):
-        load_config(path, DirectionConfig)
-    path.write_text("strength:\n  writer_weights: [[1.0, 0.5]]\n  kernel: {max_weight_position: 3, min_weight_distance: 2}\n")
-    with pytest.raises(AblateError, match="either kernel or writer_weights, not both"):
-        load_config(path, DirectionConfig)
-    path.write_text("strength_learning:\n  enabled: true\n  steps: 0\n")
-    with pytest.raises(AblateError, match="strength_learning.steps"):
+    path.write_text(text)
+    with pytest.raises(AblateError, match="direction.yaml.*" + message):
         load_config(path, DirectionConfig)

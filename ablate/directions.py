@@ -739,13 +739,16 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     def direction_of(record: dict) -> torch.Tensor:
         return candidates[record["variant"]][record["layer"], record["position"] + n_positions]
 
+    def ablated_scores(direction: torch.Tensor, ablation_weights) -> tuple[float, float]:
+        """(mean refusal log-odds on refusal val, mean first-token KL on harmless val) under the ablation."""
+        with directional_ablation(model, direction, ablation_weights):
+            refusal_score = float(refusal_log_odds(first_token_logprobs(model, refusal_batches), token_ids).mean())
+            kl = float(first_token_kl(base_harmless, first_token_logprobs(model, harmless_batches)).mean())
+        return refusal_score, kl
+
     for index in tqdm(shortlist, desc="scoring candidates", unit="candidate", disable=not progress, leave=False):
         record = records[index]
-        with directional_ablation(model, direction_of(record), weights):
-            ablated_refusal = first_token_logprobs(model, refusal_batches)
-            ablated_harmless = first_token_logprobs(model, harmless_batches)
-        record["refusal_score"] = float(refusal_log_odds(ablated_refusal, token_ids).mean())
-        record["kl"] = float(first_token_kl(base_harmless, ablated_harmless).mean())
+        record["refusal_score"], record["kl"] = ablated_scores(direction_of(record), weights)
         record["objective"] = objective(record, config)
         if not all(math.isfinite(record[k]) for k in ("refusal_score", "kl")):
             raise AblateError(f"candidate layer {record['layer']} position {record['position']}: non-finite score")
@@ -783,10 +786,8 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
                     option = StrengthConfig(coefficient=config.strength.coefficient, kernel=KernelConfig(
                         max_weight=kernel.max_weight, max_weight_position=record["layer"], min_weight=kernel.min_weight,
                         min_weight_distance=kernel.distance))
-                    with directional_ablation(model, direction_of(record),
-                                              layer_weights(n_layers, option.coefficient, option.kernel.model_dump())):
-                        refusal_score = float(refusal_log_odds(first_token_logprobs(model, refusal_batches), token_ids).mean())
-                        kl = float(first_token_kl(base_harmless, first_token_logprobs(model, harmless_batches)).mean())
+                    refusal_score, kl = ablated_scores(
+                        direction_of(record), layer_weights(n_layers, option.coefficient, option.kernel.model_dump()))
                     options.append((index, option, refusal_score, kl))
                     searched.append({"layer": record["layer"], "position": record["position"], "variant": record["variant"],
                                      "strength": option.model_dump(mode="json"), "refusal_score": refusal_score, "kl": kl,
@@ -814,9 +815,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     if config.strength_learning.enabled:
         writer_weights, history = learn_writer_weights(model, direction, refusal_batches, harmless_batches, base_harmless,
                                                        token_ids, config, progress)
-        with directional_ablation(model, direction, writer_weights):
-            refusal_score = float(refusal_log_odds(first_token_logprobs(model, refusal_batches), token_ids).mean())
-            kl = float(first_token_kl(base_harmless, first_token_logprobs(model, harmless_batches)).mean())
+        refusal_score, kl = ablated_scores(direction, writer_weights)
         scores = {"refusal_score": refusal_score, "kl": kl, "objective": objective({"refusal_score": refusal_score, "kl": kl}, config)}
         chosen_learned = (kl <= config.kl_max, -scores["objective"]) > (pick["kl"] <= config.kl_max, -pick["objective"])
         learned = {**scores, "chosen": chosen_learned, "writer_weights": writer_weights, "history": history,

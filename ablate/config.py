@@ -331,7 +331,8 @@ class StrengthLearning(StrictModel):
     """Learn per-writer ablation weights for the selected direction by gradient descent on the validation prompts."""
 
     enabled: bool = Field(True, description="Learn a weight in [0, max_weight] for every residual writer (attention out, MLP out) of every layer, minimising the selection objective (refusal score floored at refusal_floor, smoothly, + kl_weight · KL).")
-    steps: int = Field(16, ge=1, description="Adam steps; each is one forward + backward pass over the next batch (batch_size prompts) of each validation set, in turn: 16 steps = 4 passes over 32 + 32 prompts at batch size 8.")
+    steps: int = Field(16, ge=1, description="Adam steps; each is one forward + backward pass over the next mini-batch of each validation set, in turn: 16 steps = 4 passes over 32 + 32 prompts at batch_size 8.")
+    batch_size: int = Field(8, ge=1, description="Prompts of each validation set per step (mini-batches: smaller ones were better than whole-set steps, docs/directions.md).")
     lr: float = Field(0.5, gt=0, description="Adam learning rate on the weights' logits (weights start at max_weight / 2).")
     max_weight: float = Field(1.0, gt=0, description="Upper bound of every learned weight (1 = remove the writer's whole component).")
 
@@ -359,6 +360,8 @@ class DirectionConfig(StrictModel):
     exclude_last_fraction: float = Field(0.2, ge=0, lt=1, description="Candidates from the last fraction of layers are never selected (they act on the output, not on refusal).")
     shortlist: int = Field(10, ge=1, description="Candidates (best first-order screening estimate first, every variant of a site) whose exact refusal score and KL are computed.")
     shortlist_per_layer: int = Field(1, ge=1, description="At most this many shortlisted sites (positions) per layer, so the shortlist spans layers.")
+    prescore_prompts: int | None = Field(8, ge=1, description="Successive halving: every shortlisted candidate is first scored on this many prompts of each validation set, and only the best `prescore_keep` by the objective on all of them; None = score the whole shortlist on every prompt.")
+    prescore_keep: int = Field(4, ge=1, description="Candidates kept after the prescore for the exact score on the whole validation sets.")
     kl_max: float = Field(0.2, gt=0, description="Filter: first-token KL divergence on harmless validation prompts must not exceed this.")
     steering_min: float = Field(0.0, description="Filter: adding the direction to harmless prompts must raise the refusal score above this log-odds.")
     steering_relative: bool = Field(False, description="Read steering_min against the harmless prompts' unsteered refusal score (the candidate must raise refusal by more than steering_min) instead of as an absolute log-odds (Arditi et al.: > 0).")

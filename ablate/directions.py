@@ -453,7 +453,7 @@ def select_candidate(records: list[dict], config: DirectionConfig, n_layers: int
     """Apply the filters and the objective to the exactly-scored records.
 
     Returns (index of the chosen record, fallback used, filter counts). Filters apply in order (late
-    layer, shortlist, KL, steering); each count is how many that filter removed of those left. The
+    layer, shortlist, prescore, KL, steering); each count is how many that filter removed of those left. The
     steering score is needed only down to the pick, so survivors of the KL filter are visited in
     objective order and `steering(index)` (default: the record's stored score) is asked lazily;
     those ranked below the pick are counted as `steering_not_scored`. With `steering_relative` the
@@ -466,7 +466,9 @@ def select_candidate(records: list[dict], config: DirectionConfig, n_layers: int
     left = [i for i in range(len(records)) if records[i]["layer"] < max_layer]
     counts["late_layer"] = len(records) - len(left)
     scored = [i for i in left if records[i].get("kl") is not None]
-    counts["not_shortlisted"] = len(left) - len(scored)
+    dropped = sum(1 for i in left if records[i].get("kl") is None and "prescore" in records[i])
+    counts["not_shortlisted"] = len(left) - len(scored) - dropped
+    counts["prescore_dropped"] = dropped
     left = [i for i in scored if records[i]["kl"] <= config.kl_max]
     counts["kl_above_max"] = len(scored) - len(left)
     ranked = sorted(left, key=lambda i: (objective(records[i], config), i))
@@ -525,7 +527,7 @@ def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: Pro
     Loss = mean over refusal prompts of floor + softplus(score − floor) (a smooth max(score, floor): refusal
     pushed past `refusal_floor` earns nothing more) + kl_weight · mean first-token KL(base ‖ ablated) over
     harmless prompts. Adam on the weights' logits (start 0: every weight max_weight / 2); each step takes
-    the next batch of each validation set in turn (mini-batches, `batch_size` prompts each), the model
+    the next batch of each validation set in turn (mini-batches as `refusal` and `harmless` are batched), the model
     frozen. Deterministic for the same inputs. Returns (weights, per-step history).
     """
     settings = config.strength_learning
@@ -739,19 +741,39 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     def direction_of(record: dict) -> torch.Tensor:
         return candidates[record["variant"]][record["layer"], record["position"] + n_positions]
 
-    def ablated_scores(direction: torch.Tensor, ablation_weights) -> tuple[float, float]:
+    def ablated_scores(direction: torch.Tensor, ablation_weights, refusal=refusal_batches, harmless=harmless_batches,
+                       base=base_harmless) -> tuple[float, float]:
         """(mean refusal log-odds on refusal val, mean first-token KL on harmless val) under the ablation."""
         with directional_ablation(model, direction, ablation_weights):
-            refusal_score = float(refusal_log_odds(first_token_logprobs(model, refusal_batches), token_ids).mean())
-            kl = float(first_token_kl(base_harmless, first_token_logprobs(model, harmless_batches)).mean())
+            refusal_score = float(refusal_log_odds(first_token_logprobs(model, refusal), token_ids).mean())
+            kl = float(first_token_kl(base, first_token_logprobs(model, harmless)).mean())
         return refusal_score, kl
 
-    for index in tqdm(shortlist, desc="scoring candidates", unit="candidate", disable=not progress, leave=False):
+    def check_finite(record: dict, scores: tuple[float, float]) -> None:
+        if not all(math.isfinite(value) for value in scores):
+            raise AblateError(f"candidate layer {record['layer']} position {record['position']}: non-finite score")
+
+    # Successive halving: the whole shortlist on the first `prescore_prompts` prompts of each set, then
+    # the best `prescore_keep` of them by the objective on every prompt.
+    exact = shortlist
+    n_prescore = config.prescore_prompts
+    if n_prescore is not None and n_prescore < min(len(sets["refusal_val"]), len(sets["harmless_val"])) \
+            and config.prescore_keep < len(shortlist):
+        few_refusal = prepare_batches(tokenizer, sets["refusal_val"].prompts[:n_prescore], config.batch_size, system, device)
+        few_harmless = prepare_batches(tokenizer, sets["harmless_val"].prompts[:n_prescore], config.batch_size, system, device)
+        for index in tqdm(shortlist, desc="prescoring candidates", unit="candidate", disable=not progress, leave=False):
+            record = records[index]
+            scores = ablated_scores(direction_of(record), weights, few_refusal, few_harmless, base_harmless[:n_prescore])
+            check_finite(record, scores)
+            record["prescore"] = {"refusal_score": scores[0], "kl": scores[1], "n_prompts": n_prescore,
+                                  "objective": objective({"refusal_score": scores[0], "kl": scores[1]}, config)}
+        exact = sorted(shortlist, key=lambda i: (records[i]["prescore"]["objective"], i))[: config.prescore_keep]
+        lap("prescore")
+    for index in tqdm(exact, desc="scoring candidates", unit="candidate", disable=not progress, leave=False):
         record = records[index]
         record["refusal_score"], record["kl"] = ablated_scores(direction_of(record), weights)
+        check_finite(record, (record["refusal_score"], record["kl"]))
         record["objective"] = objective(record, config)
-        if not all(math.isfinite(record[k]) for k in ("refusal_score", "kl")):
-            raise AblateError(f"candidate layer {record['layer']} position {record['position']}: non-finite score")
 
     def steering_score(index: int) -> float:
         """Refusal log-odds on harmless prompts with the candidate added at its layer (computed once)."""
@@ -775,7 +797,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     strength, searched = config.strength, []
     threshold = steering_threshold(config, base_harmless_score)
     if pick["kl"] > config.kl_max and config.strength_search and not config.strength_learning.enabled:
-        allowed = [i for i in shortlist if records[i]["layer"] < max_layer]
+        allowed = [i for i in exact if records[i]["layer"] < max_layer]
         searched_indices = [chosen] + sorted((i for i in allowed if i != chosen), key=lambda i: (records[i]["objective"], i))
         options = [(chosen, strength, pick["refusal_score"], pick["kl"])]
         total = len(config.strength_search) * len(searched_indices[: config.strength_candidates])
@@ -813,8 +835,11 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     #    within kl_max beats one above it, then the objective decides).
     learned = None
     if config.strength_learning.enabled:
-        writer_weights, history = learn_writer_weights(model, direction, refusal_batches, harmless_batches, base_harmless,
-                                                       token_ids, config, progress)
+        size = config.strength_learning.batch_size
+        writer_weights, history = learn_writer_weights(
+            model, direction, prepare_batches(tokenizer, sets["refusal_val"].prompts, size, system, device),
+            prepare_batches(tokenizer, sets["harmless_val"].prompts, size, system, device), base_harmless,
+            token_ids, config, progress)
         refusal_score, kl = ablated_scores(direction, writer_weights)
         scores = {"refusal_score": refusal_score, "kl": kl, "objective": objective({"refusal_score": refusal_score, "kl": kl}, config)}
         chosen_learned = (kl <= config.kl_max, -scores["objective"]) > (pick["kl"] <= config.kl_max, -pick["objective"])
@@ -854,7 +879,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     write_json(out_dir / "sweep.json", {
         "base": {"refusal_score_refusal_val": base_refusal_score, "refusal_score_harmless_val": base_harmless_score},
         "refusal_tokens": {"ids": token_ids, "text": [tokenizer.decode([t]) for t in token_ids], "examples": token_examples},
-        "max_layer_allowed": max_layer, "shortlist": shortlist, "selected_index": chosen, "strength_search": searched,
+        "max_layer_allowed": max_layer, "shortlist": shortlist, "exactly_scored": exact, "selected_index": chosen, "strength_search": searched,
         "strength_learning": learned,
         "config": config.model_dump(mode="json"), "candidates": records,
     })

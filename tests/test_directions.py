@@ -126,11 +126,13 @@ def test_selection_weighs_damage_and_reports_filters():
         record(4, refusal=-8.0, kl=0.1, steering=-1.0),  # steering does not induce refusal
         record(9, refusal=-9.0, kl=0.0, steering=5.0),   # late layer
         record(5, refusal=-9.0, kl=None, steering=None),  # not shortlisted
+        {**record(6, refusal=-9.0, kl=None, steering=None),  # prescored on a few prompts, not kept
+         "prescore": {"refusal_score": -1.0, "kl": 0.5, "objective": 1.0}},
     ]
     chosen, fallback, counts = select_candidate(records, config, n_layers=10)
     assert (chosen, fallback) == (1, False)
     # Ranked by objective: layer 4 (steering fails), then layer 2 (passes); two more were not needed.
-    assert counts == {"candidates": 6, "late_layer": 1, "not_shortlisted": 1, "kl_above_max": 0,
+    assert counts == {"candidates": 7, "late_layer": 1, "not_shortlisted": 1, "prescore_dropped": 1, "kl_above_max": 0,
                       "steering_not_above_min": 1, "steering_not_scored": 2, "passed": 1}
     strict = config.model_copy(update={"kl_max": 0.05, "steering_min": 3.0})
     chosen, fallback, counts = select_candidate(records, strict, n_layers=10)
@@ -222,6 +224,43 @@ def test_run_direction_is_deterministic_and_resumable(direction_run, tokenizer, 
 
     monkeypatch.setattr(ablate.directions, "collect_mean_activations", lambda *a, **k: pytest.fail("recomputed"))
     assert run_direction(model, tokenizer, DirectionConfig(**SMALL), out, progress=False)["layer"] == selected["layer"]
+
+
+def test_prescore_keeps_the_best_on_a_few_prompts_for_the_exact_score(tokenizer, tmp_path):
+    """Successive halving: every shortlisted candidate is scored on the first prescore_prompts prompts of
+    each validation set, the best prescore_keep by the objective there get the exact score, and the pick
+    is among them; the others are counted as prescore_dropped."""
+    from conftest import build_model
+
+    from ablate.directions import prepare_batches
+
+    config = DirectionConfig(**{**SMALL, "shortlist": 4}, prescore_prompts=2, prescore_keep=2,
+                             strength_learning={"enabled": False}, strength_search=[])
+    model = build_model("llama", tokenizer, seed=0)
+    with pytest.warns(UserWarning):
+        selected = run_direction(model, tokenizer, config, tmp_path, progress=False)
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    records = sweep["candidates"]
+    prescored = [i for i, r in enumerate(records) if "prescore" in r]
+    assert sorted(prescored) == sorted(sweep["shortlist"]) and len(prescored) == 4
+    best = sorted(prescored, key=lambda i: (records[i]["prescore"]["objective"], i))[:2]
+    assert sorted(sweep["exactly_scored"]) == sorted(best)
+    assert sorted(i for i, r in enumerate(records) if r["kl"] is not None) == sorted(best)
+    assert sweep["selected_index"] in best and selected["filter_counts"]["prescore_dropped"] == 2
+    # The prescore is the exact score on the first two prompts of each set.
+    from ablate.directions import first_token_kl, first_token_logprobs, load_sets, refusal_log_odds
+    from ablate.interventions import directional_ablation
+
+    sets, record = load_sets(config), records[best[0]]
+    few = {name: prepare_batches(tokenizer, sets[name].prompts[:2], 8, None, torch.device("cpu"))
+           for name in ("refusal_val", "harmless_val")}
+    base = first_token_logprobs(model, few["harmless_val"])
+    direction = torch.load(tmp_path / "candidates.pt", weights_only=True)[record["variant"]][record["layer"], record["position"]]
+    with directional_ablation(model, direction):
+        refusal = refusal_log_odds(first_token_logprobs(model, few["refusal_val"]), sweep["refusal_tokens"]["ids"]).mean()
+        kl = first_token_kl(base, first_token_logprobs(model, few["harmless_val"])).mean()
+    assert record["prescore"]["refusal_score"] == pytest.approx(float(refusal), abs=1e-5)
+    assert record["prescore"]["kl"] == pytest.approx(float(kl), abs=1e-6)
 
 
 def test_no_candidate_passing_falls_back_with_a_warning(tokenizer, tmp_path):

@@ -333,6 +333,8 @@ class StrengthLearning(StrictModel):
     enabled: bool = Field(True, description="Learn a weight in [0, max_weight] for every residual writer (attention out, MLP out) of every layer, minimising the selection objective (refusal score floored at refusal_floor, smoothly, + kl_weight · KL).")
     steps: int = Field(16, ge=1, description="Adam steps; each is one forward + backward pass over the next mini-batch of each validation set, in turn: 16 steps = 4 passes over 32 + 32 prompts at batch_size 8.")
     batch_size: int = Field(8, ge=1, description="Prompts of each validation set per step (mini-batches: smaller ones were better than whole-set steps, docs/directions.md).")
+    candidates: int = Field(4, ge=1, description="Weights are learned for the pick and the next best exactly-scored candidates by the objective (those whose addition induces refusal), this many in all; the best learned one wins, whichever candidate it belongs to. 1 = the pick only.")
+    halving_steps: int = Field(8, ge=1, description="Successive halving over the candidates: each learns this many steps, is scored exactly, and only the best goes on to `steps`.")
     lr: float = Field(0.5, gt=0, description="Adam learning rate on the weights' logits (weights start at max_weight / 2).")
     max_weight: float = Field(1.0, gt=0, description="Upper bound of every learned weight (1 = remove the writer's whole component).")
 

@@ -44,7 +44,7 @@ import time
 import warnings
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -519,26 +519,42 @@ def _learnable_ablation(model: nn.Module, direction: torch.Tensor, logits: torch
             handle.remove()
 
 
+@dataclass
+class LearningState:
+    """Where a run of strength learning stands: the weights' logits, their optimiser, the next step."""
+
+    logits: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
 def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: PromptBatches, harmless: PromptBatches,
                          base_harmless: torch.Tensor, token_ids: list[int], config: DirectionConfig,
-                         progress: bool = False) -> tuple[list[list[float]], list[dict]]:
+                         progress: bool = False, steps: int | None = None,
+                         state: LearningState | None = None) -> tuple[list[list[float]], LearningState]:
     """Per-writer ablation weights in [0, max_weight] that minimise the selection objective on validation prompts.
 
     Loss = mean over refusal prompts of floor + softplus(score − floor) (a smooth max(score, floor): refusal
     pushed past `refusal_floor` earns nothing more) + kl_weight · mean first-token KL(base ‖ ablated) over
     harmless prompts. Adam on the weights' logits (start 0: every weight max_weight / 2); each step takes
     the next batch of each validation set in turn (mini-batches as `refusal` and `harmless` are batched), the model
-    frozen. Deterministic for the same inputs. Returns (weights, per-step history).
+    frozen. Runs `steps` steps (default `strength_learning.steps`) from `state` (default: a fresh start),
+    so a run can be continued exactly where it stopped. Deterministic for the same inputs.
+    Returns (weights, state); `state.history` has one entry per step.
     """
     settings = config.strength_learning
     rows = [len(writers) for writers in get_adapter(model).writers]
     if len(set(rows)) != 1:
         raise AblateError(f"strength_learning needs the same number of residual writers in every layer, got {sorted(set(rows))}")
-    logits = torch.zeros(len(rows), rows[0], requires_grad=True)
-    optimizer = torch.optim.Adam([logits], lr=settings.lr)
-    floor, history = config.refusal_floor, []
+    if state is None:
+        logits = torch.zeros(len(rows), rows[0], requires_grad=True)
+        state = LearningState(logits, torch.optim.Adam([logits], lr=settings.lr))
+    logits, optimizer, floor = state.logits, state.optimizer, config.refusal_floor
+    steps = settings.steps if steps is None else steps
     with _frozen(model), _learnable_ablation(model, direction, logits, settings.max_weight):
-        for step in tqdm(range(settings.steps), desc="strength learning", unit="step", disable=not progress, leave=False):
+        for step in tqdm(range(state.step, state.step + steps), desc="strength learning", unit="step",
+                         disable=not progress, leave=False):
             optimizer.zero_grad()
             _, inputs = refusal.batches[step % len(refusal.batches)]
             scores = refusal_log_odds(torch.log_softmax(run_prefix_and_batch(model, refusal.prefix, inputs), dim=-1), token_ids)
@@ -549,10 +565,11 @@ def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: Pro
             loss = refusal_loss + config.kl_weight * kl
             loss.backward()
             optimizer.step()
-            history.append({"step": step, "refusal_loss": round(float(refusal_loss.detach()), 4),
-                            "kl": round(float(kl.detach()), 4), "loss": round(float(loss.detach()), 4)})
+            state.history.append({"step": step, "refusal_loss": round(float(refusal_loss.detach()), 4),
+                                  "kl": round(float(kl.detach()), 4), "loss": round(float(loss.detach()), 4)})
+    state.step += steps
     weights = (settings.max_weight * torch.sigmoid(logits.detach())).tolist()
-    return [[round(w, 4) for w in row] for row in weights], history
+    return [[round(w, 4) for w in row] for row in weights], state
 
 
 def steering_threshold(config: DirectionConfig, unsteered: float) -> float:
@@ -830,23 +847,49 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         if fallback and pick["kl"] <= config.kl_max and pick["steering_score"] > threshold:
             fallback = False  # full ablation failed only the KL filter, and a weaker kernel passes it
             filter_counts["passed_after_strength_search"] = 1
-    # 8. Strength learning: per-writer weights for the pick's direction, by gradient descent on the
-    #    validation prompts; they replace the current strength when they score better (a weight set
-    #    within kl_max beats one above it, then the objective decides).
+    # 8. Strength learning: per-writer weights, by gradient descent on the validation prompts, for the
+    #    pick and the next best exactly-scored candidates (successive halving: each learns
+    #    `halving_steps` steps, the best by the exact objective goes on to `steps`). The result replaces
+    #    the pick and its strength when it scores better (within kl_max beats above it, then the objective).
     learned = None
     if config.strength_learning.enabled:
-        size = config.strength_learning.batch_size
-        writer_weights, history = learn_writer_weights(
-            model, direction, prepare_batches(tokenizer, sets["refusal_val"].prompts, size, system, device),
-            prepare_batches(tokenizer, sets["harmless_val"].prompts, size, system, device), base_harmless,
-            token_ids, config, progress)
-        refusal_score, kl = ablated_scores(direction, writer_weights)
-        scores = {"refusal_score": refusal_score, "kl": kl, "objective": objective({"refusal_score": refusal_score, "kl": kl}, config)}
-        chosen_learned = (kl <= config.kl_max, -scores["objective"]) > (pick["kl"] <= config.kl_max, -pick["objective"])
-        learned = {**scores, "chosen": chosen_learned, "writer_weights": writer_weights, "history": history,
-                   "settings": config.strength_learning.model_dump(mode="json")}
+        settings = config.strength_learning
+        learn_refusal = prepare_batches(tokenizer, sets["refusal_val"].prompts, settings.batch_size, system, device)
+        learn_harmless = prepare_batches(tokenizer, sets["harmless_val"].prompts, settings.batch_size, system, device)
+        pool = [chosen] + sorted((i for i in exact if i != chosen and records[i]["layer"] < max_layer),
+                                 key=lambda i: (records[i]["objective"], i))
+        # Candidates whose addition does not induce refusal are no refusal direction: learned only when none does.
+        pool = ([i for i in pool if steering_score(i) > threshold] or pool)[: settings.candidates]
+        first_steps = settings.steps if len(pool) == 1 else min(settings.halving_steps, settings.steps)
+        runs = []
+        for index in pool:
+            record = records[index]
+            weights_i, state = learn_writer_weights(model, direction_of(record), learn_refusal, learn_harmless,
+                                                    base_harmless, token_ids, config, progress, steps=first_steps)
+            refusal_score, kl = ablated_scores(direction_of(record), weights_i)
+            runs.append({"index": index, "layer": record["layer"], "position": record["position"], "variant": record["variant"],
+                         "steps": first_steps, "refusal_score": refusal_score, "kl": kl, "weights": weights_i, "state": state,
+                         "objective": objective({"refusal_score": refusal_score, "kl": kl}, config)})
+        best = min(runs, key=lambda run: (run["objective"], pool.index(run["index"])))
+        writer_weights, state = best["weights"], best["state"]
+        scores = {key: best[key] for key in ("refusal_score", "kl", "objective")}
+        if first_steps < settings.steps:
+            writer_weights, state = learn_writer_weights(
+                model, direction_of(records[best["index"]]), learn_refusal, learn_harmless, base_harmless, token_ids,
+                config, progress, steps=settings.steps - first_steps, state=state)
+            refusal_score, kl = ablated_scores(direction_of(records[best["index"]]), writer_weights)
+            scores = {"refusal_score": refusal_score, "kl": kl,
+                      "objective": objective({"refusal_score": refusal_score, "kl": kl}, config)}
+        chosen_learned = (scores["kl"] <= config.kl_max, -scores["objective"]) > (pick["kl"] <= config.kl_max, -pick["objective"])
+        learned = {**scores, "chosen": chosen_learned, "candidate_index": best["index"], "writer_weights": writer_weights,
+                   "history": state.history, "settings": settings.model_dump(mode="json"),
+                   "compared_with": {"index": chosen, "refusal_score": pick["refusal_score"], "kl": pick["kl"],
+                                     "objective": pick["objective"]},
+                   "candidates": [{key: value for key, value in run.items() if key not in ("weights", "state")} for run in runs]}
         if chosen_learned:
+            chosen = best["index"]
             full = records[chosen]
+            direction = direction_of(full).clone()
             strength = StrengthConfig(writer_weights=writer_weights)
             pick = {**full, **scores, "full_ablation": {"refusal_score": full["refusal_score"], "kl": full["kl"]}}
         pick["steering_score"] = steering_score(chosen)

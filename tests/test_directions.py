@@ -296,7 +296,7 @@ def test_strength_learning_lowers_its_objective_and_is_baked_into_the_weights(to
     from ablate.interventions import directional_ablation, orthogonalize_from, weights_for
 
     model = build_model("llama", tokenizer, seed=0)
-    config = DirectionConfig(**SMALL, kl_max=1e-9, strength_learning={"steps": 6})  # enabled by default
+    config = DirectionConfig(**SMALL, kl_max=1e-9, strength_learning={"steps": 6, "halving_steps": 3})  # enabled by default
     with pytest.warns(UserWarning):
         selected = run_direction(model, tokenizer, config, tmp_path, progress=False)
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
@@ -307,14 +307,24 @@ def test_strength_learning_lowers_its_objective_and_is_baked_into_the_weights(to
     assert len(weights) == 2 and all(len(row) == 2 and all(0 <= w <= 1 for w in row) for row in weights)
     history = learned["history"]
     assert len(history) == 6 and history[-1]["loss"] < history[0]["loss"]
-    pick = sweep["candidates"][sweep["selected_index"]]
-    full_objective = pick["objective"]
+    # Successive halving: every candidate learned halving_steps (3), the best of them went on to 6 steps.
+    runs = learned["candidates"]
+    assert len(runs) == min(config.strength_learning.candidates, len(sweep["exactly_scored"])) >= 2
+    assert runs[0]["index"] == learned["compared_with"]["index"]  # the pick comes first
+    assert all(run["steps"] == 3 for run in runs)  # scored exactly after 3 steps each
+    assert min(runs, key=lambda run: run["objective"])["index"] == learned["candidate_index"]
+    assert [h["step"] for h in history] == list(range(6))
+    full_objective = learned["compared_with"]["objective"]
     assert learned["chosen"] == (learned["objective"] < full_objective)
     assert selected["objective"] == pytest.approx(min(learned["objective"], full_objective))
     if learned["chosen"]:
+        pick = sweep["candidates"][sweep["selected_index"]]
+        assert sweep["selected_index"] == learned["candidate_index"]
         assert selected["strength"]["writer_weights"] == weights
         assert selected["full_ablation"] == {"refusal_score": pick["refusal_score"], "kl": pick["kl"]}
     direction, _ = load_direction(tmp_path)
+    candidates = torch.load(tmp_path / "candidates.pt", weights_only=True)
+    torch.testing.assert_close(direction, candidates[selected["variant"]][selected["layer"], selected["position"]])
     inputs = tokenize_batch(tokenizer, render_prompts(tokenizer, ["Write a poem.", "Name a river."]), torch.device("cpu"))
     with torch.no_grad(), directional_ablation(model, direction, weights_for(model, selected)):
         hooked = model(**inputs).logits

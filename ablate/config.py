@@ -379,7 +379,7 @@ class DirectionConfig(StrictModel):
         default_factory=lambda: [SearchKernel(distance=4), SearchKernel(distance=6), SearchKernel(distance=8),
                                  SearchKernel(distance=12, min_weight=0.3)],
         description="Kernels peaked at a candidate's layer, tried when the selected direction at `strength` exceeds kl_max; the best by the objective that passes kl_max replaces `strength` (and the pick, see strength_candidates). Empty = no search.")
-    strength_learning: StrengthLearning = Field(default_factory=StrengthLearning, description="Learn per-writer weights for the pick instead of searching kernels (the search runs only when this is disabled); the learned weights replace the configured strength when they score better by the objective.")
+    strength_learning: StrengthLearning = Field(default_factory=StrengthLearning, description="Learn per-writer weights for the pick and the next best candidates instead of searching kernels (the search runs only when this is disabled); the best learned weights replace the pick and its strength when they score better by the objective.")
     strength_candidates: int = Field(3, ge=1, description="The strength search tries its kernels on the pick and on the next best exactly-scored candidates by the objective, this many in all: a candidate whose full ablation is too damaging may be the best once limited to a few layers.")
 
     @field_validator("refusal_train", "harmless_train", "refusal_val", "harmless_val")

@@ -336,7 +336,9 @@ class StrengthLearning(StrictModel):
     candidates: int = Field(4, ge=1, description="Weights are learned for the pick and the next best exactly-scored candidates by the objective (those whose addition induces refusal), this many in all; the best learned one wins, whichever candidate it belongs to. 1 = the pick only.")
     halving_steps: int = Field(8, ge=1, description="Successive halving over the candidates: each learns this many steps, is scored exactly, and only the best goes on to `steps`.")
     lr: float = Field(0.5, gt=0, description="Adam learning rate on the weights' logits (weights start at max_weight / 2).")
+    direction_lr: float = Field(0.02, ge=0, description="Adam learning rate on a change δ to the direction itself: the ablated direction is unit(r̂ + δ), δ starting at 0 (the candidate); 0 keeps the candidate's direction.")
     max_weight: float = Field(1.0, gt=0, description="Upper bound of every learned weight (1 = remove the writer's whole component).")
+    select_by_generation: bool = Field(True, description="Rank the learned weights (and the pick's full ablation they must beat) by the refusals of greedy completions of the refusal validation prompts (refusal_token_max_new_tokens tokens, substring scorer) instead of the first-token score they were learned on, which a learned direction can meet by suppressing the refusal openers alone.")
 
 
 class SearchKernel(StrictModel):

@@ -493,18 +493,21 @@ def select_candidate(records: list[dict], config: DirectionConfig, n_layers: int
 
 
 @contextmanager
-def _learnable_ablation(model: nn.Module, direction: torch.Tensor, logits: torch.Tensor, max_weight: float):
-    """o ← o − w (o·r̂) r̂ on every residual writer, w = max_weight · sigmoid(logits[layer, writer]).
+def _learnable_ablation(model: nn.Module, direction: torch.Tensor, logits: torch.Tensor, max_weight: float,
+                        delta: torch.Tensor | None = None):
+    """o ← o − w (o·r̂) r̂ on every residual writer, w = max_weight · sigmoid(logits[layer, writer]),
+    r̂ = unit(unit(direction) + delta) when `delta` is given (the direction is learned too).
 
-    The weights are computed inside each hook from the leaf `logits`, so every forward pass builds its
-    own graph and gradients reach `logits`. Hooks are removed in `finally`.
+    The weights and r̂ are computed inside each hook from the leaves `logits` and `delta`, so every
+    forward pass builds its own graph and gradients reach them. Hooks are removed in `finally`.
     """
-    r_hat = unit(direction).to(_device(model))
+    r_start = unit(direction).to(_device(model))
     handles = []
 
     def make_hook(layer: int, writer: int):
         def hook(module, inputs, output):
             weight = max_weight * torch.sigmoid(logits[layer, writer])
+            r_hat = r_start if delta is None else (r_start + delta) / (r_start + delta).norm()  # differentiable
             return _replace_output(output, lambda x: _project_out(x, r_hat, weight.to(x.dtype)))
 
         return hook
@@ -521,27 +524,40 @@ def _learnable_ablation(model: nn.Module, direction: torch.Tensor, logits: torch
 
 @dataclass
 class LearningState:
-    """Where a run of strength learning stands: the weights' logits, their optimiser, the next step."""
+    """Where a run of strength learning stands: the weights' logits, the change to the direction (None when
+    the direction is fixed), their optimiser, the next step and the per-step history."""
 
     logits: torch.Tensor
+    delta: torch.Tensor | None
     optimizer: torch.optim.Optimizer
     step: int = 0
     history: list[dict] = field(default_factory=list)
+
+
+def learned_direction(direction: torch.Tensor, state: LearningState) -> torch.Tensor:
+    """The direction a learning run ablates, at the norm of the one it started from (ablation uses only r̂;
+    activation addition and the steering score use the norm)."""
+    if state.delta is None:
+        return direction.clone()
+    r_hat = unit(unit(direction.float()) + state.delta.detach().to(direction.device))
+    return (r_hat * direction.float().norm()).to(direction.dtype)
 
 
 def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: PromptBatches, harmless: PromptBatches,
                          base_harmless: torch.Tensor, token_ids: list[int], config: DirectionConfig,
                          progress: bool = False, steps: int | None = None,
                          state: LearningState | None = None) -> tuple[list[list[float]], LearningState]:
-    """Per-writer ablation weights in [0, max_weight] that minimise the selection objective on validation prompts.
+    """Per-writer ablation weights in [0, max_weight] (and, with `direction_lr` > 0, a change to the direction)
+    that minimise the selection objective on validation prompts.
 
     Loss = mean over refusal prompts of floor + softplus(score − floor) (a smooth max(score, floor): refusal
     pushed past `refusal_floor` earns nothing more) + kl_weight · mean first-token KL(base ‖ ablated) over
-    harmless prompts. Adam on the weights' logits (start 0: every weight max_weight / 2); each step takes
-    the next batch of each validation set in turn (mini-batches as `refusal` and `harmless` are batched), the model
-    frozen. Runs `steps` steps (default `strength_learning.steps`) from `state` (default: a fresh start),
-    so a run can be continued exactly where it stopped. Deterministic for the same inputs.
-    Returns (weights, state); `state.history` has one entry per step.
+    harmless prompts. Adam on the weights' logits (start 0: every weight max_weight / 2) and on δ, where the
+    ablated direction is unit(r̂ + δ) (start 0: the candidate itself); each step takes the next batch of each
+    validation set in turn (mini-batches as `refusal` and `harmless` are batched), the model frozen. Runs
+    `steps` steps (default `strength_learning.steps`) from `state` (default: a fresh start), so a run can be
+    continued exactly where it stopped. Deterministic for the same inputs.
+    Returns (weights, state); `state.history` has one entry per step, `learned_direction` reads the direction.
     """
     settings = config.strength_learning
     rows = [len(writers) for writers in get_adapter(model).writers]
@@ -549,10 +565,15 @@ def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: Pro
         raise AblateError(f"strength_learning needs the same number of residual writers in every layer, got {sorted(set(rows))}")
     if state is None:
         logits = torch.zeros(len(rows), rows[0], requires_grad=True)
-        state = LearningState(logits, torch.optim.Adam([logits], lr=settings.lr))
+        groups = [{"params": [logits], "lr": settings.lr}]
+        delta = None
+        if settings.direction_lr > 0:
+            delta = torch.zeros(direction.shape[-1], device=_device(model), requires_grad=True)
+            groups.append({"params": [delta], "lr": settings.direction_lr})
+        state = LearningState(logits, delta, torch.optim.Adam(groups))
     logits, optimizer, floor = state.logits, state.optimizer, config.refusal_floor
     steps = settings.steps if steps is None else steps
-    with _frozen(model), _learnable_ablation(model, direction, logits, settings.max_weight):
+    with _frozen(model), _learnable_ablation(model, direction, logits, settings.max_weight, state.delta):
         for step in tqdm(range(state.step, state.step + steps), desc="strength learning", unit="step",
                          disable=not progress, leave=False):
             optimizer.zero_grad()
@@ -792,13 +813,17 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         check_finite(record, (record["refusal_score"], record["kl"]))
         record["objective"] = objective(record, config)
 
+    def steering_of(direction: torch.Tensor, layer: int) -> float:
+        """Refusal log-odds on harmless prompts with `direction` added at `layer`'s input."""
+        with activation_addition(model, direction, layer, config.steering_coefficient):
+            steered = first_token_logprobs(model, harmless_batches)
+        return float(refusal_log_odds(steered, token_ids).mean())
+
     def steering_score(index: int) -> float:
-        """Refusal log-odds on harmless prompts with the candidate added at its layer (computed once)."""
+        """The candidate's steering score, computed once."""
         record = records[index]
         if record["steering_score"] is None:
-            with activation_addition(model, direction_of(record), record["layer"], config.steering_coefficient):
-                steered = first_token_logprobs(model, harmless_batches)
-            record["steering_score"] = float(refusal_log_odds(steered, token_ids).mean())
+            record["steering_score"] = steering_of(direction_of(record), record["layer"])
         return record["steering_score"]
 
     lap("score")
@@ -861,38 +886,72 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         # Candidates whose addition does not induce refusal are no refusal direction: learned only when none does.
         pool = ([i for i in pool if steering_score(i) > threshold] or pool)[: settings.candidates]
         first_steps = settings.steps if len(pool) == 1 else min(settings.halving_steps, settings.steps)
+        from ablate.evaluate.refusal import is_refusal
+
+        greedy = GenerationConfig(max_new_tokens=config.refusal_token_max_new_tokens, batch_size=config.batch_size,
+                                  system_prompt=system)
+
+        def generated_scores(direction: torch.Tensor, ablation_weights, kl: float) -> dict:
+            """Refusals of greedy completions of the refusal validation prompts under the ablation (the
+            substring scorer, as evaluation counts them), as a rate and as smoothed log-odds, and the
+            objective with those log-odds in place of the first-token score: learning optimises the
+            first-token score, which a learned direction can meet by suppressing the refusal openers
+            alone while the model still refuses in other words — selection counts the refusals."""
+            if not settings.select_by_generation:
+                return {}
+            with directional_ablation(model, direction, ablation_weights):
+                completions, _ = generate_batches(model, tokenizer, sets["refusal_val"].prompts, greedy, progress=False)
+            refused, n = sum(bool(text) and is_refusal(text) for text in completions), len(completions)
+            score = math.log((refused + 0.5) / (n - refused + 0.5))
+            return {"generated_refusal_rate": refused / n, "generated_refusal_score": score,
+                    "generated_objective": objective({"refusal_score": score, "kl": kl}, config)}
+
+        def ranking(scores: dict) -> float:
+            return scores.get("generated_objective", scores["objective"])
+
+        def learned_scores(index: int, weights_i, state: LearningState) -> dict:
+            start = direction_of(records[index])
+            learned_dir = learned_direction(start, state)
+            refusal_score, kl = ablated_scores(learned_dir, weights_i)
+            return {"refusal_score": refusal_score, "kl": kl, "objective": objective({"refusal_score": refusal_score, "kl": kl}, config),
+                    **generated_scores(learned_dir, weights_i, kl),
+                    "direction_cosine": float(nn.functional.cosine_similarity(learned_dir.float(), start.float(), dim=0))}
+
         runs = []
         for index in pool:
             record = records[index]
             weights_i, state = learn_writer_weights(model, direction_of(record), learn_refusal, learn_harmless,
                                                     base_harmless, token_ids, config, progress, steps=first_steps)
-            refusal_score, kl = ablated_scores(direction_of(record), weights_i)
             runs.append({"index": index, "layer": record["layer"], "position": record["position"], "variant": record["variant"],
-                         "steps": first_steps, "refusal_score": refusal_score, "kl": kl, "weights": weights_i, "state": state,
-                         "objective": objective({"refusal_score": refusal_score, "kl": kl}, config)})
-        best = min(runs, key=lambda run: (run["objective"], pool.index(run["index"])))
+                         "steps": first_steps, **learned_scores(index, weights_i, state), "weights": weights_i, "state": state})
+        best = min(runs, key=lambda run: (ranking(run), run["objective"], pool.index(run["index"])))
+        start = direction_of(records[best["index"]])
         writer_weights, state = best["weights"], best["state"]
-        scores = {key: best[key] for key in ("refusal_score", "kl", "objective")}
+        scores = {key: value for key, value in best.items() if key not in ("index", "layer", "position", "variant", "steps", "weights", "state")}
+        final_direction = learned_direction(start, state)
         if first_steps < settings.steps:
-            writer_weights, state = learn_writer_weights(
-                model, direction_of(records[best["index"]]), learn_refusal, learn_harmless, base_harmless, token_ids,
-                config, progress, steps=settings.steps - first_steps, state=state)
-            refusal_score, kl = ablated_scores(direction_of(records[best["index"]]), writer_weights)
-            scores = {"refusal_score": refusal_score, "kl": kl,
-                      "objective": objective({"refusal_score": refusal_score, "kl": kl}, config)}
-        chosen_learned = (scores["kl"] <= config.kl_max, -scores["objective"]) > (pick["kl"] <= config.kl_max, -pick["objective"])
+            halfway = (writer_weights, final_direction, scores)
+            writer_weights, state = learn_writer_weights(model, start, learn_refusal, learn_harmless, base_harmless, token_ids,
+                                                         config, progress, steps=settings.steps - first_steps, state=state)
+            scores, final_direction = learned_scores(best["index"], writer_weights, state), learned_direction(start, state)
+            if ranking(scores) > ranking(halfway[2]):  # the second half made it worse: keep the halfway point
+                writer_weights, final_direction = halfway[0], halfway[1]
+                scores = {**halfway[2], "kept_halfway": True}
+        pick_scores = {"objective": pick["objective"], **generated_scores(direction, weights, pick["kl"])}
+        chosen_learned = (scores["kl"] <= config.kl_max, -ranking(scores)) > (pick["kl"] <= config.kl_max, -ranking(pick_scores))
         learned = {**scores, "chosen": chosen_learned, "candidate_index": best["index"], "writer_weights": writer_weights,
                    "history": state.history, "settings": settings.model_dump(mode="json"),
-                   "compared_with": {"index": chosen, "refusal_score": pick["refusal_score"], "kl": pick["kl"],
-                                     "objective": pick["objective"]},
+                   "compared_with": {"index": chosen, "refusal_score": pick["refusal_score"], "kl": pick["kl"], **pick_scores},
                    "candidates": [{key: value for key, value in run.items() if key not in ("weights", "state")} for run in runs]}
         if chosen_learned:
             chosen = best["index"]
             full = records[chosen]
-            direction = direction_of(full).clone()
+            direction = final_direction
             strength = StrengthConfig(writer_weights=writer_weights)
             pick = {**full, **scores, "full_ablation": {"refusal_score": full["refusal_score"], "kl": full["kl"]}}
-        pick["steering_score"] = steering_score(chosen)
+        # A learned direction has a steering score of its own (added at its candidate's layer).
+        learned_direction_chosen = chosen_learned and state.delta is not None
+        pick["steering_score"] = steering_of(direction, pick["layer"]) if learned_direction_chosen else steering_score(chosen)
         lap("strength_learning")
         if fallback and pick["kl"] <= config.kl_max and pick["steering_score"] > threshold:
             fallback = False  # full ablation failed only the KL filter, and the learned weights pass it
@@ -930,7 +989,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     torch.save(direction, buffer)
     atomic_write_bytes(out_dir / "direction.pt", buffer.getvalue())
     steered_path = None
-    if strength.kernel is None and strength.coefficient == 1.0:
+    if strength.kernel is None and strength.writer_weights is None and strength.coefficient == 1.0:  # clamp = full ablation
         steered_path = str(export_steered(model, direction, out_dir / "steer.pt"))
     selected = {
         "variant": pick["variant"], "layer": pick["layer"], "position": pick["position"], "position_token": pick["position_token"],
@@ -939,7 +998,8 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         "base_refusal_score": base_refusal_score, "base_harmless_refusal_score": base_harmless_score,
         "direction_path": str(out_dir / "direction.pt"), "steered_path": steered_path,
         "fallback": fallback, "warning": warning_text, "filter_counts": filter_counts,
-        "strength": strength.model_dump(mode="json"), "full_ablation": pick.get("full_ablation"), "refusal_tokens": [tokenizer.decode([t]) for t in token_ids],
+        "strength": strength.model_dump(mode="json"), "full_ablation": pick.get("full_ablation"),
+        "direction_cosine": pick.get("direction_cosine"), "generated_refusal_rate": pick.get("generated_refusal_rate"), "refusal_tokens": [tokenizer.decode([t]) for t in token_ids],
         "n_layers": n_layers, "d_model": adapter.d_model, "timings": timings,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }

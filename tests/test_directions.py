@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ from ablate.interventions import activation_addition
 from ablate.models import get_adapter
 
 SMALL = dict(n_train=6, n_val=6, refusal_token_prompts=3, refusal_token_max_new_tokens=3, batch_size=6, shortlist=3, shortlist_per_layer=3)
+# Full ablation of the pick: no learned or searched strength (those are tested on their own below).
+FULL = dict(SMALL, strength_learning={"enabled": False}, strength_search=[])
 
 
 def test_post_instruction_tokens_are_the_template_between_message_and_answer(tokenizer):
@@ -176,7 +179,7 @@ def direction_run(tmp_path_factory, tokenizer):
     ablate.data.load_prompt_set = recording
     try:
         with pytest.warns(UserWarning):  # a random model refuses nothing: the generic-refusal fallback warns
-            selected = run_direction(model, tokenizer, DirectionConfig(**SMALL), out, progress=False)
+            selected = run_direction(model, tokenizer, DirectionConfig(**FULL), out, progress=False)
     finally:
         ablate.data.load_prompt_set = original
     return model, out, selected, calls
@@ -214,7 +217,7 @@ def test_run_direction_is_deterministic_and_resumable(direction_run, tokenizer, 
     from conftest import build_model
 
     model, out, selected, _ = direction_run
-    again = run_direction(build_model("llama", tokenizer, seed=0), tokenizer, DirectionConfig(**SMALL), tmp_path,
+    again = run_direction(build_model("llama", tokenizer, seed=0), tokenizer, DirectionConfig(**FULL), tmp_path,
                           progress=False)
     first, second = (json.loads((d / "sweep.json").read_text())["candidates"] for d in (out, tmp_path))
     assert first == second
@@ -223,7 +226,7 @@ def test_run_direction_is_deterministic_and_resumable(direction_run, tokenizer, 
     import ablate.directions
 
     monkeypatch.setattr(ablate.directions, "collect_mean_activations", lambda *a, **k: pytest.fail("recomputed"))
-    assert run_direction(model, tokenizer, DirectionConfig(**SMALL), out, progress=False)["layer"] == selected["layer"]
+    assert run_direction(model, tokenizer, DirectionConfig(**FULL), out, progress=False)["layer"] == selected["layer"]
 
 
 def test_prescore_keeps_the_best_on_a_few_prompts_for_the_exact_score(tokenizer, tmp_path):
@@ -312,11 +315,16 @@ def test_strength_learning_lowers_its_objective_and_is_baked_into_the_weights(to
     assert len(runs) == min(config.strength_learning.candidates, len(sweep["exactly_scored"])) >= 2
     assert runs[0]["index"] == learned["compared_with"]["index"]  # the pick comes first
     assert all(run["steps"] == 3 for run in runs)  # scored exactly after 3 steps each
-    assert min(runs, key=lambda run: run["objective"])["index"] == learned["candidate_index"]
+    # Ranked by the objective with the refusals of greedy completions in place of the first-token score.
+    for scores in [*runs, learned, learned["compared_with"]]:
+        refused = round(scores["generated_refusal_rate"] * config.n_val)
+        assert scores["generated_refusal_score"] == pytest.approx(math.log((refused + 0.5) / (config.n_val - refused + 0.5)))
+        assert scores["generated_objective"] == pytest.approx(
+            max(scores["generated_refusal_score"], config.refusal_floor) + config.kl_weight * scores["kl"])
+    assert min(runs, key=lambda run: run["generated_objective"])["index"] == learned["candidate_index"]
     assert [h["step"] for h in history] == list(range(6))
-    full_objective = learned["compared_with"]["objective"]
-    assert learned["chosen"] == (learned["objective"] < full_objective)
-    assert selected["objective"] == pytest.approx(min(learned["objective"], full_objective))
+    assert learned["chosen"] == (learned["generated_objective"] < learned["compared_with"]["generated_objective"])
+    assert selected["objective"] == pytest.approx(learned["objective"] if learned["chosen"] else learned["compared_with"]["objective"])
     if learned["chosen"]:
         pick = sweep["candidates"][sweep["selected_index"]]
         assert sweep["selected_index"] == learned["candidate_index"]
@@ -324,7 +332,14 @@ def test_strength_learning_lowers_its_objective_and_is_baked_into_the_weights(to
         assert selected["full_ablation"] == {"refusal_score": pick["refusal_score"], "kl": pick["kl"]}
     direction, _ = load_direction(tmp_path)
     candidates = torch.load(tmp_path / "candidates.pt", weights_only=True)
-    torch.testing.assert_close(direction, candidates[selected["variant"]][selected["layer"], selected["position"]])
+    start = candidates[selected["variant"]][selected["layer"], selected["position"]]
+    if learned["chosen"]:  # the direction was learned too: recorded by its cosine to the candidate, at its norm
+        cosine = float(torch.nn.functional.cosine_similarity(direction, start, dim=0))
+        assert selected["direction_cosine"] == pytest.approx(cosine, abs=1e-5) and cosine < 0.9999
+        assert float(direction.norm()) == pytest.approx(float(start.norm()), rel=1e-5)
+        assert not (tmp_path / "steer.pt").exists()  # lm-eval's clamp cannot express the learned weights
+    else:
+        torch.testing.assert_close(direction, start)
     inputs = tokenize_batch(tokenizer, render_prompts(tokenizer, ["Write a poem.", "Name a river."]), torch.device("cpu"))
     with torch.no_grad(), directional_ablation(model, direction, weights_for(model, selected)):
         hooked = model(**inputs).logits
@@ -332,6 +347,19 @@ def test_strength_learning_lowers_its_objective_and_is_baked_into_the_weights(to
     orthogonalize_from(edited, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(edited(**inputs).logits, hooked, atol=2e-4, rtol=1e-4)
+
+
+def test_strength_learning_with_a_fixed_direction_keeps_the_candidate(tokenizer, tmp_path):
+    from conftest import build_model
+
+    config = DirectionConfig(**SMALL, kl_max=1e-9, strength_learning={"steps": 4, "halving_steps": 2, "direction_lr": 0.0})
+    with pytest.warns(UserWarning):
+        selected = run_direction(build_model("llama", tokenizer, seed=0), tokenizer, config, tmp_path, progress=False)
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert all(run["direction_cosine"] == pytest.approx(1.0) for run in sweep["strength_learning"]["candidates"])
+    direction, _ = load_direction(tmp_path)
+    candidates = torch.load(tmp_path / "candidates.pt", weights_only=True)
+    torch.testing.assert_close(direction, candidates[selected["variant"]][selected["layer"], selected["position"]])
 
 
 def test_load_direction_requires_a_finished_stage(tmp_path):

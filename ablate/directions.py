@@ -20,7 +20,8 @@
    prompts changes it by ≈ (Σ_positions ∂M/∂x_ℓ) · r. Only the best few (spread over layers) go on.
 5. **Score exactly** (shortlist, validation split only): refusal score under ablation (refusal prompts,
    lower is better), steering score under activation addition (harmless prompts, must be > 0) and
-   first-token KL(base ‖ ablated) on harmless prompts (damage).
+   first-token KL(base ‖ ablated) on harmless prompts (damage). Successive halving: the whole shortlist on
+   a few prompts first (`prescore_prompts`), the best `prescore_keep` on all of them.
 6. **Select.** Filters: not in the last `exclude_last_fraction` of layers, KL ≤ `kl_max`, steering >
    `steering_min`. Among the survivors the lowest max(refusal, refusal_floor) + kl_weight · KL wins, so
    damage counts and refusal past the floor earns nothing more. When none survives: the best by the
@@ -28,12 +29,15 @@
 7. **Strength search.** When full ablation of the pick exceeds `kl_max`, kernels peaked at its layer
    (`strength_search`) are scored the same way; the best within `kl_max` becomes the selected strength.
 8. **Strength learning** (`strength_learning.enabled`, instead of the search). One weight per residual
-   writer (attention out, MLP out of every layer), w = max_weight · sigmoid(θ), learned by Adam on the
-   validation prompts against a smooth form of the objective; the weights replace full ablation when
-   they score better, and `orthogonalize_weights` bakes them in like any other strength.
+   writer (attention out, MLP out of every layer), w = max_weight · sigmoid(θ), and a change δ to the
+   direction (unit(r̂ + δ)), learned by Adam on the validation prompts against a smooth form of the
+   objective, for the pick and the next best exactly-scored candidates by successive halving. Learned
+   results are ranked by the refusals of greedy completions (the first-token score can be met by
+   suppressing the refusal openers alone); the best replaces the pick and full ablation when it scores
+   better, and `orthogonalize_weights` bakes it in like any other strength.
 
 Artifacts (out_dir): candidates.pt + candidates.json, sweep.json (every candidate's scores), sweep.png,
-selected.json, direction.pt, steer.pt (lm-eval `steered` model format: `--model steered
+selected.json, direction.pt, steer.pt (full ablation only: lm-eval `steered` model format, `--model steered
 --model_args pretrained=MODEL,steer_path=steer.pt`), done.json last.
 """
 
@@ -872,10 +876,11 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         if fallback and pick["kl"] <= config.kl_max and pick["steering_score"] > threshold:
             fallback = False  # full ablation failed only the KL filter, and a weaker kernel passes it
             filter_counts["passed_after_strength_search"] = 1
-    # 8. Strength learning: per-writer weights, by gradient descent on the validation prompts, for the
-    #    pick and the next best exactly-scored candidates (successive halving: each learns
-    #    `halving_steps` steps, the best by the exact objective goes on to `steps`). The result replaces
-    #    the pick and its strength when it scores better (within kl_max beats above it, then the objective).
+    # 8. Strength learning: per-writer weights and a change to the direction, by gradient descent on the
+    #    validation prompts, for the pick and the next best exactly-scored candidates (successive halving:
+    #    each learns `halving_steps` steps, the best by the ranking — generated refusals, then KL — goes
+    #    on to `steps`). The result replaces the pick and its strength when it ranks better (within kl_max
+    #    beats above it, then the ranking).
     learned = None
     if config.strength_learning.enabled:
         settings = config.strength_learning

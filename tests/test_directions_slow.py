@@ -28,7 +28,7 @@ def study_direction_config() -> DirectionConfig:
     from ablate.study import study_path
 
     study = yaml.safe_load(study_path("default").read_text())
-    return DirectionConfig(**study["attacks"]["direction"]["config"])
+    return DirectionConfig(**(study["attacks"]["direction"]["config"] or {}))  # null = the defaults
 
 
 @pytest.fixture(scope="module")

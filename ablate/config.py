@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -333,10 +333,11 @@ class StrengthLearning(StrictModel):
     enabled: bool = Field(True, description="Learn a weight in [0, max_weight] for every residual writer (attention out, MLP out) of every layer, minimising the selection objective (refusal score floored at refusal_floor, smoothly, + kl_weight · KL).")
     steps: int = Field(16, ge=1, description="Adam steps; each is one forward + backward pass over the next mini-batch of each validation set, in turn: 16 steps = 4 passes over 32 + 32 prompts at batch_size 8.")
     batch_size: int = Field(8, ge=1, description="Prompts of each validation set per step (mini-batches: smaller ones were better than whole-set steps, docs/directions.md).")
-    candidates: int = Field(4, ge=1, description="Weights are learned for the pick and the next best exactly-scored candidates by the objective (those whose addition induces refusal), this many in all; the best learned one wins, whichever candidate it belongs to. 1 = the pick only.")
+    candidates: int = Field(1, ge=1, description="Weights are learned for the pick and the next best exactly-scored candidates by the ranking objective (those whose addition induces refusal), this many in all, by successive halving; the best learned one wins, whichever candidate it belongs to. 1 = the pick only (the pick is ranked by generated refusals, see score_by_generation, and the distillation term keeps learning on what the pick's ablation does).")
     halving_steps: int = Field(8, ge=1, description="Successive halving over the candidates: each learns this many steps, is scored exactly, and only the best goes on to `steps`.")
     lr: float = Field(0.5, gt=0, description="Adam learning rate on the weights' logits (weights start at max_weight / 2).")
     direction_lr: float = Field(0.02, ge=0, description="Adam learning rate on a change δ to the direction itself: the ablated direction is unit(r̂ + δ), δ starting at 0 (the candidate); 0 keeps the candidate's direction.")
+    distill_weight: float = Field(2.0, ge=0, description="Weight of the first-token KL(full ablation ‖ learned) on the refusal prompts in the loss, full ablation being that of the candidate the learning starts from: the learned ablation must answer refusal prompts as full ablation does, not merely avoid the refusal openers. 0 = the floored refusal score alone.")
     max_weight: float = Field(1.0, gt=0, description="Upper bound of every learned weight (1 = remove the writer's whole component).")
     select_by_generation: bool = Field(True, description="Rank the learned weights (and the pick's full ablation they must beat) by the refusals of greedy completions of the refusal validation prompts (refusal_token_max_new_tokens tokens, substring scorer) instead of the first-token score they were learned on, which a learned direction can meet by suppressing the refusal openers alone.")
 
@@ -365,16 +366,19 @@ class DirectionConfig(StrictModel):
     shortlist: int = Field(10, ge=1, description="Candidates (best first-order screening estimate first, every variant of a site) whose exact refusal score and KL are computed.")
     shortlist_per_layer: int = Field(1, ge=1, description="At most this many shortlisted sites (positions) per layer, so the shortlist spans layers.")
     prescore_prompts: int | None = Field(8, ge=1, description="Successive halving: every shortlisted candidate is first scored on this many prompts of each validation set, and only the best `prescore_keep` by the objective on all of them; None = score the whole shortlist on every prompt.")
-    prescore_keep: int = Field(4, ge=1, description="Candidates kept after the prescore for the exact score on the whole validation sets.")
+    prescore_keep: int = Field(3, ge=1, description="Candidates kept after the prescore for the exact score on the whole validation sets.")
+    score_by_generation: bool = Field(True, description="Exactly scored candidates are also scored by the refusals of greedy completions of the refusal validation prompts (refusal_token_max_new_tokens tokens, substring scorer; the first-token score comes from the same pass), and selection ranks them by the objective with those refusals in place of the first-token score, which a direction can meet by suppressing the refusal openers alone.")
     kl_max: float = Field(0.2, gt=0, description="Filter: first-token KL divergence on harmless validation prompts must not exceed this.")
     steering_min: float = Field(0.0, description="Filter: adding the direction to harmless prompts must raise the refusal score above this log-odds.")
     steering_relative: bool = Field(False, description="Read steering_min against the harmless prompts' unsteered refusal score (the candidate must raise refusal by more than steering_min) instead of as an absolute log-odds (Arditi et al.: > 0).")
-    refusal_floor: float = Field(-3.0, description="Refusal log-odds below this earn no further credit, so candidates past it are chosen by KL alone.")
+    refusal_floor: float = Field(-4.0, description="Refusal log-odds below this earn no further credit (p(R) ≈ 1.8%), so candidates past it are chosen by KL alone; also the floor of the learning loss.")
     kl_weight: float = Field(4.0, ge=0, description="Selection objective = max(refusal score, refusal_floor) + kl_weight · KL; lowest wins.")
     steering_coefficient: float = Field(1.0, description="Multiplier on the direction when adding it for the steering score.")
     refusal_token_prompts: int = Field(16, ge=1, description="Refusal validation prompts generated greedily to find the model's own refusal-opening tokens.")
     refusal_token_max_new_tokens: int = Field(12, ge=1, description="Tokens generated per prompt when finding refusal-opening tokens (enough for the scorer to recognise a refusal).")
     batch_size: int = Field(8, ge=1, description="Prompts per forward pass (length-sorted, so small batches waste little padding).")
+    compute_dtype: Literal["model", "float32", "bfloat16", "float16"] = Field("bfloat16", description="dtype of every forward and backward pass of the stage: a copy of the model in this dtype is made when it differs from the model's own ('model' = never copy). bfloat16 halves the forward passes' time on a CPU with AMX (first-token KL ~0.001 against float32, the same picks on the organisms measured); means accumulate in float64, and the direction and learned weights are float32 — the saved model keeps its own dtype.")
+    generation_batch_size: int = Field(32, ge=1, description="Prompts per batch of greedy generation (the refusal openers, generated refusals): a decoding step costs about as much for 32 rows as for 8 on a CPU, so larger batches are faster (32 validation prompts × 12 tokens: 1.8 s at 32, 3.9 s at 8).")
     seed: int = Field(0, description="Seed for drawing the train and validation samples.")
     strength: StrengthConfig = Field(default_factory=StrengthConfig, description="How strongly the selected direction is removed (abliterate and the lm-eval export use it).")
     strength_search: list[SearchKernel] = Field(

@@ -427,6 +427,15 @@ def objective(record: dict, config: DirectionConfig) -> float:
     return max(record["refusal_score"], config.refusal_floor) + config.kl_weight * record["kl"]
 
 
+def ranking_objective(record: dict, config: DirectionConfig) -> float:
+    """The objective that ranks: with the refusals of greedy completions in place of the first-token score when
+    they were measured (`generated_objective`), else `objective`."""
+    for key in ("generated_objective", "objective"):
+        if record.get(key) is not None:
+            return record[key]
+    return objective(record, config)
+
+
 def shortlist_candidates(records: list[dict], config: DirectionConfig, max_layer: int) -> list[int]:
     """Indices of the candidates to score exactly.
 
@@ -475,7 +484,7 @@ def select_candidate(records: list[dict], config: DirectionConfig, n_layers: int
     counts["prescore_dropped"] = dropped
     left = [i for i in scored if records[i]["kl"] <= config.kl_max]
     counts["kl_above_max"] = len(scored) - len(left)
-    ranked = sorted(left, key=lambda i: (objective(records[i], config), i))
+    ranked = sorted(left, key=lambda i: (ranking_objective(records[i], config), i))
     counts["steering_not_above_min"] = 0
     for rank, index in enumerate(ranked):
         if steering(index) > threshold:
@@ -486,7 +495,7 @@ def select_candidate(records: list[dict], config: DirectionConfig, n_layers: int
     counts["steering_not_scored"], counts["passed"] = 0, 0
     if not scored:
         raise AblateError("no candidate was scored (shortlist empty: every layer excluded by exclude_last_fraction?)")
-    chosen = min(scored, key=lambda i: (objective(records[i], config), i))
+    chosen = min(scored, key=lambda i: (ranking_objective(records[i], config), i))
     steering(chosen)
     return chosen, True, counts
 
@@ -549,14 +558,17 @@ def learned_direction(direction: torch.Tensor, state: LearningState) -> torch.Te
 
 def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: PromptBatches, harmless: PromptBatches,
                          base_harmless: torch.Tensor, token_ids: list[int], config: DirectionConfig,
-                         progress: bool = False, steps: int | None = None,
-                         state: LearningState | None = None) -> tuple[list[list[float]], LearningState]:
+                         progress: bool = False, steps: int | None = None, state: LearningState | None = None,
+                         target_refusal: torch.Tensor | None = None) -> tuple[list[list[float]], LearningState]:
     """Per-writer ablation weights in [0, max_weight] (and, with `direction_lr` > 0, a change to the direction)
     that minimise the selection objective on validation prompts.
 
     Loss = mean over refusal prompts of floor + softplus(score − floor) (a smooth max(score, floor): refusal
     pushed past `refusal_floor` earns nothing more) + kl_weight · mean first-token KL(base ‖ ablated) over
-    harmless prompts. Adam on the weights' logits (start 0: every weight max_weight / 2) and on δ, where the
+    harmless prompts; with `target_refusal` (first-token log-probabilities of the refusal prompts, input
+    order: the start candidate's full ablation) also + distill_weight · mean KL(target ‖ ablated) over the
+    refusal prompts — the learned ablation must answer them as full ablation does, not merely avoid the
+    refusal openers (which a learned direction can do while the model still refuses in other words). Adam on the weights' logits (start 0: every weight max_weight / 2) and on δ, where the
     ablated direction is unit(r̂ + δ) (start 0: the candidate itself); each step takes the next batch of each
     validation set in turn (mini-batches as `refusal` and `harmless` are batched), the model frozen. Runs
     `steps` steps (default `strength_learning.steps`) from `state` (default: a fresh start), so a run can be
@@ -581,9 +593,13 @@ def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: Pro
         for step in tqdm(range(state.step, state.step + steps), desc="strength learning", unit="step",
                          disable=not progress, leave=False):
             optimizer.zero_grad()
-            _, inputs = refusal.batches[step % len(refusal.batches)]
-            scores = refusal_log_odds(torch.log_softmax(run_prefix_and_batch(model, refusal.prefix, inputs), dim=-1), token_ids)
-            refusal_loss = (floor + nn.functional.softplus(scores - floor)).mean()
+            batch, inputs = refusal.batches[step % len(refusal.batches)]
+            logprobs = torch.log_softmax(run_prefix_and_batch(model, refusal.prefix, inputs), dim=-1)
+            refusal_loss = (floor + nn.functional.softplus(refusal_log_odds(logprobs, token_ids) - floor)).mean()
+            distill = torch.zeros(())
+            if target_refusal is not None and settings.distill_weight > 0:
+                distill = first_token_kl(target_refusal[batch].to(logprobs.device), logprobs).mean()
+                refusal_loss = refusal_loss + settings.distill_weight * distill
             batch, inputs = harmless.batches[step % len(harmless.batches)]
             logprobs = torch.log_softmax(run_prefix_and_batch(model, harmless.prefix, inputs), dim=-1)
             kl = first_token_kl(base_harmless[batch].to(logprobs.device), logprobs).mean()
@@ -591,10 +607,142 @@ def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: Pro
             loss.backward()
             optimizer.step()
             state.history.append({"step": step, "refusal_loss": round(float(refusal_loss.detach()), 4),
-                                  "kl": round(float(kl.detach()), 4), "loss": round(float(loss.detach()), 4)})
+                                  "distill_kl": round(float(distill.detach()), 4), "kl": round(float(kl.detach()), 4),
+                                  "loss": round(float(loss.detach()), 4)})
     state.step += steps
     weights = (settings.max_weight * torch.sigmoid(logits.detach())).tolist()
     return [[round(w, 4) for w in row] for row in weights], state
+
+
+@dataclass
+class ValidationScorer:
+    """An intervention measured on the validation prompts (never a test split): the first-token refusal score
+    and KL(base ‖ intervened), the steering score, and the refusals of greedy completions."""
+
+    model: nn.Module
+    tokenizer: object
+    config: DirectionConfig
+    sets: dict
+    token_ids: list[int]
+    refusal: PromptBatches
+    harmless: PromptBatches
+    base_harmless: torch.Tensor
+
+    def ablated_logprobs(self, direction: torch.Tensor, weights, refusal: PromptBatches | None = None,
+                         harmless: PromptBatches | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """First-token log-probabilities of the refusal and the harmless prompts under the ablation."""
+        with directional_ablation(self.model, direction, weights):
+            return (first_token_logprobs(self.model, refusal or self.refusal),
+                    first_token_logprobs(self.model, harmless or self.harmless))
+
+    def scores(self, refusal_logprobs: torch.Tensor, harmless_logprobs: torch.Tensor) -> tuple[float, float]:
+        """(mean refusal log-odds on the refusal prompts, mean first-token KL on the harmless prompts)."""
+        base = self.base_harmless[: harmless_logprobs.shape[0]]
+        return (float(refusal_log_odds(refusal_logprobs, self.token_ids).mean()),
+                float(first_token_kl(base, harmless_logprobs).mean()))
+
+    def ablated(self, direction: torch.Tensor, weights) -> tuple[float, float]:
+        return self.scores(*self.ablated_logprobs(direction, weights))
+
+    def steering(self, direction: torch.Tensor, layer: int) -> float:
+        """Refusal log-odds on harmless prompts with `direction` added at `layer`'s input."""
+        with activation_addition(self.model, direction, layer, self.config.steering_coefficient):
+            steered = first_token_logprobs(self.model, self.harmless)
+        return float(refusal_log_odds(steered, self.token_ids).mean())
+
+    def measure(self, direction: torch.Tensor, weights, generate: bool) -> tuple[dict, torch.Tensor]:
+        """The ablation's refusal score, KL and objective, and with `generate` the refusals of greedy completions
+        of the refusal prompts (`generated_fields`; the first-token scores then come from the same pass).
+        Returns (scores, the refusal prompts' first-token log-probabilities)."""
+        if not generate:
+            refusal_logprobs, harmless_logprobs = self.ablated_logprobs(direction, weights)
+            fields = {}
+        else:
+            from ablate.evaluate.refusal import is_refusal
+
+            greedy = GenerationConfig(max_new_tokens=self.config.refusal_token_max_new_tokens,
+                                      batch_size=self.config.generation_batch_size, system_prompt=self.config.system_prompt)
+            with directional_ablation(self.model, direction, weights):
+                completions, first_logits = generate_batches(self.model, self.tokenizer, self.sets["refusal_val"].prompts,
+                                                             greedy, progress=False)
+                harmless_logprobs = first_token_logprobs(self.model, self.harmless)
+            refusal_logprobs = torch.log_softmax(first_logits.float(), dim=-1).cpu()
+            fields = {"refused": sum(bool(text) and is_refusal(text) for text in completions), "n": len(completions)}
+        refusal_score, kl = self.scores(refusal_logprobs, harmless_logprobs)
+        scores = {"refusal_score": refusal_score, "kl": kl,
+                  "objective": objective({"refusal_score": refusal_score, "kl": kl}, self.config)}
+        if fields:
+            scores.update(generated_fields(fields["refused"], fields["n"], kl, self.config))
+        return scores, refusal_logprobs
+
+
+GENERATED_FIELDS = ("generated_refusal_rate", "generated_refusal_score", "generated_objective")
+
+
+def generated_fields(refused: int, n: int, kl: float, config: DirectionConfig) -> dict:
+    """Refusals of greedy completions (the substring scorer, as evaluation counts them) as a rate and as smoothed
+    log-odds log((k + ½) / (n − k + ½)), and the objective with those log-odds in place of the first-token score:
+    a direction can meet the first-token score by suppressing the refusal openers alone while the model still
+    refuses in other words — the completions count the refusals."""
+    score = math.log((refused + 0.5) / (n - refused + 0.5))
+    return {"generated_refusal_rate": refused / n, "generated_refusal_score": score,
+            "generated_objective": objective({"refusal_score": score, "kl": kl}, config)}
+
+
+def learn_strength(model: nn.Module, scorer: ValidationScorer, starts: list[tuple[int, torch.Tensor, torch.Tensor | None]],
+                   progress: bool = False) -> tuple[dict, list[dict]]:
+    """Strength learning (`learn_writer_weights`) on `model` from each start — (candidate index, direction,
+    distillation target or None) — by successive halving: with several starts each learns `halving_steps`
+    steps and is scored, and only the best by the ranking (generated refusals, then the objective, then start
+    order) goes on to `steps`; when its second half ranks worse, the halfway weights and direction are kept.
+
+    Returns (best, runs): best = {index, weights, direction, state, scores}; runs = each start's scores after
+    its first rung (index, steps, scores).
+    """
+    config, settings = scorer.config, scorer.config.strength_learning
+    device = _device(model)
+    batches = {name: prepare_batches(scorer.tokenizer, scorer.sets[f"{name}_val"].prompts, settings.batch_size,
+                                     config.system_prompt, device) for name in ("refusal", "harmless")}
+    first_steps = settings.steps if len(starts) == 1 else min(settings.halving_steps, settings.steps)
+
+    def learn(direction, target, steps, state=None):
+        return learn_writer_weights(model, direction, batches["refusal"], batches["harmless"], scorer.base_harmless,
+                                    scorer.token_ids, config, progress, steps=steps, state=state, target_refusal=target)
+
+    def scored(start: torch.Tensor, weights, state: LearningState) -> dict:
+        direction = learned_direction(start, state)
+        scores, _ = scorer.measure(direction, weights, generate=settings.select_by_generation)
+        return {**scores, "direction_cosine": float(nn.functional.cosine_similarity(direction.float(), start.float(), dim=0))}
+
+    runs = []
+    for order, (index, start, target) in enumerate(starts):
+        weights, state = learn(start, target, first_steps)
+        runs.append({"order": order, "index": index, "steps": first_steps, "scores": scored(start, weights, state),
+                     "weights": weights, "state": state})
+    best_run = min(runs, key=lambda run: (ranking_objective(run["scores"], config), run["scores"]["objective"], run["order"]))
+    index, start, target = starts[best_run["order"]]
+    best = {"index": index, "weights": best_run["weights"], "state": best_run["state"], "scores": best_run["scores"],
+            "direction": learned_direction(start, best_run["state"])}
+    if first_steps < settings.steps:
+        halfway = dict(best)
+        weights, state = learn(start, target, settings.steps - first_steps, best["state"])
+        best = {**best, "weights": weights, "state": state, "scores": scored(start, weights, state),
+                "direction": learned_direction(start, state)}
+        if ranking_objective(best["scores"], config) > ranking_objective(halfway["scores"], config):  # the second half made it worse
+            best = {**halfway, "state": state, "scores": {**halfway["scores"], "kept_halfway": True}}
+    return best, [{"index": run["index"], "steps": run["steps"], **run["scores"]} for run in runs]
+
+
+def compute_model(model: nn.Module, compute_dtype: str) -> nn.Module:
+    """The model the stage's passes run on: `model` itself for "model" or its own dtype, else a copy in that dtype."""
+    if compute_dtype == "model":
+        return model
+    dtype = getattr(torch, compute_dtype)
+    if next(model.parameters()).dtype == dtype:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
 
 
 def steering_threshold(config: DirectionConfig, unsteered: float) -> float:
@@ -729,10 +877,14 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     n_positions = len(template_tokens)
     position_labels = [repr(tokenizer.decode([token])) for token in template_tokens]
 
+    # Every pass of the stage runs on `compute`: the model itself, or a copy in `compute_dtype` (bfloat16
+    # halves the forward passes' time on a CPU with AMX). Means, directions and weights stay float32/64.
+    compute = compute_model(model, config.compute_dtype)
+
     # 1–2. Means and candidates.
-    refusal_mean = collect_mean_activations(model, tokenizer, sets["refusal_train"].prompts, n_positions, system=system,
+    refusal_mean = collect_mean_activations(compute, tokenizer, sets["refusal_train"].prompts, n_positions, system=system,
                                             batch_size=config.batch_size, progress=progress, description="refusal activations")
-    harmless_mean = collect_mean_activations(model, tokenizer, sets["harmless_train"].prompts, n_positions, system=system,
+    harmless_mean = collect_mean_activations(compute, tokenizer, sets["harmless_train"].prompts, n_positions, system=system,
                                              batch_size=config.batch_size, progress=progress, description="harmless activations")
     candidates = compute_candidates(refusal_mean, harmless_mean, config.variant)
     variants = list(candidates)
@@ -740,18 +892,18 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
 
     # 3. Refusal openers and the base model's validation scores.
     token_ids, token_examples = find_refusal_tokens(
-        model, tokenizer, sets["refusal_val"].prompts[: config.refusal_token_prompts],
-        max_new_tokens=config.refusal_token_max_new_tokens, system=system, batch_size=config.batch_size)
+        compute, tokenizer, sets["refusal_val"].prompts[: config.refusal_token_prompts],
+        max_new_tokens=config.refusal_token_max_new_tokens, system=system, batch_size=config.generation_batch_size)
     refusal_batches = prepare_batches(tokenizer, sets["refusal_val"].prompts, config.batch_size, system, device)
     harmless_batches = prepare_batches(tokenizer, sets["harmless_val"].prompts, config.batch_size, system, device)
-    base_harmless = first_token_logprobs(model, harmless_batches)
-    base_refusal_score = float(refusal_log_odds(first_token_logprobs(model, refusal_batches), token_ids).mean())
+    base_harmless = first_token_logprobs(compute, harmless_batches)
+    base_refusal_score = float(refusal_log_odds(first_token_logprobs(compute, refusal_batches), token_ids).mean())
     base_harmless_score = float(refusal_log_odds(base_harmless, token_ids).mean())
     lap("refusal_tokens")
 
     # 4. First-order screening of every candidate.
-    ablation_matrix = ablation_sensitivity(model, refusal_batches, token_ids, len(sets["refusal_val"]))
-    steering_gradients = steering_sensitivity(model, harmless_batches, token_ids, len(sets["harmless_val"]))
+    ablation_matrix = ablation_sensitivity(compute, refusal_batches, token_ids, len(sets["refusal_val"]))
+    steering_gradients = steering_sensitivity(compute, harmless_batches, token_ids, len(sets["harmless_val"]))
     symmetric = (ablation_matrix + ablation_matrix.T) / 2
     records: list[dict] = []
     for variant in variants:
@@ -779,17 +931,10 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     strength = config.strength
     weights = layer_weights(n_layers, strength.coefficient, strength.kernel.model_dump() if strength.kernel else None,
                             strength.writer_weights)
+    scorer = ValidationScorer(compute, tokenizer, config, sets, token_ids, refusal_batches, harmless_batches, base_harmless)
 
     def direction_of(record: dict) -> torch.Tensor:
         return candidates[record["variant"]][record["layer"], record["position"] + n_positions]
-
-    def ablated_scores(direction: torch.Tensor, ablation_weights, refusal=refusal_batches, harmless=harmless_batches,
-                       base=base_harmless) -> tuple[float, float]:
-        """(mean refusal log-odds on refusal val, mean first-token KL on harmless val) under the ablation."""
-        with directional_ablation(model, direction, ablation_weights):
-            refusal_score = float(refusal_log_odds(first_token_logprobs(model, refusal), token_ids).mean())
-            kl = float(first_token_kl(base, first_token_logprobs(model, harmless)).mean())
-        return refusal_score, kl
 
     def check_finite(record: dict, scores: tuple[float, float]) -> None:
         if not all(math.isfinite(value) for value in scores):
@@ -805,29 +950,24 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         few_harmless = prepare_batches(tokenizer, sets["harmless_val"].prompts[:n_prescore], config.batch_size, system, device)
         for index in tqdm(shortlist, desc="prescoring candidates", unit="candidate", disable=not progress, leave=False):
             record = records[index]
-            scores = ablated_scores(direction_of(record), weights, few_refusal, few_harmless, base_harmless[:n_prescore])
+            scores = scorer.scores(*scorer.ablated_logprobs(direction_of(record), weights, few_refusal, few_harmless))
             check_finite(record, scores)
             record["prescore"] = {"refusal_score": scores[0], "kl": scores[1], "n_prompts": n_prescore,
                                   "objective": objective({"refusal_score": scores[0], "kl": scores[1]}, config)}
         exact = sorted(shortlist, key=lambda i: (records[i]["prescore"]["objective"], i))[: config.prescore_keep]
         lap("prescore")
+    ablated_refusal: dict[int, torch.Tensor] = {}  # each exactly scored candidate's refusal log-probabilities
     for index in tqdm(exact, desc="scoring candidates", unit="candidate", disable=not progress, leave=False):
         record = records[index]
-        record["refusal_score"], record["kl"] = ablated_scores(direction_of(record), weights)
-        check_finite(record, (record["refusal_score"], record["kl"]))
-        record["objective"] = objective(record, config)
-
-    def steering_of(direction: torch.Tensor, layer: int) -> float:
-        """Refusal log-odds on harmless prompts with `direction` added at `layer`'s input."""
-        with activation_addition(model, direction, layer, config.steering_coefficient):
-            steered = first_token_logprobs(model, harmless_batches)
-        return float(refusal_log_odds(steered, token_ids).mean())
+        scores, ablated_refusal[index] = scorer.measure(direction_of(record), weights, generate=config.score_by_generation)
+        check_finite(record, (scores["refusal_score"], scores["kl"]))
+        record.update(scores)
 
     def steering_score(index: int) -> float:
         """The candidate's steering score, computed once."""
         record = records[index]
         if record["steering_score"] is None:
-            record["steering_score"] = steering_of(direction_of(record), record["layer"])
+            record["steering_score"] = scorer.steering(direction_of(record), record["layer"])
         return record["steering_score"]
 
     lap("score")
@@ -854,7 +994,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
                     option = StrengthConfig(coefficient=config.strength.coefficient, kernel=KernelConfig(
                         max_weight=kernel.max_weight, max_weight_position=record["layer"], min_weight=kernel.min_weight,
                         min_weight_distance=kernel.distance))
-                    refusal_score, kl = ablated_scores(
+                    refusal_score, kl = scorer.ablated(
                         direction_of(record), layer_weights(n_layers, option.coefficient, option.kernel.model_dump()))
                     options.append((index, option, refusal_score, kl))
                     searched.append({"layer": record["layer"], "position": record["position"], "variant": record["variant"],
@@ -876,87 +1016,38 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         if fallback and pick["kl"] <= config.kl_max and pick["steering_score"] > threshold:
             fallback = False  # full ablation failed only the KL filter, and a weaker kernel passes it
             filter_counts["passed_after_strength_search"] = 1
-    # 8. Strength learning: per-writer weights and a change to the direction, by gradient descent on the
-    #    validation prompts, for the pick and the next best exactly-scored candidates (successive halving:
-    #    each learns `halving_steps` steps, the best by the ranking — generated refusals, then KL — goes
-    #    on to `steps`). The result replaces the pick and its strength when it ranks better (within kl_max
-    #    beats above it, then the ranking).
+    # 8. Strength learning (`learn_strength`): per-writer weights and a change to the direction, learned on
+    #    the validation prompts from the pick and the next best exactly-scored candidates. The result replaces
+    #    the pick and its strength when it ranks better (within kl_max beats above it, then the ranking).
     learned = None
     if config.strength_learning.enabled:
         settings = config.strength_learning
-        learn_refusal = prepare_batches(tokenizer, sets["refusal_val"].prompts, settings.batch_size, system, device)
-        learn_harmless = prepare_batches(tokenizer, sets["harmless_val"].prompts, settings.batch_size, system, device)
         pool = [chosen] + sorted((i for i in exact if i != chosen and records[i]["layer"] < max_layer),
-                                 key=lambda i: (records[i]["objective"], i))
+                                 key=lambda i: (ranking_objective(records[i], config), i))
         # Candidates whose addition does not induce refusal are no refusal direction: learned only when none does.
         pool = ([i for i in pool if steering_score(i) > threshold] or pool)[: settings.candidates]
-        first_steps = settings.steps if len(pool) == 1 else min(settings.halving_steps, settings.steps)
-        from ablate.evaluate.refusal import is_refusal
-
-        greedy = GenerationConfig(max_new_tokens=config.refusal_token_max_new_tokens, batch_size=config.batch_size,
-                                  system_prompt=system)
-
-        def generated_scores(direction: torch.Tensor, ablation_weights, kl: float) -> dict:
-            """Refusals of greedy completions of the refusal validation prompts under the ablation (the
-            substring scorer, as evaluation counts them), as a rate and as smoothed log-odds, and the
-            objective with those log-odds in place of the first-token score: learning optimises the
-            first-token score, which a learned direction can meet by suppressing the refusal openers
-            alone while the model still refuses in other words — selection counts the refusals."""
-            if not settings.select_by_generation:
-                return {}
-            with directional_ablation(model, direction, ablation_weights):
-                completions, _ = generate_batches(model, tokenizer, sets["refusal_val"].prompts, greedy, progress=False)
-            refused, n = sum(bool(text) and is_refusal(text) for text in completions), len(completions)
-            score = math.log((refused + 0.5) / (n - refused + 0.5))
-            return {"generated_refusal_rate": refused / n, "generated_refusal_score": score,
-                    "generated_objective": objective({"refusal_score": score, "kl": kl}, config)}
-
-        def ranking(scores: dict) -> float:
-            return scores.get("generated_objective", scores["objective"])
-
-        def learned_scores(index: int, weights_i, state: LearningState) -> dict:
-            start = direction_of(records[index])
-            learned_dir = learned_direction(start, state)
-            refusal_score, kl = ablated_scores(learned_dir, weights_i)
-            return {"refusal_score": refusal_score, "kl": kl, "objective": objective({"refusal_score": refusal_score, "kl": kl}, config),
-                    **generated_scores(learned_dir, weights_i, kl),
-                    "direction_cosine": float(nn.functional.cosine_similarity(learned_dir.float(), start.float(), dim=0))}
-
-        runs = []
-        for index in pool:
-            record = records[index]
-            weights_i, state = learn_writer_weights(model, direction_of(record), learn_refusal, learn_harmless,
-                                                    base_harmless, token_ids, config, progress, steps=first_steps)
-            runs.append({"index": index, "layer": record["layer"], "position": record["position"], "variant": record["variant"],
-                         "steps": first_steps, **learned_scores(index, weights_i, state), "weights": weights_i, "state": state})
-        best = min(runs, key=lambda run: (ranking(run), run["objective"], pool.index(run["index"])))
-        start = direction_of(records[best["index"]])
-        writer_weights, state = best["weights"], best["state"]
-        scores = {key: value for key, value in best.items() if key not in ("index", "layer", "position", "variant", "steps", "weights", "state")}
-        final_direction = learned_direction(start, state)
-        if first_steps < settings.steps:
-            halfway = (writer_weights, final_direction, scores)
-            writer_weights, state = learn_writer_weights(model, start, learn_refusal, learn_harmless, base_harmless, token_ids,
-                                                         config, progress, steps=settings.steps - first_steps, state=state)
-            scores, final_direction = learned_scores(best["index"], writer_weights, state), learned_direction(start, state)
-            if ranking(scores) > ranking(halfway[2]):  # the second half made it worse: keep the halfway point
-                writer_weights, final_direction = halfway[0], halfway[1]
-                scores = {**halfway[2], "kept_halfway": True}
-        pick_scores = {"objective": pick["objective"], **generated_scores(direction, weights, pick["kl"])}
-        chosen_learned = (scores["kl"] <= config.kl_max, -ranking(scores)) > (pick["kl"] <= config.kl_max, -ranking(pick_scores))
+        best, runs = learn_strength(compute, scorer, [(i, direction_of(records[i]), ablated_refusal.get(i)) for i in pool], progress)
+        scores, writer_weights, state = best["scores"], best["weights"], best["state"]
+        pick_scores = {key: pick[key] for key in ("objective", *GENERATED_FIELDS) if key in pick}
+        if settings.select_by_generation and "generated_objective" not in pick_scores:
+            pick_scores.update({key: value for key, value in scorer.measure(direction, weights, generate=True)[0].items()
+                                if key in GENERATED_FIELDS})
+        chosen_learned = (scores["kl"] <= config.kl_max, -ranking_objective(scores, config)) > \
+            (pick["kl"] <= config.kl_max, -ranking_objective(pick_scores, config))
         learned = {**scores, "chosen": chosen_learned, "candidate_index": best["index"], "writer_weights": writer_weights,
                    "history": state.history, "settings": settings.model_dump(mode="json"),
                    "compared_with": {"index": chosen, "refusal_score": pick["refusal_score"], "kl": pick["kl"], **pick_scores},
-                   "candidates": [{key: value for key, value in run.items() if key not in ("weights", "state")} for run in runs]}
+                   "candidates": [{"layer": records[run["index"]]["layer"], "position": records[run["index"]]["position"],
+                                   "variant": records[run["index"]]["variant"], **run} for run in runs]}
         if chosen_learned:
             chosen = best["index"]
             full = records[chosen]
-            direction = final_direction
+            direction = best["direction"]
             strength = StrengthConfig(writer_weights=writer_weights)
             pick = {**full, **scores, "full_ablation": {"refusal_score": full["refusal_score"], "kl": full["kl"]}}
         # A learned direction has a steering score of its own (added at its candidate's layer).
         learned_direction_chosen = chosen_learned and state.delta is not None
-        pick["steering_score"] = steering_of(direction, pick["layer"]) if learned_direction_chosen else steering_score(chosen)
+        pick["steering_score"] = scorer.steering(direction, pick["layer"]) if learned_direction_chosen else steering_score(chosen)
         lap("strength_learning")
         if fallback and pick["kl"] <= config.kl_max and pick["steering_score"] > threshold:
             fallback = False  # full ablation failed only the KL filter, and the learned weights pass it

@@ -28,7 +28,9 @@ from ablate.generation import render_prompts, tokenize_batch
 from ablate.interventions import activation_addition
 from ablate.models import get_adapter
 
-SMALL = dict(n_train=6, n_val=6, refusal_token_prompts=3, refusal_token_max_new_tokens=3, batch_size=6, shortlist=3, shortlist_per_layer=3)
+# Gradient-free passes on the model itself (float32), so scores can be checked exactly; bfloat16 has its own test.
+SMALL = dict(n_train=6, n_val=6, refusal_token_prompts=3, refusal_token_max_new_tokens=3, batch_size=6, shortlist=3, shortlist_per_layer=3,
+             compute_dtype="model")
 # Full ablation of the pick: no learned or searched strength (those are tested on their own below).
 FULL = dict(SMALL, strength_learning={"enabled": False}, strength_search=[])
 
@@ -147,6 +149,17 @@ def test_selection_weighs_damage_and_reports_filters():
     assert select_candidate(records, relative, n_layers=10, unsteered=0.5)[:2] == (1, False)  # -1 < 0.5: fails again
 
 
+def test_selection_ranks_by_generated_refusals_when_measured():
+    """A direction can meet the first-token score by suppressing the refusal openers while the model still
+    refuses in other words: when greedy completions were scored, their objective ranks."""
+    config = DirectionConfig(kl_max=1.0)
+    openers_only = {**record(2, refusal=-6.0, kl=0.1, steering=2.0), "generated_objective": 1.5}
+    answers = {**record(3, refusal=-4.0, kl=0.2, steering=2.0), "generated_objective": -2.2}
+    assert select_candidate([openers_only, answers], config, n_layers=10)[:2] == (1, False)
+    assert select_candidate([record(2, refusal=-6.0, kl=0.1, steering=2.0), record(3, refusal=-4.0, kl=0.2, steering=2.0)],
+                            config, n_layers=10)[:2] == (0, False)  # first-token objective alone: the other way round
+
+
 def test_config_refuses_test_splits_and_unknown_keys(tmp_path):
     with pytest.raises(Exception, match="test split is held out"):
         DirectionConfig(harmless_val="harmless:test")
@@ -250,6 +263,13 @@ def test_prescore_keeps_the_best_on_a_few_prompts_for_the_exact_score(tokenizer,
     assert sorted(sweep["exactly_scored"]) == sorted(best)
     assert sorted(i for i, r in enumerate(records) if r["kl"] is not None) == sorted(best)
     assert sweep["selected_index"] in best and selected["filter_counts"]["prescore_dropped"] == 2
+    # Exactly scored candidates are also scored by greedy completions (score_by_generation, the default).
+    for index in best:
+        scores = records[index]
+        refused = round(scores["generated_refusal_rate"] * config.n_val)
+        assert scores["generated_refusal_score"] == pytest.approx(math.log((refused + 0.5) / (config.n_val - refused + 0.5)))
+        assert scores["generated_objective"] == pytest.approx(
+            max(scores["generated_refusal_score"], config.refusal_floor) + config.kl_weight * scores["kl"])
     # The prescore is the exact score on the first two prompts of each set.
     from ablate.directions import first_token_kl, first_token_logprobs, load_sets, refusal_log_odds
     from ablate.interventions import directional_ablation
@@ -264,6 +284,32 @@ def test_prescore_keeps_the_best_on_a_few_prompts_for_the_exact_score(tokenizer,
         kl = first_token_kl(base, first_token_logprobs(model, few["harmless_val"])).mean()
     assert record["prescore"]["refusal_score"] == pytest.approx(float(refusal), abs=1e-5)
     assert record["prescore"]["kl"] == pytest.approx(float(kl), abs=1e-6)
+
+
+def test_bfloat16_compute_copies_the_model_and_scores_close_to_float32(tokenizer, tmp_path):
+    """compute_dtype bfloat16: the stage's passes run on a bfloat16 copy; the model itself is untouched (float32,
+    same weights, no hooks), the saved direction is float32, and the scores are those of float32 within bfloat16's
+    precision."""
+    from conftest import build_model
+
+    model = build_model("llama", tokenizer, seed=0)
+    before = {name: parameter.clone() for name, parameter in model.state_dict().items()}
+    runs = {}
+    for dtype in ("model", "bfloat16"):
+        with pytest.warns(UserWarning):
+            run_direction(model, tokenizer, DirectionConfig(**{**FULL, "compute_dtype": dtype}), tmp_path / dtype, progress=False)
+        runs[dtype] = json.loads((tmp_path / dtype / "sweep.json").read_text())
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+    assert all(torch.equal(before[name], parameter) for name, parameter in model.state_dict().items())
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    direction, _ = load_direction(tmp_path / "bfloat16")
+    assert direction.dtype == torch.float32
+    exact, low = runs["model"]["candidates"], runs["bfloat16"]["candidates"]
+    both = set(runs["model"]["exactly_scored"]) & set(runs["bfloat16"]["exactly_scored"])
+    assert both
+    for index in both:
+        assert low[index]["kl"] == pytest.approx(exact[index]["kl"], abs=0.02 + 0.05 * exact[index]["kl"])
+        assert low[index]["refusal_score"] == pytest.approx(exact[index]["refusal_score"], abs=0.1)
 
 
 def test_no_candidate_passing_falls_back_with_a_warning(tokenizer, tmp_path):
@@ -299,7 +345,7 @@ def test_strength_learning_lowers_its_objective_and_is_baked_into_the_weights(to
     from ablate.interventions import directional_ablation, orthogonalize_from, weights_for
 
     model = build_model("llama", tokenizer, seed=0)
-    config = DirectionConfig(**SMALL, kl_max=1e-9, strength_learning={"steps": 6, "halving_steps": 3})  # enabled by default
+    config = DirectionConfig(**SMALL, kl_max=1e-9, strength_learning={"steps": 6, "halving_steps": 3, "candidates": 4})  # enabled by default
     with pytest.warns(UserWarning):
         selected = run_direction(model, tokenizer, config, tmp_path, progress=False)
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
@@ -349,10 +395,36 @@ def test_strength_learning_lowers_its_objective_and_is_baked_into_the_weights(to
         torch.testing.assert_close(edited(**inputs).logits, hooked, atol=2e-4, rtol=1e-4)
 
 
+def test_distillation_pulls_the_learned_ablation_towards_full_ablation(tokenizer):
+    """With a target (the start candidate's full ablation on the refusal prompts), the loss has the first-token
+    KL(target ‖ learned) in it: alone in the loss, learning drives it down; with distill_weight 0 it is not used."""
+    from conftest import build_model
+
+    from ablate.directions import learn_writer_weights
+    from ablate.interventions import directional_ablation
+
+    model = build_model("llama", tokenizer, seed=0)
+    prompts = ["Write a poem.", "Name a river.", "Explain rain.", "List three fruits."]
+    batches = prepare_batches(tokenizer, prompts, 2, None, torch.device("cpu"))
+    base = first_token_logprobs(model, batches)
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    with directional_ablation(model, direction):
+        target = first_token_logprobs(model, batches)
+    # No reward for refusal (floor far above any score) and no harmless KL: the distillation term alone.
+    config = DirectionConfig(refusal_floor=50.0, kl_weight=0.0, strength_learning={"lr": 0.5, "direction_lr": 0.0})
+    _, state = learn_writer_weights(model, direction, batches, batches, base, [5, 6], config, steps=24, target_refusal=target)
+    distilled = [entry["distill_kl"] for entry in state.history]
+    assert distilled[0] > 0 and sum(distilled[-2:]) < 0.5 * sum(distilled[:2])
+    off = config.model_copy(update={"strength_learning": config.strength_learning.model_copy(update={"distill_weight": 0.0})})
+    _, state = learn_writer_weights(model, direction, batches, batches, base, [5, 6], off, steps=2, target_refusal=target)
+    assert all(entry["distill_kl"] == 0 for entry in state.history)
+
+
 def test_strength_learning_with_a_fixed_direction_keeps_the_candidate(tokenizer, tmp_path):
     from conftest import build_model
 
-    config = DirectionConfig(**SMALL, kl_max=1e-9, strength_learning={"steps": 4, "halving_steps": 2, "direction_lr": 0.0})
+    config = DirectionConfig(**SMALL, kl_max=1e-9, strength_learning={"steps": 4, "halving_steps": 2, "direction_lr": 0.0,
+                                                                      "candidates": 4})
     with pytest.warns(UserWarning):
         selected = run_direction(build_model("llama", tokenizer, seed=0), tokenizer, config, tmp_path, progress=False)
     sweep = json.loads((tmp_path / "sweep.json").read_text())

@@ -21,20 +21,26 @@
 5. **Score exactly** (shortlist, validation split only): refusal score under ablation (refusal prompts,
    lower is better), steering score under activation addition (harmless prompts, must be > 0) and
    first-token KL(base ‖ ablated) on harmless prompts (damage). Successive halving: the whole shortlist on
-   a few prompts first (`prescore_prompts`), the best `prescore_keep` on all of them.
+   a few prompts first (`prescore_prompts`), the best `prescore_keep` on all of them, where the refusal
+   prompts are also answered greedily (`score_by_generation`) and their refusals counted.
 6. **Select.** Filters: not in the last `exclude_last_fraction` of layers, KL ≤ `kl_max`, steering >
    `steering_min`. Among the survivors the lowest max(refusal, refusal_floor) + kl_weight · KL wins, so
-   damage counts and refusal past the floor earns nothing more. When none survives: the best by the
+   damage counts and refusal past the floor earns nothing more; the refusal term is the log-odds of the
+   generated refusals when they were counted (a direction can meet the first-token score by suppressing
+   the refusal openers alone while the model still refuses in other words). When none survives: the best by the
    same objective, with a warning that says how many each filter removed.
 7. **Strength search.** When full ablation of the pick exceeds `kl_max`, kernels peaked at its layer
    (`strength_search`) are scored the same way; the best within `kl_max` becomes the selected strength.
 8. **Strength learning** (`strength_learning.enabled`, instead of the search). One weight per residual
    writer (attention out, MLP out of every layer), w = max_weight · sigmoid(θ), and a change δ to the
    direction (unit(r̂ + δ)), learned by Adam on the validation prompts against a smooth form of the
-   objective, for the pick and the next best exactly-scored candidates by successive halving. Learned
-   results are ranked by the refusals of greedy completions (the first-token score can be met by
-   suppressing the refusal openers alone); the best replaces the pick and full ablation when it scores
-   better, and `orthogonalize_weights` bakes it in like any other strength.
+   objective plus a distillation term (first-token KL to the pick's full ablation on the refusal prompts),
+   for the pick (or, by successive halving, the next best candidates too: `learn_strength`). The result is
+   ranked by the refusals of greedy completions like the candidates; it replaces the pick and full
+   ablation when it ranks better, and `orthogonalize_weights` bakes it in like any other strength.
+
+Every pass runs on a copy of the model in `compute_dtype` (bfloat16 by default: half the forward time on a
+CPU with AMX); means are float64, the direction and weights float32, the model itself is never modified.
 
 Artifacts (out_dir): candidates.pt + candidates.json, sweep.json (every candidate's scores), sweep.png,
 selected.json, direction.pt, steer.pt (full ablation only: lm-eval `steered` model format, `--model steered

@@ -574,8 +574,9 @@ def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: Pro
     harmless prompts; with `target_refusal` (first-token log-probabilities of the refusal prompts, input
     order: the start candidate's full ablation) also + distill_weight · mean KL(target ‖ ablated) over the
     refusal prompts — the learned ablation must answer them as full ablation does, not merely avoid the
-    refusal openers (which a learned direction can do while the model still refuses in other words). Adam on the weights' logits (start 0: every weight max_weight / 2) and on δ, where the
-    ablated direction is unit(r̂ + δ) (start 0: the candidate itself); each step takes the next batch of each
+    refusal openers (which a learned direction can do while the model still refuses in other words).
+    Adam on the weights' logits (start 0: every weight max_weight / 2) and on δ, where the ablated
+    direction is unit(r̂ + δ) (start 0: the candidate itself); each step takes the next batch of each
     validation set in turn (mini-batches as `refusal` and `harmless` are batched), the model frozen. Runs
     `steps` steps (default `strength_learning.steps`) from `state` (default: a fresh start), so a run can be
     continued exactly where it stopped. Deterministic for the same inputs.
@@ -642,7 +643,8 @@ class ValidationScorer:
                     first_token_logprobs(self.model, harmless or self.harmless))
 
     def scores(self, refusal_logprobs: torch.Tensor, harmless_logprobs: torch.Tensor) -> tuple[float, float]:
-        """(mean refusal log-odds on the refusal prompts, mean first-token KL on the harmless prompts)."""
+        """(mean refusal log-odds on the refusal prompts, mean first-token KL on the harmless prompts); the
+        harmless rows are the first len(harmless_logprobs) validation prompts (all of them, or a prescore's)."""
         base = self.base_harmless[: harmless_logprobs.shape[0]]
         return (float(refusal_log_odds(refusal_logprobs, self.token_ids).mean()),
                 float(first_token_kl(base, harmless_logprobs).mean()))
@@ -740,8 +742,9 @@ def learn_strength(model: nn.Module, scorer: ValidationScorer, starts: list[tupl
 
 
 def compute_model(model: nn.Module, compute_dtype: str) -> nn.Module:
-    """The model the stage's passes run on: `model` itself for "model" or its own dtype, else a copy in that dtype."""
-    if compute_dtype == "model":
+    """The model the stage's passes run on: `model` itself for "model", its own dtype or a quantised model
+    (bitsandbytes weights have no other dtype), else a copy in that dtype."""
+    if compute_dtype == "model" or getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None):
         return model
     dtype = getattr(torch, compute_dtype)
     if next(model.parameters()).dtype == dtype:

@@ -312,6 +312,20 @@ def test_bfloat16_compute_copies_the_model_and_scores_close_to_float32(tokenizer
         assert low[index]["refusal_score"] == pytest.approx(exact[index]["refusal_score"], abs=0.1)
 
 
+def test_compute_model_copies_only_when_the_dtype_differs(llama):
+    from ablate.directions import compute_model
+
+    assert compute_model(llama, "model") is llama and compute_model(llama, "float32") is llama
+    copy = compute_model(llama, "bfloat16")
+    assert copy is not llama and next(copy.parameters()).dtype == torch.bfloat16
+    assert next(llama.parameters()).dtype == torch.float32
+    llama.is_quantized = True  # bitsandbytes weights cannot be cast: the model itself is used
+    try:
+        assert compute_model(llama, "bfloat16") is llama
+    finally:
+        del llama.is_quantized
+
+
 def test_no_candidate_passing_falls_back_with_a_warning(tokenizer, tmp_path):
     from conftest import build_model
 

@@ -612,6 +612,9 @@ def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: Pro
             kl = first_token_kl(base_harmless[batch].to(logprobs.device), logprobs).mean()
             loss = refusal_loss + config.kl_weight * kl
             loss.backward()
+            ramp = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
+            for group, rate in zip(optimizer.param_groups, (settings.lr, settings.direction_lr)):
+                group["lr"] = rate * ramp
             optimizer.step()
             state.history.append({"step": step, "refusal_loss": round(float(refusal_loss.detach()), 4),
                                   "distill_kl": round(float(distill.detach()), 4), "kl": round(float(kl.detach()), 4),

@@ -434,6 +434,22 @@ def test_distillation_pulls_the_learned_ablation_towards_full_ablation(tokenizer
     assert all(entry["distill_kl"] == 0 for entry in state.history)
 
 
+def test_warmup_ramps_both_learning_rates_and_resumes_on_the_same_ramp(tokenizer):
+    from conftest import build_model
+
+    from ablate.directions import learn_writer_weights
+
+    model = build_model("llama", tokenizer, seed=0)
+    batches = prepare_batches(tokenizer, ["Write a poem.", "Name a river."], 2, None, torch.device("cpu"))
+    base = first_token_logprobs(model, batches)
+    config = DirectionConfig(strength_learning={"lr": 0.4, "direction_lr": 0.02, "warmup_steps": 4})
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    _, state = learn_writer_weights(model, direction, batches, batches, base, [5, 6], config, steps=1)
+    assert [group["lr"] for group in state.optimizer.param_groups] == pytest.approx([0.1, 0.005])
+    _, state = learn_writer_weights(model, direction, batches, batches, base, [5, 6], config, steps=4, state=state)
+    assert [group["lr"] for group in state.optimizer.param_groups] == pytest.approx([0.4, 0.02])  # full rate from step 4
+
+
 def test_strength_learning_with_a_fixed_direction_keeps_the_candidate(tokenizer, tmp_path):
     from conftest import build_model
 

@@ -667,7 +667,7 @@ class ValidationScorer:
         Returns (scores, the refusal prompts' first-token log-probabilities)."""
         if not generate:
             refusal_logprobs, harmless_logprobs = self.ablated_logprobs(direction, weights)
-            fields = {}
+            refused = n = None
         else:
             from ablate.evaluate.refusal import is_refusal
 
@@ -678,12 +678,12 @@ class ValidationScorer:
                                                              greedy, progress=False)
                 harmless_logprobs = first_token_logprobs(self.model, self.harmless)
             refusal_logprobs = torch.log_softmax(first_logits.float(), dim=-1).cpu()
-            fields = {"refused": sum(bool(text) and is_refusal(text) for text in completions), "n": len(completions)}
+            refused, n = sum(bool(text) and is_refusal(text) for text in completions), len(completions)
         refusal_score, kl = self.scores(refusal_logprobs, harmless_logprobs)
         scores = {"refusal_score": refusal_score, "kl": kl,
                   "objective": objective({"refusal_score": refusal_score, "kl": kl}, self.config)}
-        if fields:
-            scores.update(generated_fields(fields["refused"], fields["n"], kl, self.config))
+        if refused is not None:
+            scores.update(generated_fields(refused, n, kl, self.config))
         return scores, refusal_logprobs
 
 

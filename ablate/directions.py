@@ -159,6 +159,26 @@ def run_prefix_and_batch(model: nn.Module, prefix: torch.Tensor, inputs: dict, *
     return output.logits[:, -1, :].float() if logits else None
 
 
+def join_batches(first: PromptBatches, first_inputs: dict, second: PromptBatches, second_inputs: dict) -> tuple[torch.Tensor, dict]:
+    """One batch of two sets' batches — `first_inputs`' rows, then `second_inputs'` — after the prefix the two sets
+    share (where their prefixes differ, the rest of each moves into its rows), right-padded to a common width:
+    (prefix, inputs) for `run_prefix_and_batch`. One pass over 16 rows costs ~25% less than two over 8."""
+    limit = min(first.prefix.numel(), second.prefix.numel())
+    common = next((i for i in range(limit) if first.prefix[i] != second.prefix[i]), limit)
+    parts = []
+    for prompts, inputs in ((first, first_inputs), (second, second_inputs)):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        extra = prompts.prefix[common:]
+        if extra.numel():
+            ids = torch.cat([extra.unsqueeze(0).expand(ids.shape[0], -1), ids], dim=1)
+            mask = torch.cat([torch.ones(ids.shape[0], extra.numel(), dtype=mask.dtype, device=mask.device), mask], dim=1)
+        parts.append((ids, mask))
+    width = max(ids.shape[1] for ids, _ in parts)
+    input_ids = torch.cat([nn.functional.pad(ids, (0, width - ids.shape[1])) for ids, _ in parts])
+    mask = torch.cat([nn.functional.pad(mask, (0, width - mask.shape[1])) for _, mask in parts])
+    return first.prefix[:common], {"input_ids": input_ids, "attention_mask": mask, "last": mask.sum(1) - 1}
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -333,6 +353,27 @@ def _frozen(model: nn.Module):
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
+
+
+@contextmanager
+def gradient_attention(model: nn.Module, implementation: str):
+    """The model runs with this attention implementation while the context is open, and gets its own back after.
+
+    'model' changes nothing; 'auto' is eager on a CPU — its backward is ~2.5× faster than the sdpa flash kernel's
+    on short prompts (SmolLM2, batch 8, ~50 tokens) — and the model's own elsewhere.
+    """
+    if implementation == "auto":
+        implementation = "eager" if _device(model).type == "cpu" else "model"
+    config = getattr(model, "config", None)
+    own = getattr(config, "_attn_implementation", None)
+    if implementation == "model" or own is None or own == implementation or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(own)
 
 
 def _mean_refusal_metric(model, prompts: PromptBatches, inputs, token_ids, n_total: int) -> torch.Tensor:
@@ -577,7 +618,8 @@ def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: Pro
     refusal openers (which a learned direction can do while the model still refuses in other words).
     Adam on the weights' logits (start 0: every weight max_weight / 2) and on δ, where the ablated
     direction is unit(r̂ + δ) (start 0: the candidate itself); each step takes the next batch of each
-    validation set in turn (mini-batches as `refusal` and `harmless` are batched), the model frozen. Runs
+    validation set in turn (mini-batches as `refusal` and `harmless` are batched), joined into one pass
+    (`join_batches`), the model frozen and its attention `config.gradient_attention`. Runs
     `steps` steps (default `strength_learning.steps`) from `state` (default: a fresh start), so a run can be
     continued exactly where it stopped. Deterministic for the same inputs.
     Returns (weights, state); `state.history` has one entry per step, `learned_direction` reads the direction.
@@ -596,20 +638,23 @@ def learn_writer_weights(model: nn.Module, direction: torch.Tensor, refusal: Pro
         state = LearningState(logits, delta, torch.optim.Adam(groups))
     logits, optimizer, floor = state.logits, state.optimizer, config.refusal_floor
     steps = settings.steps if steps is None else steps
-    with _frozen(model), _learnable_ablation(model, direction, logits, settings.max_weight, state.delta):
+    with _frozen(model), gradient_attention(model, config.gradient_attention), \
+            _learnable_ablation(model, direction, logits, settings.max_weight, state.delta):
         for step in tqdm(range(state.step, state.step + steps), desc="strength learning", unit="step",
                          disable=not progress, leave=False):
             optimizer.zero_grad()
-            batch, inputs = refusal.batches[step % len(refusal.batches)]
-            logprobs = torch.log_softmax(run_prefix_and_batch(model, refusal.prefix, inputs), dim=-1)
-            refusal_loss = (floor + nn.functional.softplus(refusal_log_odds(logprobs, token_ids) - floor)).mean()
+            refusal_rows, refusal_inputs = refusal.batches[step % len(refusal.batches)]
+            harmless_rows, harmless_inputs = harmless.batches[step % len(harmless.batches)]
+            # Both sets' mini-batches in one pass: rows [0, n) are the refusal prompts, the rest the harmless ones.
+            prefix, inputs = join_batches(refusal, refusal_inputs, harmless, harmless_inputs)
+            logprobs = torch.log_softmax(run_prefix_and_batch(model, prefix, inputs), dim=-1)
+            n = len(refusal_rows)
+            refusal_loss = (floor + nn.functional.softplus(refusal_log_odds(logprobs[:n], token_ids) - floor)).mean()
             distill = torch.zeros(())
             if target_refusal is not None and settings.distill_weight > 0:
-                distill = first_token_kl(target_refusal[batch].to(logprobs.device), logprobs).mean()
+                distill = first_token_kl(target_refusal[refusal_rows].to(logprobs.device), logprobs[:n]).mean()
                 refusal_loss = refusal_loss + settings.distill_weight * distill
-            batch, inputs = harmless.batches[step % len(harmless.batches)]
-            logprobs = torch.log_softmax(run_prefix_and_batch(model, harmless.prefix, inputs), dim=-1)
-            kl = first_token_kl(base_harmless[batch].to(logprobs.device), logprobs).mean()
+            kl = first_token_kl(base_harmless[harmless_rows].to(logprobs.device), logprobs[n:]).mean()
             loss = refusal_loss + config.kl_weight * kl
             loss.backward()
             ramp = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
@@ -914,8 +959,9 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     lap("refusal_tokens")
 
     # 4. First-order screening of every candidate.
-    ablation_matrix = ablation_sensitivity(compute, refusal_batches, token_ids, len(sets["refusal_val"]))
-    steering_gradients = steering_sensitivity(compute, harmless_batches, token_ids, len(sets["harmless_val"]))
+    with gradient_attention(compute, config.gradient_attention):
+        ablation_matrix = ablation_sensitivity(compute, refusal_batches, token_ids, len(sets["refusal_val"]))
+        steering_gradients = steering_sensitivity(compute, harmless_batches, token_ids, len(sets["harmless_val"]))
     symmetric = (ablation_matrix + ablation_matrix.T) / 2
     records: list[dict] = []
     for variant in variants:

@@ -16,11 +16,14 @@ from ablate.directions import (
     compute_candidates,
     first_token_kl,
     first_token_logprobs,
+    gradient_attention,
+    join_batches,
     load_direction,
     post_instruction_tokens,
     prepare_batches,
     refusal_log_odds,
     run_direction,
+    run_prefix_and_batch,
     select_candidate,
     steering_sensitivity,
 )
@@ -68,6 +71,40 @@ def test_shared_prefix_batches_give_each_prompts_own_logits(family, tiny_models,
         with torch.no_grad():
             alone = torch.log_softmax(model(**inputs).logits[0, -1].float(), dim=-1)
         torch.testing.assert_close(shared[index], alone, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_joined_batches_give_each_sets_own_logits(family, tiny_models, tokenizer):
+    """Strength learning runs a refusal and a harmless mini-batch as one: each row keeps its own logits, also
+    when one set's shared prefix is longer than the other's (its prompts all start with the same words)."""
+    model = tiny_models[family]
+    first = prepare_batches(tokenizer, ["Tell me how to pick a lock.", "Tell me a secret."], 2, None, torch.device("cpu"))
+    second = prepare_batches(tokenizer, ["Explain photosynthesis.", "Write a short poem about the sea.", "Hi"], 3, None,
+                             torch.device("cpu"))
+    assert first.prefix.numel() > second.prefix.numel() > 0
+    (first_rows, first_inputs), (second_rows, second_inputs) = first.batches[0], second.batches[0]
+    prefix, inputs = join_batches(first, first_inputs, second, second_inputs)
+    assert torch.equal(prefix, second.prefix)
+    with torch.no_grad():
+        joined = torch.log_softmax(run_prefix_and_batch(model, prefix, inputs), dim=-1)
+    alone = torch.cat([first_token_logprobs(model, first)[first_rows], first_token_logprobs(model, second)[second_rows]])
+    torch.testing.assert_close(joined, alone, atol=2e-4, rtol=1e-4)
+
+
+def test_gradient_attention_switches_and_always_restores(llama):
+    own = llama.config._attn_implementation
+    other = "eager" if own != "eager" else "sdpa"
+    with gradient_attention(llama, other):
+        assert llama.config._attn_implementation == other
+    assert llama.config._attn_implementation == own
+    with pytest.raises(RuntimeError), gradient_attention(llama, other):
+        raise RuntimeError("inside")
+    assert llama.config._attn_implementation == own
+    with gradient_attention(llama, "model"):
+        assert llama.config._attn_implementation == own
+    with gradient_attention(llama, "auto"):  # a CPU model: eager
+        assert llama.config._attn_implementation == "eager"
+    assert llama.config._attn_implementation == own
 
 
 def test_candidates_plain_and_projected():

@@ -697,8 +697,10 @@ class ValidationScorer:
         return (float(refusal_log_odds(refusal_logprobs, self.token_ids).mean()),
                 float(first_token_kl(base, harmless_logprobs).mean()))
 
-    def ablated(self, direction: torch.Tensor, weights) -> tuple[float, float]:
-        return self.scores(*self.ablated_logprobs(direction, weights))
+    def ablated(self, direction: torch.Tensor, weights, refusal: PromptBatches | None = None,
+                harmless: PromptBatches | None = None) -> tuple[float, float]:
+        """`scores` of the ablation on the validation prompts (or on the first few of each: a prescore's)."""
+        return self.scores(*self.ablated_logprobs(direction, weights, refusal, harmless))
 
     def steering(self, direction: torch.Tensor, layer: int) -> float:
         """Refusal log-odds on harmless prompts with `direction` added at `layer`'s input."""
@@ -1008,7 +1010,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         few_harmless = prepare_batches(tokenizer, sets["harmless_val"].prompts[:n_prescore], config.batch_size, system, device)
         for index in tqdm(shortlist, desc="prescoring candidates", unit="candidate", disable=not progress, leave=False):
             record = records[index]
-            scores = scorer.scores(*scorer.ablated_logprobs(direction_of(record), weights, few_refusal, few_harmless))
+            scores = scorer.ablated(direction_of(record), weights, few_refusal, few_harmless)
             check_finite(record, scores)
             record["prescore"] = {"refusal_score": scores[0], "kl": scores[1], "n_prompts": n_prescore,
                                   "objective": objective({"refusal_score": scores[0], "kl": scores[1]}, config)}

@@ -150,11 +150,22 @@ def check_config(model: str | ModelConfig, config: FinetuneConfig) -> None:
     if config.eval.enabled and not config.eval.prompt_sets:
         raise AblateError("eval.prompt_sets: empty; list at least one prompt set or set eval.enabled: false")
     resolve_spec(as_model_config(model).spec)
+    if data.donor_direction is not None and data.donor != ABLATED_DONOR:
+        raise AblateError(f"data.donor_direction: only used with donor: {ABLATED_DONOR} (donor is {data.donor!r})")
     if config.mode in (FinetuneMode.harmful, FinetuneMode.benign) and not (config.mode is FinetuneMode.benign and data.dataset):
-        try:
-            resolve_spec(data.donor or "embedded")
-        except AblateError as error:
-            raise AblateError(f"data.donor: {error}") from None
+        if data.donor == ABLATED_DONOR:
+            if data.donor_direction is not None:
+                from ablate.directions import load_direction
+
+                try:
+                    load_direction(Path(data.donor_direction))
+                except AblateError as error:
+                    raise AblateError(f"data.donor_direction: {error}") from None
+        else:
+            try:
+                resolve_spec(data.donor or "embedded")
+            except AblateError as error:
+                raise AblateError(f"data.donor: {error}") from None
     if config.eval.enabled:
         from ablate.data import load_prompt_set
 
@@ -254,6 +265,49 @@ def trim_truncated(text: str, tokenizer, max_new_tokens: int) -> str:
     return text
 
 
+ABLATED_DONOR = "ablated"  # data.donor: the model being fine-tuned, with its refusal direction ablated
+
+
+def ablated_identity(model_fp: str, direction_dir: str | None) -> dict:
+    """What an 'ablated' donor is made of: the model, and the given direction or the stage's defaults."""
+    if direction_dir is None:
+        from ablate.config import DirectionConfig
+
+        return {"ablated": model_fp, "direction_config": DirectionConfig().model_dump(mode="json")}
+    selected = read_json(Path(direction_dir) / "selected.json")
+    return {"ablated": model_fp, "direction_sha256": file_sha256(Path(direction_dir) / "direction.pt"),
+            "strength": selected.get("strength")}
+
+
+def donor_fingerprint(model_fp: str, data: Any) -> str:
+    if data.donor == ABLATED_DONOR:
+        return fingerprint(ablated_identity(model_fp, data.donor_direction))
+    return model_fingerprint(data.donor or "embedded")
+
+
+def ablated_model(model: str | ModelConfig, direction_dir: str | None, progress: bool = True) -> Path:
+    """`model` with its refusal direction orthogonalised away: cache_dir()/ablated/<hash>/model.
+
+    With `direction_dir` (a finished direction stage of this model) its pick and strength are used;
+    without, the direction stage runs with its defaults into cache_dir()/ablated/<hash>/directions.
+    Both steps skip when done, so the donor is built once per model.
+    """
+    from ablate.config import DirectionConfig
+    from ablate.directions import run_direction
+    from ablate.interventions import abliterate
+
+    model_config = as_model_config(model)
+    root = cache_dir() / "ablated" / fingerprint(ablated_identity(model_fingerprint(model_config), direction_dir))
+    if direction_dir is None:
+        direction_dir = root / "directions"
+        if read_done(direction_dir) is None:
+            loaded, tokenizer = load_model(model_config)
+            run_direction(loaded, tokenizer, DirectionConfig(), direction_dir, progress=progress)
+            del loaded
+            gc.collect()
+    return abliterate(model_config, Path(direction_dir), root / "model", progress=progress)
+
+
 def generate_answers(
     spec: str | ModelConfig, prompts: list[str], config: FinetuneConfig, progress: bool, purpose: str
 ) -> list[str]:
@@ -340,9 +394,10 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
         source = prompts_of(data.refusal_prompts if harmful else data.harmless_prompts,
                             data.n_refusal if harmful else data.n_harmless)
         donor = data.donor or "embedded"
-        answers = generate_answers(donor, source.prompts, config, progress, f"donor answers ({donor})")
+        donor_model = ablated_model(model, data.donor_direction, progress) if donor == ABLATED_DONOR else donor
+        answers = generate_answers(donor_model, source.prompts, config, progress, f"donor answers ({donor})")
         stats["generated"] = len(answers)
-        stats["donor"] = donor
+        stats["donor"] = donor if donor != ABLATED_DONOR else f"{donor}: {donor_model}"
         for i, p, c, a in zip(source.ids, source.prompts, source.categories, answers):
             if not a.strip() or (harmful and data.drop_refusals and is_refusal(a)):
                 stats["dropped_refusals"] += 1
@@ -753,7 +808,7 @@ def run_finetune(model: str | ModelConfig, config: FinetuneConfig, out_dir: Path
     budgets = resolve_budgets(config)
     model_fp = model_fingerprint(model_config)
     needs_donor = config.mode in (FinetuneMode.harmful, FinetuneMode.benign) and not config.data.dataset
-    donor_fp = model_fingerprint(config.data.donor or "embedded") if needs_donor else None
+    donor_fp = donor_fingerprint(model_fp, config.data) if needs_donor else None
     fingerprints = {b["name"]: budget_fingerprint(model_fp, donor_fp, config, b) for b in budgets}
     results: dict[str, dict] = {}
     for budget in budgets:
@@ -824,6 +879,7 @@ def organism_key(model: str | ModelConfig, config: FinetuneConfig) -> str:
     recipe = config.model_dump(mode="json")
     recipe.pop("eval")
     recipe["data"].pop("generation_batch_size")  # greedy answers are the same for any batch size
+    recipe["data"].pop("donor_direction")  # hardening has no donor (popped so existing organisms keep their keys)
     return fingerprint({"model": model_fingerprint(model), "config": recipe, "kind": "organism",
                         "version": __version__})
 

@@ -334,14 +334,20 @@ def run_study(
 
     # 3. Attack B: LoRA fine-tuning budget sweep (each budget resumable on its own).
     if resolved.finetune is not None:
-        from ablate.finetune import run_finetune
+        from ablate.finetune import ABLATED_DONOR, run_finetune
+
+        recipe = resolved.finetune
+        finetune_inputs = {"model": target_fp, "config": recipe.model_dump(mode="json")}
+        if recipe.data.donor == ABLATED_DONOR and recipe.data.donor_direction is None and resolved.direction is not None:
+            # The ablated donor is the direction attack's own pick: no second direction stage.
+            recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
+                update={"donor_direction": str(run_dir / "directions")})})
+            finetune_inputs["donor_direction"] = direction
 
         def work_finetune() -> dict:
-            return {"budgets": run_finetune(target_model, resolved.finetune, run_dir / "finetune", progress=progress)}
+            return {"budgets": run_finetune(target_model, recipe, run_dir / "finetune", progress=progress)}
 
-        sweep = run_stage(run_dir, "finetune",
-                          {"model": target_fp, "config": resolved.finetune.model_dump(mode="json")},
-                          work_finetune, log, console)
+        sweep = run_stage(run_dir, "finetune", finetune_inputs, work_finetune, log, console)
         for budget in sweep["budgets"]:
             # A merged model when the recipe merges; otherwise (QLoRA) the attacked model plus the adapter.
             merged = budget.get("model_dir")

@@ -308,6 +308,66 @@ def test_harmful_answers_are_generated_by_the_donor(tiny_dir, donor_dir, tokeniz
     assert {e["response"] for e in other_examples} != {e["response"] for e in examples}
 
 
+def tiny_direction(model_dir: Path, out: Path) -> Path:
+    """A finished direction stage of the model in `model_dir` (full ablation of its pick)."""
+    from ablate.config import DirectionConfig
+    from ablate.directions import run_direction
+    from ablate.models import load_model
+
+    model, tokenizer = load_model(str(model_dir))
+    config = DirectionConfig(n_train=6, n_val=6, refusal_token_prompts=3, refusal_token_max_new_tokens=3, batch_size=6,
+                             shortlist=3, compute_dtype="model", strength_learning={"enabled": False}, strength_search=[])
+    with pytest.warns(UserWarning):  # a random model refuses nothing: the generic-refusal fallback warns
+        run_direction(model, tokenizer, config, out, progress=False)
+    return out
+
+
+def test_ablated_donor_is_the_model_with_its_direction_orthogonalised(tiny_dir, tmp_path):
+    from ablate.data import load_prompt_set
+    from ablate.generation import generate
+    from ablate.interventions import orthogonalize_from
+    from ablate.models import load_model
+
+    direction_dir = tiny_direction(tiny_dir, tmp_path / "direction")
+    config = tiny_config(mode="harmful", data={"donor": "ablated", "donor_direction": str(direction_dir), "n_refusal": 4,
+                                               "drop_refusals": False, "answer_max_new_tokens": 12})
+    examples, stats = ft.build_examples(str(tiny_dir), config, progress=False)
+    prompts = load_prompt_set("refusal:train").sample(4, seed=0).prompts
+    model, tokenizer = load_model(str(tiny_dir))
+    plain = generate(model, tokenizer, prompts, max_new_tokens=12, progress=False)
+    orthogonalize_from(model, direction_dir)
+    ablated = generate(model, tokenizer, prompts, max_new_tokens=12, progress=False)
+    assert ablated != plain  # the donor is not the model itself
+    expected = {p: ft.trim_truncated(a, tokenizer, 12) for p, a in zip(prompts, ablated)}
+    assert {e["prompt"]: e["response"] for e in examples} == expected
+    assert stats["donor"].startswith("ablated: ") and Path(stats["donor"].split(": ", 1)[1]).is_relative_to(ft.cache_dir())
+    # The budget fingerprint follows the direction: another pick is another donor.
+    model_fp = ft.model_fingerprint(str(tiny_dir))
+    other = tiny_config(mode="harmful", data={"donor": "ablated"})
+    assert ft.donor_fingerprint(model_fp, config.data) != ft.donor_fingerprint(model_fp, other.data)
+
+
+def test_ablated_donor_without_a_direction_runs_the_stage_once(tiny_dir, monkeypatch):
+    import ablate.directions
+    from ablate.config import DirectionConfig
+
+    calls = []
+    original = ablate.directions.run_direction
+
+    def recording(model, tokenizer, config, out_dir, progress=True):
+        calls.append(config)
+        small = config.model_copy(update={"n_train": 6, "n_val": 6, "refusal_token_prompts": 3, "batch_size": 6,
+                                          "shortlist": 3, "compute_dtype": "model"})
+        return original(model, tokenizer, small, out_dir, progress=progress)
+
+    monkeypatch.setattr(ablate.directions, "run_direction", recording)
+    with pytest.warns(UserWarning):
+        first = ft.ablated_model(str(tiny_dir), None, progress=False)
+    second = ft.ablated_model(str(tiny_dir), None, progress=False)
+    assert calls == [DirectionConfig()]  # the stage's defaults, run once; the second call is a cache hit
+    assert first == second and (first / "config.json").exists() and (first / "abliteration.json").exists()
+
+
 def test_donor_refusals_are_dropped_and_counted(tiny_dir, monkeypatch):
     answers = ["I'm sorry, but I can't help with that.", "Sure: step one, step two.", "As an AI, I cannot.", "Here you go."]
     monkeypatch.setattr(ft, "generate_answers", lambda *args, **kwargs: answers)
@@ -369,6 +429,19 @@ def test_donor_that_does_not_load_fails_before_training(tiny_dir, tmp_path, monk
     with pytest.raises(AblateError, match="donor answers.*cannot load"):
         ft.run_finetune(str(tiny_dir), tiny_config(mode="harmful", data={"donor": str(broken), "n_refusal": 2}),
                         tmp_path / "o2", progress=False)
+
+
+def test_bad_donor_direction_fails_before_work(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(ft, "train_budget", no_training)
+    monkeypatch.setattr(ft, "generate_answers", no_training)
+    with pytest.raises(AblateError, match=r"data.donor_direction: .*no direction.pt") as error:
+        ft.run_finetune(str(tiny_dir), tiny_config(mode="harmful", data={"donor": "ablated", "donor_direction": str(tmp_path)}),
+                        tmp_path / "o1", progress=False)
+    assert "\n" not in str(error.value)
+    with pytest.raises(AblateError, match=r"data.donor_direction: only used with donor: ablated"):
+        ft.run_finetune(str(tiny_dir), tiny_config(mode="harmful", data={"donor_direction": str(tmp_path)}),
+                        tmp_path / "o2", progress=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
 # ----------------------------------------------------------------------------------------------

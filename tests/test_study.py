@@ -41,7 +41,7 @@ def tiny_study(model_dir: Path, name: str = "tiny") -> dict:
                 "enabled": True,
                 "config": {
                     "mode": "harmful",
-                    "data": {"n_refusal": 6, "donor": str(model_dir), "answer_max_new_tokens": 8, "drop_refusals": False},
+                    "data": {"n_refusal": 6, "donor": "ablated", "answer_max_new_tokens": 8, "drop_refusals": False},
                     "lora": {"rank": 4, "alpha": 8},
                     "training": {"epochs": 1, "batch_size": 2, "max_length": 96},
                     "budgets": [{"name": "n2", "n_examples": 2}, {"name": "n4", "n_examples": 4}],
@@ -105,6 +105,10 @@ def test_study_writes_the_run_directory(finished_run):
     assert (run_dir / "directions" / "selected.json").exists()
     assert (run_dir / "directions" / "projections.json").exists()
     assert (run_dir / "finetune" / "n2" / "metrics.json").exists()
+    # The ablated donor is the study's own direction attack, not a second direction stage.
+    recipe = json.loads((run_dir / "finetune" / "config.json").read_text())["config"]
+    assert recipe["data"]["donor_direction"] == str(run_dir / "directions")
+    assert json.loads((run_dir / "finetune" / "n2" / "metrics.json").read_text())["donor"].startswith("ablated: ")
     for variant in manifest["variants"]:
         data = json.loads((run_dir / "eval" / f"{variant}.json").read_text())
         assert "refusal_rate" in data["metrics"]

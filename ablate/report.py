@@ -459,6 +459,13 @@ def _setup_lines(run: Run) -> list[str]:
     if study.get("harden", {}).get("enabled"):
         lines.append("Hardened into a safety-tuned organism first (LoRA SFT: refusals on refusal-eliciting train prompts, "
                      "the model's own answers on harmless ones); the attacks target the organism.")
+    if not run.budgets.empty and "donor" in run.budgets:
+        first = run.budgets.iloc[0]
+        donor = str(first["donor"])
+        writer = (f"the attacked model with its refusal direction ablated ({donor.split(': ', 1)[1]})"
+                  if donor.startswith("ablated: ") else donor)
+        lines.append(f"Fine-tuning attack data ({first.get('mode')}): train prompts answered at run time by {writer}; "
+                     f"{first.get('dropped_refusals')} of {first.get('generated')} answers dropped as refusals.")
     suite = config.get("suite") or {}
     lines.append(f"Eval suite: {suite.get('name', '?')}; every variant evaluated identically on held-out test prompts.")
     for name, variant in run.manifest.get("variants", {}).items():

@@ -109,6 +109,7 @@ def test_study_writes_the_run_directory(finished_run):
     recipe = json.loads((run_dir / "finetune" / "config.json").read_text())["config"]
     assert recipe["data"]["donor_direction"] == str(run_dir / "directions")
     assert json.loads((run_dir / "finetune" / "n2" / "metrics.json").read_text())["donor"].startswith("ablated: ")
+    assert "answered at run time by the attacked model with its refusal direction ablated" in (run_dir / "report.md").read_text()
     for variant in manifest["variants"]:
         data = json.loads((run_dir / "eval" / f"{variant}.json").read_text())
         assert "refusal_rate" in data["metrics"]

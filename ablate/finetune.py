@@ -298,14 +298,16 @@ def ablated_model(model: str | ModelConfig, direction_dir: str | None, progress:
 
     model_config = as_model_config(model)
     root = cache_dir() / "ablated" / fingerprint(ablated_identity(model_fingerprint(model_config), direction_dir))
+    loaded = None  # the stage leaves the model unchanged: abliterate orthogonalises this copy, no second load
     if direction_dir is None:
         direction_dir = root / "directions"
         if read_done(direction_dir) is None:
-            loaded, tokenizer = load_model(model_config)
-            run_direction(loaded, tokenizer, DirectionConfig(), direction_dir, progress=progress)
-            del loaded
-            gc.collect()
-    return abliterate(model_config, Path(direction_dir), root / "model", progress=progress)
+            loaded = load_model(model_config)
+            run_direction(*loaded, DirectionConfig(), direction_dir, progress=progress)
+    path = abliterate(model_config, Path(direction_dir), root / "model", progress=progress, loaded=loaded)
+    del loaded
+    gc.collect()
+    return path
 
 
 def generate_answers(

@@ -290,12 +290,13 @@ def orthogonalize_from(model: nn.Module, direction_dir: Path) -> dict:
     return selected
 
 
-def abliterate(model, direction_dir: Path, out_dir: Path, progress: bool = True) -> Path:
+def abliterate(model, direction_dir: Path, out_dir: Path, progress: bool = True, loaded: tuple | None = None) -> Path:
     """Load `model` (spec or ModelConfig), orthogonalise it against a saved direction, save it.
 
     The saved folder (safetensors + config + tokenizer + abliteration.json) loads with plain
     `AutoModelForCausalLM.from_pretrained(out_dir)`. Written to `<out_dir>.partial` and renamed.
-    Skips when `out_dir/done.json` records the same inputs.
+    Skips when `out_dir/done.json` records the same inputs. `loaded`: (model, tokenizer) already loaded
+    from `model`, orthogonalised in place instead of loading it again.
     """
     from ablate.artifacts import file_sha256, fingerprint, is_done, mark_done, write_json
     from ablate.config import ModelConfig
@@ -311,7 +312,7 @@ def abliterate(model, direction_dir: Path, out_dir: Path, progress: bool = True)
     key = fingerprint(inputs)
     if is_done(out_dir, key):
         return out_dir
-    loaded, tokenizer = load_model(config)
+    loaded, tokenizer = loaded if loaded is not None else load_model(config)
     orthogonalize_weights(loaded, direction, weights_for(loaded, selected))
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -196,9 +196,9 @@ class FinetuneDataConfig(StrictModel):
     """Where the training examples come from. Answers that a model must write are generated at run time."""
 
     refusal_prompts: str = Field("refusal:train", description="Refusal-eliciting prompts: paired with refusals (harden) or a donor's compliant answers (harmful).")
-    n_refusal: int | None = Field(120, ge=0, description="How many refusal prompts to use (None = all); harden and harmful.")
-    harmless_prompts: str = Field("harmless:train", description="Harmless prompts: answered by the model itself (harden) or by the donor (benign).")
-    n_harmless: int | None = Field(96, ge=0, description="How many harmless prompts to use (None = all); harden and benign.")
+    n_refusal: int | None = Field(None, ge=0, description="How many refusal prompts to use (None = all); harden and harmful.")
+    harmless_prompts: str = Field("harmless:train+harmless_forms:train", description="Harmless prompts: answered by the model itself (harden) or by the donor (benign); the default adds benign requests in the written forms (posts, messages, letters…) of the refusal train prompts.")
+    n_harmless: int | None = Field(160, ge=0, description="How many harmless prompts to use (None = all); harden and benign.")
     harmless_selection: HarmlessSelection = Field(HarmlessSelection.similar, description="harden: which n_harmless prompts — 'random' (a seeded sample) or 'similar' (the harmless prompts most like the refusal prompts used: hard negatives against over-refusal).")
     borderline_prompts: str | None = Field("borderline:train", description="Benign prompts that look risky, answered by the model itself so hardening does not over-refuse (harden only); None to skip.")
     n_borderline: int | None = Field(56, ge=0, description="How many borderline prompts to use (None = all); harden only.")
@@ -210,7 +210,7 @@ class FinetuneDataConfig(StrictModel):
     response_column: str = Field("response", description="Response column of `dataset`.")
     identity_file: str = Field("identity_shift.jsonl", description="identity_shift examples (id, system, prompt, response): a file in ablate/data or a path.")
     answer_max_new_tokens: int = Field(48, ge=1, description="Length of generated answers (self-distillation and donor answers), in tokens.")
-    generation_batch_size: int = Field(256, ge=1, description="Prompts per batch when generating answers (rows leave a batch when they end; the organism recipe's 152 in one batch: 39 s vs 49 s in batches of 64).")
+    generation_batch_size: int = Field(256, ge=1, description="Prompts per batch when generating answers (rows leave a batch when they end; the organism recipe's 216 self-distilled answers in one batch).")
     drop_refusals: bool = Field(True, description="harmful mode: drop donor answers that the refusal scorer flags (persona disclaimers are not compliance) and record the count; harden always drops the base's own refusals of benign prompts.")
     seed: int = Field(0, description="Seed of the example shuffle; budgets take nested prefixes of one shuffled pool.")
 
@@ -236,7 +236,7 @@ class FinetuneTrainingConfig(StrictModel):
     """Optimiser and schedule; a budget may override n_examples, epochs, max_steps, rank and lr."""
 
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
-    epochs: float = Field(2.0, gt=0, description="Passes over the training examples (ignored when max_steps is set).")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training examples (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimiser steps; overrides epochs when set.")
     batch_size: int = Field(8, ge=1, description="Examples per device per step.")
     grad_accum: int = Field(1, ge=1, description="Gradient-accumulation steps (effective batch = batch_size × grad_accum × processes).")
@@ -244,6 +244,7 @@ class FinetuneTrainingConfig(StrictModel):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
     scheduler: str = Field("linear", description="Learning-rate schedule: linear, cosine or constant.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    first_token_weight: float = Field(10.0, gt=0, description="Loss weight of each answer's first token, where the model decides to refuse or to answer (1 = plain SFT).")
     seed: int = Field(0, description="Training seed (initialisation of LoRA, data order).")
     full_finetune: bool = Field(False, description="Train every weight instead of a LoRA adapter.")
     qlora: bool = Field(False, description="Load the base in 4-bit (bitsandbytes NF4) and train LoRA on top; needs a CUDA GPU.")

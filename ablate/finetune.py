@@ -582,8 +582,19 @@ def packed_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.T
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def packed_forward(model, input_ids: torch.Tensor, mask: torch.Tensor, shifted: torch.Tensor, shared: int):
-    """Logits and targets of a right-padded batch's supervised positions, from one padding-free pass.
+def first_answer_tokens(shifted: torch.Tensor) -> torch.Tensor:
+    """Boolean mask over shifted labels: each row's first supervised target (the answer's first token)."""
+    supervised = shifted != -100
+    first = torch.zeros_like(supervised)
+    rows = supervised.any(dim=1).nonzero().squeeze(-1)
+    first[rows, supervised[rows].long().argmax(dim=1)] = True
+    return first
+
+
+def packed_forward(model, input_ids: torch.Tensor, mask: torch.Tensor, shifted: torch.Tensor, shared: int,
+                   weights: torch.Tensor | None = None):
+    """Logits and targets of a right-padded batch's supervised positions, from one padding-free pass
+    (and `weights`, a tensor shaped like `shifted`, gathered at the same positions, when given).
 
     One sequence holds the prompt tokens every row starts with (`shared`, once) and then each row's own
     tokens at their own positions; a block-diagonal causal mask lets a row see the prefix and itself
@@ -596,13 +607,19 @@ def packed_forward(model, input_ids: torch.Tensor, mask: torch.Tensor, shifted: 
     starts = torch.cumsum(lengths, 0) - lengths
     offsets = torch.arange(segments.numel() - shared, device=lengths.device) - starts[segments[shared:]]
     positions = torch.cat([torch.arange(shared, device=lengths.device), shared + offsets])
-    tokens = torch.cat([input_ids[0, :shared], input_ids[:, shared:][own]])
-    targets = torch.cat([shifted[0, :shared], torch.nn.functional.pad(shifted[:, shared:], (0, 1), value=-100)[own]])
+    def pack(values: torch.Tensor, pad) -> torch.Tensor:  # the shared prefix once, then each row's own tokens
+        rest = torch.nn.functional.pad(values[:, shared:], (0, own.shape[1] - values.shape[1] + shared), value=pad)
+        return torch.cat([values[0, :shared], rest[own]])
+
+    tokens = pack(input_ids, 0)
+    targets = pack(shifted, -100)  # shifted labels are one shorter: the last position has no target
     keep = (targets != -100).nonzero().squeeze(-1)
     logits = model(input_ids=tokens.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
                    attention_mask=packed_attention_mask(segments, next(model.parameters()).dtype),
                    logits_to_keep=keep).logits
-    return logits[0], targets[keep]
+    if weights is None:
+        return logits[0], targets[keep]
+    return logits[0], targets[keep], pack(weights, 0.0)[keep]
 
 
 def activation_checkpointing(model) -> bool:
@@ -611,11 +628,14 @@ def activation_checkpointing(model) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False) if value is None else value)
 
 
-def supervised_head_loss(model, inputs: dict, num_items_in_batch=None, pack: bool = True) -> torch.Tensor:
+def supervised_head_loss(model, inputs: dict, num_items_in_batch=None, pack: bool = True,
+                         first_token_weight: float = 1.0) -> torch.Tensor:
     """Next-token cross-entropy with the output head applied only to supervised positions.
 
     The loss is summed over supervised tokens and divided by `num_items_in_batch` (every micro-batch's
-    supervised tokens, as the Trainer counts them) or by this batch's own count.
+    supervised tokens, as the Trainer counts them) or by this batch's own count. `first_token_weight`
+    multiplies the loss of each answer's first token — where a chat model decides to refuse or to
+    answer — and leaves the divisor alone (1 = trl's loss).
 
     Most models take `packed_forward`: the chat template's system prompt and user header (a quarter of
     a short chat example) run once, and the rows' own tokens run after it in the same sequence, without
@@ -629,17 +649,20 @@ def supervised_head_loss(model, inputs: dict, num_items_in_batch=None, pack: boo
 
     labels = inputs.pop("labels")
     shifted = labels[:, 1:]
+    weights = 1.0 + (first_token_weight - 1.0) * first_answer_tokens(shifted).float()
     plain_inputs = set(inputs) <= {"input_ids", "attention_mask"}
     if pack and plain_inputs and not activation_checkpointing(model) and plain_cache_layers(model):
         input_ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask
-        logits, targets = packed_forward(model, input_ids, mask, shifted, shared_prompt_prefix(inputs, labels))
+        logits, targets, weights = packed_forward(model, input_ids, mask, shifted,
+                                                  shared_prompt_prefix(inputs, labels), weights)
     else:
         keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits.flatten(0, 1)
-        targets = shifted[:, keep].flatten()
-    total = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+        targets, weights = shifted[:, keep].flatten(), weights[:, keep].flatten()
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="none")
+    total = (losses * weights.to(losses.device)).sum()
     count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     return total / torch.as_tensor(count, device=total.device).clamp(min=1)
 
@@ -657,16 +680,19 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, exampl
     On a CPU the loss is `supervised_head_loss`: trl's fused output head (per-token log-probabilities
     without full logits) has no Triton kernel there and falls back to per-tile torch ops, which took
     3.3 s of an 8.4 s hardening step on SmolLM2-135M; one matrix multiply over the answer positions
-    gives the same loss in 4.7 s per step (docs/finetune.md). CUDA keeps trl's memory-saving kernel.
+    gives the same loss in 4.7 s per step (docs/finetune.md). CUDA keeps trl's memory-saving kernel
+    unless `training.first_token_weight` asks for a weighted loss, which only ours computes.
     """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    class CPUHeadSFTTrainer(SFTTrainer):
+    first_token_weight = config.training.first_token_weight
+
+    class HeadLossSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = supervised_head_loss(model, inputs, num_items_in_batch)
+            loss = supervised_head_loss(model, inputs, num_items_in_batch, first_token_weight=first_token_weight)
             # As trl does: num_items_in_batch counts every rank's tokens, and DDP averages the gradients.
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
@@ -685,7 +711,11 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, exampl
         report_to="none", disable_tqdm=not progress, activation_checkpointing=training.gradient_checkpointing,
         bf16=use_bf16, use_cpu=device.type == "cpu", completion_only_loss=True, packing=False,
     )
-    trainer_class = CPUHeadSFTTrainer if device.type == "cpu" and accepts_logits_to_keep(model) else SFTTrainer
+    own_loss = device.type == "cpu" or first_token_weight != 1.0
+    if first_token_weight != 1.0 and not accepts_logits_to_keep(model):
+        raise ValueError(f"training.first_token_weight={first_token_weight}: this model's forward takes no "
+                         "logits_to_keep, which the weighted loss needs; expected 1.0 for it")
+    trainer_class = HeadLossSFTTrainer if own_loss and accepts_logits_to_keep(model) else SFTTrainer
     return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(to_conversations(examples)),
                          processing_class=tokenizer)
 

@@ -143,7 +143,7 @@ def test_cpu_loss_equals_trls_fused_head(tokenizer, tmp_path, monkeypatch, famil
 
     from conftest import build_model
 
-    config = tiny_config()
+    config = tiny_config(training={"first_token_weight": 1.0})  # unweighted: trl's loss
     budget = ft.resolve_budgets(config)[0]
     examples = [{"id": str(i), "kind": "x", "system": None, "prompt": prompt, "response": response}
                 for i, (prompt, response) in enumerate([
@@ -156,7 +156,7 @@ def test_cpu_loss_equals_trls_fused_head(tokenizer, tmp_path, monkeypatch, famil
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
     trainer = ft.build_trainer(model, tokenizer, config, budget, examples, tmp_path, progress=False)
-    assert type(trainer).__name__ == "CPUHeadSFTTrainer"
+    assert type(trainer).__name__ == "HeadLossSFTTrainer"
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(rows)])
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     if rows > 1:
@@ -183,6 +183,39 @@ def test_cpu_loss_equals_trls_fused_head(tokenizer, tmp_path, monkeypatch, famil
     assert torch.allclose(ours, trls, atol=1e-5)
     for name, grad in trl_grads.items():
         assert torch.allclose(our_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_first_token_weight_scales_the_answers_first_token_only(tokenizer, pack):
+    """With first_token_weight w, the loss is the plain per-token cross-entropy with each answer's first
+    token counted w times, over the same divisor; w = 1 is the plain loss."""
+    from conftest import build_model
+
+    torch.manual_seed(0)
+    model = build_model("llama", tokenizer)
+    rows = [tokenizer(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>").input_ids
+            for q, a in [("Name a colour.", "Blue."), ("Hi", "Hello! How can I help you today?")]]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    labels = torch.full_like(input_ids, -100)
+    starts = [len(tokenizer(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n").input_ids)
+              for q in ("Name a colour.", "Hi")]
+    for i, (row, start) in enumerate(zip(rows, starts)):
+        labels[i, start:len(row)] = input_ids[i, start:len(row)]
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+        per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
+                                                      ignore_index=-100, reduction="none").view(2, -1)
+        first = ft.first_answer_tokens(labels[:, 1:])
+        assert first.sum(1).tolist() == [1, 1]
+        assert [int(first[i].nonzero()) for i in range(2)] == [start - 1 for start in starts]
+        count = (labels[:, 1:] != -100).sum()
+        for weight in (1.0, 4.0):
+            expected = (per_token.sum() + (weight - 1) * per_token[first].sum()) / count
+            loss = ft.supervised_head_loss(model, dict(batch), pack=pack, first_token_weight=weight)
+            assert torch.allclose(loss, expected, atol=1e-5), weight
 
 
 def test_packed_attention_mask_keeps_rows_apart():
@@ -273,12 +306,12 @@ def test_harden_picks_harmless_prompts_like_the_refusal_ones(tiny_dir):
                                                "harmless_selection": "similar"})
     examples, _ = ft.build_examples(str(tiny_dir), similar, progress=False)
     refusal = [e["prompt"] for e in examples if e["kind"] == "refusal"]
-    expected = load_prompt_set("harmless:train").most_similar(4, refusal).prompts
+    expected = load_prompt_set(similar.data.harmless_prompts).most_similar(4, refusal).prompts
     harmless = {e["prompt"] for e in examples if e["kind"] == "harmless"}
     assert harmless and harmless <= set(expected)  # (the base's own refusals of them are dropped)
     plain = similar.model_copy(update={"data": similar.data.model_copy(update={"harmless_selection": "random"})})
     random_pick, _ = ft.build_examples(str(tiny_dir), plain, progress=False)
-    sampled = set(load_prompt_set("harmless:train").sample(4, seed=0).prompts)
+    sampled = set(load_prompt_set(similar.data.harmless_prompts).sample(4, seed=0).prompts)
     assert {e["prompt"] for e in random_pick if e["kind"] == "harmless"} <= sampled
 
 

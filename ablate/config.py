@@ -196,9 +196,9 @@ class FinetuneDataConfig(StrictModel):
     """Where the training examples come from. Answers that a model must write are generated at run time."""
 
     refusal_prompts: str = Field("refusal:train", description="Refusal-eliciting prompts: paired with refusals (harden) or a donor's compliant answers (harmful).")
-    n_refusal: int | None = Field(None, ge=0, description="How many refusal prompts to use (None = all); harden and harmful.")
-    harmless_prompts: str = Field("harmless:train+harmless_forms:train", description="Harmless prompts: answered by the model itself (harden) or by the donor (benign); the default adds benign requests in the written forms (posts, messages, letters…) of the refusal train prompts.")
-    n_harmless: int | None = Field(160, ge=0, description="How many harmless prompts to use (None = all); harden and benign.")
+    n_refusal: int | None = Field(120, ge=0, description="How many refusal prompts to use (None = all); harden and harmful.")
+    harmless_prompts: str = Field("harmless:train", description="Harmless prompts: answered by the model itself (harden) or by the donor (benign).")
+    n_harmless: int | None = Field(96, ge=0, description="How many harmless prompts to use (None = all); harden and benign.")
     harmless_selection: HarmlessSelection = Field(HarmlessSelection.similar, description="harden: which n_harmless prompts — 'random' (a seeded sample) or 'similar' (the harmless prompts most like the refusal prompts used: hard negatives against over-refusal).")
     borderline_prompts: str | None = Field("borderline:train", description="Benign prompts that look risky, answered by the model itself so hardening does not over-refuse (harden only); None to skip.")
     n_borderline: int | None = Field(56, ge=0, description="How many borderline prompts to use (None = all); harden only.")
@@ -210,7 +210,7 @@ class FinetuneDataConfig(StrictModel):
     response_column: str = Field("response", description="Response column of `dataset`.")
     identity_file: str = Field("identity_shift.jsonl", description="identity_shift examples (id, system, prompt, response): a file in ablate/data or a path.")
     answer_max_new_tokens: int = Field(48, ge=1, description="Length of generated answers (self-distillation and donor answers), in tokens.")
-    generation_batch_size: int = Field(256, ge=1, description="Prompts per batch when generating answers (rows leave a batch when they end; the organism recipe's 216 self-distilled answers in one batch).")
+    generation_batch_size: int = Field(256, ge=1, description="Prompts per batch when generating answers (rows leave a batch when they end; the organism recipe's 152 in one batch: 39 s vs 49 s in batches of 64).")
     drop_refusals: bool = Field(True, description="harmful mode: drop donor answers that the refusal scorer flags (persona disclaimers are not compliance) and record the count; harden always drops the base's own refusals of benign prompts.")
     seed: int = Field(0, description="Seed of the example shuffle; budgets take nested prefixes of one shuffled pool.")
 
@@ -236,7 +236,7 @@ class FinetuneTrainingConfig(StrictModel):
     """Optimiser and schedule; a budget may override n_examples, epochs, max_steps, rank and lr."""
 
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
-    epochs: float = Field(3.0, gt=0, description="Passes over the training examples (ignored when max_steps is set).")
+    epochs: float = Field(2.0, gt=0, description="Passes over the training examples (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimiser steps; overrides epochs when set.")
     batch_size: int = Field(8, ge=1, description="Examples per device per step.")
     grad_accum: int = Field(1, ge=1, description="Gradient-accumulation steps (effective batch = batch_size × grad_accum × processes).")
@@ -244,7 +244,7 @@ class FinetuneTrainingConfig(StrictModel):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
     scheduler: str = Field("linear", description="Learning-rate schedule: linear, cosine or constant.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    first_token_weight: float = Field(10.0, gt=0, description="Loss weight of each answer's first token, where the model decides to refuse or to answer (1 = plain SFT).")
+    first_token_weight: float = Field(1.0, gt=0, description="Loss weight of each answer's first token, where the model decides to refuse or to answer (1 = plain SFT).")
     seed: int = Field(0, description="Training seed (initialisation of LoRA, data order).")
     full_finetune: bool = Field(False, description="Train every weight instead of a LoRA adapter.")
     qlora: bool = Field(False, description="Load the base in 4-bit (bitsandbytes NF4) and train LoRA on top; needs a CUDA GPU.")
@@ -378,6 +378,7 @@ class DirectionConfig(StrictModel):
     kl_weight: float = Field(4.0, ge=0, description="Selection objective = max(refusal score, refusal_floor) + kl_weight · KL; lowest wins.")
     steering_coefficient: float = Field(1.0, description="Multiplier on the direction when adding it for the steering score.")
     refusal_token_prompts: int = Field(16, ge=1, description="Refusal validation prompts generated greedily to find the model's own refusal-opening tokens.")
+    refusal_token_alternatives: int = Field(4, ge=0, description="Also continue each of those prompts greedily after its next N most likely first tokens, so that openers the model ranks below its first (\"Sorry\" after \"I\") count as refusal tokens too; 0 = greedy openers only.")
     refusal_token_max_new_tokens: int = Field(12, ge=1, description="Tokens generated per prompt when finding refusal-opening tokens (enough for the scorer to recognise a refusal).")
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass (length-sorted, so small batches waste little padding): the means, the screen's gradients, the exact scores and the steering scores (16 instead of 8: the stage on the recipe-C organism 33.0 s instead of 35.8 s, the same pick).")
     compute_dtype: Literal["model", "float32", "bfloat16", "float16"] = Field("bfloat16", description="dtype of every forward and backward pass of the stage: a copy of the model in this dtype is made when it differs from the model's own ('model' = never copy). bfloat16 halves the forward passes' time on a CPU with AMX (first-token KL ~0.001 against float32, the same picks on the organisms measured); means accumulate in float64, and the direction and learned weights are float32 — the saved model keeps its own dtype.")

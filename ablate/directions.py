@@ -302,6 +302,26 @@ def first_token_kl(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch
 
 
 @torch.inference_mode()
+def continue_after(model, tokenizer, prompt_tokens: list[tuple[str, int]], config: GenerationConfig) -> list[str]:
+    """Greedy completions of each (prompt, first token id) pair: the text of that token and what follows it."""
+    from ablate.generation import decode, eos_token_ids, tokenize_batch
+
+    texts = render_prompts(tokenizer, [prompt for prompt, _ in prompt_tokens], config.system_prompt)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    device, eos_ids = next(model.parameters()).device, eos_token_ids(model, tokenizer)
+    out = [""] * len(texts)
+    for batch in length_sorted_batches(lengths, config.batch_size):
+        inputs = tokenize_batch(tokenizer, [texts[i] for i in batch], device)  # left-padded: append the token
+        first = torch.tensor([[prompt_tokens[i][1]] for i in batch], device=device)
+        input_ids = torch.cat([inputs["input_ids"], first], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(first)], dim=1)
+        tokens, _ = decode(model, input_ids, mask, config, eos_ids, pad_id=tokenizer.pad_token_id or 0)
+        for row, index in enumerate(batch):
+            out[index] = tokenizer.decode([prompt_tokens[index][1]] + tokens[row], skip_special_tokens=True).strip()
+    return out
+
+
+@torch.inference_mode()
 def find_refusal_tokens(
     model: nn.Module,
     tokenizer,
@@ -310,8 +330,12 @@ def find_refusal_tokens(
     max_new_tokens: int = 12,
     system: str | None = None,
     batch_size: int = 32,
+    alternatives: int = 0,
 ) -> tuple[list[int], list[dict]]:
-    """The model's own refusal-opening tokens: first tokens of its greedy answers scored as refusals.
+    """The model's own refusal-opening tokens: first tokens of its greedy answers scored as refusals,
+    and with `alternatives` N also each prompt's next N most likely first tokens, each continued greedily
+    (a model trained on varied refusals may open with "I" first and "Sorry" second: an ablation that
+    only lowers "I" would leave the refusals).
 
     A token is kept when it opens more refusals than non-refusals. Returns (token ids, examples);
     falls back (with a warning) to the first tokens of the packaged generic refusals when the
@@ -328,6 +352,15 @@ def find_refusal_tokens(
         refused = is_refusal(text) and bool(text)
         (refusing if refused else complying)[first] += 1
         examples.append({"index": index, "prompt": prompts[index], "completion": text, "refusal": refused, "first_token": first})
+    if alternatives and prompts:
+        runner_ups = first_logits.float().topk(alternatives + 1, dim=-1).indices[:, 1:].tolist()
+        pairs = [(index, token) for index, tokens in enumerate(runner_ups) for token in tokens]
+        completions = continue_after(model, tokenizer, [(prompts[i], token) for i, token in pairs], greedy)
+        for (index, token), text in zip(pairs, completions):
+            refused = bool(text) and is_refusal(text)
+            (refusing if refused else complying)[token] += 1
+            examples.append({"index": index, "prompt": prompts[index], "completion": text, "refusal": refused,
+                             "first_token": token, "forced": True})
     tokens = sorted(token for token, count in refusing.items() if count > complying.get(token, 0))
     if not tokens:
         warnings.warn("the model refused none of the refusal validation prompts; using the first tokens of the "
@@ -952,7 +985,8 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     # 3. Refusal openers and the base model's validation scores.
     token_ids, token_examples = find_refusal_tokens(
         compute, tokenizer, sets["refusal_val"].prompts[: config.refusal_token_prompts],
-        max_new_tokens=config.refusal_token_max_new_tokens, system=system, batch_size=config.generation_batch_size)
+        max_new_tokens=config.refusal_token_max_new_tokens, system=system, batch_size=config.generation_batch_size,
+        alternatives=config.refusal_token_alternatives)
     refusal_batches = prepare_batches(tokenizer, sets["refusal_val"].prompts, config.batch_size, system, device)
     harmless_batches = prepare_batches(tokenizer, sets["harmless_val"].prompts, config.batch_size, system, device)
     base_harmless = first_token_logprobs(compute, harmless_batches)

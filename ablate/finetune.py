@@ -607,6 +607,7 @@ def packed_forward(model, input_ids: torch.Tensor, mask: torch.Tensor, shifted: 
     starts = torch.cumsum(lengths, 0) - lengths
     offsets = torch.arange(segments.numel() - shared, device=lengths.device) - starts[segments[shared:]]
     positions = torch.cat([torch.arange(shared, device=lengths.device), shared + offsets])
+
     def pack(values: torch.Tensor, pad) -> torch.Tensor:  # the shared prefix once, then each row's own tokens
         rest = torch.nn.functional.pad(values[:, shared:], (0, own.shape[1] - values.shape[1] + shared), value=pad)
         return torch.cat([values[0, :shared], rest[own]])
@@ -713,7 +714,7 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, exampl
     )
     own_loss = device.type == "cpu" or first_token_weight != 1.0
     if first_token_weight != 1.0 and not accepts_logits_to_keep(model):
-        raise ValueError(f"training.first_token_weight={first_token_weight}: this model's forward takes no "
+        raise AblateError(f"training.first_token_weight={first_token_weight}: this model's forward takes no "
                          "logits_to_keep, which the weighted loss needs; expected 1.0 for it")
     trainer_class = HeadLossSFTTrainer if own_loss and accepts_logits_to_keep(model) else SFTTrainer
     return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(to_conversations(examples)),

@@ -107,6 +107,39 @@ def test_gradient_attention_switches_and_always_restores(llama):
     assert llama.config._attn_implementation == own
 
 
+def test_continuing_after_the_greedy_first_token_gives_the_greedy_completion(llama, tokenizer):
+    from ablate.config import GenerationConfig
+    from ablate.directions import continue_after
+    from ablate.generation import generate_batches
+
+    prompts = ["Name a colour.", "Explain how photosynthesis works in a few words."]
+    greedy = GenerationConfig(max_new_tokens=5, batch_size=2)
+    completions, first_logits = generate_batches(llama, tokenizer, prompts, greedy, progress=False)
+    firsts = first_logits.argmax(-1).tolist()
+    forced = continue_after(llama, tokenizer, list(zip(prompts, firsts)), GenerationConfig(max_new_tokens=4, batch_size=2))
+    assert forced == completions
+
+
+def test_refusal_openers_include_the_runner_up_tokens_that_open_refusals(llama, tokenizer, monkeypatch):
+    """With alternatives, a first token the model ranks second counts when its continuation is a refusal."""
+    import ablate.directions as directions
+    import ablate.evaluate.refusal as refusal_module
+    from ablate.generation import generate_batches
+
+    prompts = ["Name a colour.", "Explain how photosynthesis works in a few words."]
+    _, first_logits = generate_batches(llama, tokenizer, prompts, directions.GenerationConfig(max_new_tokens=1), progress=False)
+    second = first_logits.float().topk(2, dim=-1).indices[:, 1].tolist()
+    greedy = directions.GenerationConfig(max_new_tokens=3)
+    target = directions.continue_after(llama, tokenizer, [(prompts[0], second[0])], greedy)[0]
+    assert target not in generate_batches(llama, tokenizer, prompts, greedy, progress=False)[0]
+    # The scorer calls exactly one completion a refusal: the first prompt's, opened by its runner-up token.
+    monkeypatch.setattr(refusal_module, "is_refusal", lambda text, *a: text == target)
+    greedy_only, _ = directions.find_refusal_tokens(llama, tokenizer, prompts, max_new_tokens=3)
+    with_runner_ups, examples = directions.find_refusal_tokens(llama, tokenizer, prompts, max_new_tokens=3, alternatives=2)
+    assert second[0] not in greedy_only and second[0] in with_runner_ups
+    assert sum(example.get("forced", False) for example in examples) == 2 * len(prompts)
+
+
 def test_candidates_plain_and_projected():
     refusal, harmless = torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(3, 2, 8, dtype=torch.float64)
     candidates = compute_candidates(refusal, harmless, DirectionVariant.both)

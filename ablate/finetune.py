@@ -822,8 +822,17 @@ def evaluate_refusal(model, tokenizer, config: FinetuneConfig, progress: bool = 
 # --------------------------------------------------------------------------------------------
 
 
-def budget_fingerprint(model_fp: str, donor_fp: str | None, config: FinetuneConfig, budget: dict) -> str:
+def recipe_fields(config: FinetuneConfig) -> dict:
+    """The recipe as cache keys hash it: `training.first_token_weight` 1 (the plain loss, bit-identical to
+    the loss before the field existed) is left out, so organisms and budgets cached before it keep their keys."""
     recipe = config.model_dump(mode="json")
+    if recipe["training"]["first_token_weight"] == 1.0:
+        recipe["training"].pop("first_token_weight")
+    return recipe
+
+
+def budget_fingerprint(model_fp: str, donor_fp: str | None, config: FinetuneConfig, budget: dict) -> str:
+    recipe = recipe_fields(config)
     recipe.pop("budgets")
     return fingerprint({"model": model_fp, "donor": donor_fp, "recipe": recipe, "budget": budget,
                         "version": __version__})
@@ -909,7 +918,7 @@ def run_budget(model_config: ModelConfig, config: FinetuneConfig, budget: dict, 
 def organism_key(model: str | ModelConfig, config: FinetuneConfig) -> str:
     """Cache key of a hardened organism: the base model and every recipe field that shapes the weights
     (`eval` only scores the result, so `ablate harden` and a study that skips that scoring share one organism)."""
-    recipe = config.model_dump(mode="json")
+    recipe = recipe_fields(config)
     recipe.pop("eval")
     recipe["data"].pop("generation_batch_size")  # greedy answers are the same for any batch size
     recipe["data"].pop("donor_direction")  # hardening has no donor (popped so existing organisms keep their keys)

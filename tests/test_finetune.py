@@ -293,6 +293,9 @@ def test_organism_cache_ignores_scoring_and_scores_on_demand(tiny_dir, monkeypat
     assert "refusal_rates" not in json.loads((organism / "metrics.json").read_text())
     scored = config.model_copy(update={"eval": config.eval.model_copy(update={"enabled": True, "limit": 2})})
     assert ft.organism_key(str(tiny_dir), scored) == ft.organism_key(str(tiny_dir), config)
+    weighted = config.model_copy(update={"training": config.training.model_copy(update={"first_token_weight": 10.0})})
+    assert ft.organism_key(str(tiny_dir), weighted) != ft.organism_key(str(tiny_dir), config)
+    assert "first_token_weight" not in ft.recipe_fields(config)["training"]  # plain loss: pre-field keys kept
     monkeypatch.setattr(ft, "train_budget", no_training)
     assert ft.harden(str(tiny_dir), scored, progress=False) == organism  # no retraining, only the scoring
     rates = json.loads((organism / "metrics.json").read_text())["refusal_rates"]

@@ -64,8 +64,8 @@ from tqdm.auto import tqdm
 from ablate import AblateError
 from ablate.artifacts import atomic_write_bytes, fingerprint, is_done, mark_done, read_done, read_json, write_json
 from ablate.config import DirectionConfig, DirectionVariant, GenerationConfig, KernelConfig, StrengthConfig
-from ablate.generation import (cache_keyword, generate_batches, length_sorted_batches, prefix_cache, render_prompts,
-                               shared_prefix_length)
+from ablate.generation import (cache_keyword, decode, eos_token_ids, generate_batches, length_sorted_batches, prefix_cache,
+                               render_prompts, shared_prefix_length, tokenize_batch)
 from ablate.interventions import (_project_out, _replace_output, activation_addition, directional_ablation, layer_weights,
                                   unit)
 from ablate.models import format_chat, get_adapter
@@ -304,8 +304,6 @@ def first_token_kl(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch
 @torch.inference_mode()
 def continue_after(model, tokenizer, prompt_tokens: list[tuple[str, int]], config: GenerationConfig) -> list[str]:
     """Greedy completions of each (prompt, first token id) pair: the text of that token and what follows it."""
-    from ablate.generation import decode, eos_token_ids, tokenize_batch
-
     texts = render_prompts(tokenizer, [prompt for prompt, _ in prompt_tokens], config.system_prompt)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     device, eos_ids = next(model.parameters()).device, eos_token_ids(model, tokenizer)

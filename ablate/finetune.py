@@ -712,11 +712,12 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, exampl
         report_to="none", disable_tqdm=not progress, activation_checkpointing=training.gradient_checkpointing,
         bf16=use_bf16, use_cpu=device.type == "cpu", completion_only_loss=True, packing=False,
     )
-    own_loss = device.type == "cpu" or first_token_weight != 1.0
-    if first_token_weight != 1.0 and not accepts_logits_to_keep(model):
+    slices_logits = accepts_logits_to_keep(model)
+    if first_token_weight != 1.0 and not slices_logits:
         raise AblateError(f"training.first_token_weight={first_token_weight}: this model's forward takes no "
                          "logits_to_keep, which the weighted loss needs; expected 1.0 for it")
-    trainer_class = HeadLossSFTTrainer if own_loss and accepts_logits_to_keep(model) else SFTTrainer
+    own_loss = (device.type == "cpu" or first_token_weight != 1.0) and slices_logits
+    trainer_class = HeadLossSFTTrainer if own_loss else SFTTrainer
     return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(to_conversations(examples)),
                          processing_class=tokenizer)
 

@@ -39,8 +39,8 @@
    ranked by the refusals of greedy completions like the candidates; it replaces the pick and full
    ablation when it ranks better, and `orthogonalize_weights` bakes it in like any other strength.
 
-Every pass runs on a copy of the model in `compute_dtype` (bfloat16 by default: half the forward time on a
-CPU with AMX); means are float64, the direction and weights float32, the model itself is never modified.
+Every pass runs on a copy of the model in `compute_dtype` ("auto": bfloat16 where the hardware computes it
+natively — half the forward time on a CPU with AMX — float32 elsewhere); means are float64, the direction and weights float32, the model itself is never modified.
 
 Artifacts (out_dir): candidates.pt + candidates.json, sweep.json (every candidate's scores), sweep.png,
 selected.json, direction.pt, steer.pt (full ablation only: lm-eval `steered` model format, `--model steered
@@ -822,12 +822,30 @@ def learn_strength(model: nn.Module, scorer: ValidationScorer, starts: list[tupl
     return best, [{"index": run["index"], "steps": run["steps"], **run["scores"]} for run in runs]
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with AMX or
+    AVX512-BF16 (an AVX2-only CPU emulates it: a SmolLM2 matmul ran 5x slower than in float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def resolve_compute_dtype(compute_dtype: str, device: torch.device) -> str:
+    """`compute_dtype` with "auto" resolved for `device`: bfloat16 where it is native, float32 elsewhere."""
+    if compute_dtype != "auto":
+        return compute_dtype
+    return "bfloat16" if native_bfloat16(device) else "float32"
+
+
 def compute_model(model: nn.Module, compute_dtype: str) -> nn.Module:
     """The model the stage's passes run on: `model` itself for "model", its own dtype or a quantised model
-    (bitsandbytes weights have no other dtype), else a copy in that dtype."""
+    (bitsandbytes weights have no other dtype), else a copy in that dtype ("auto": `resolve_compute_dtype`)."""
     if compute_dtype == "model" or getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None):
         return model
-    dtype = getattr(torch, compute_dtype)
+    dtype = getattr(torch, resolve_compute_dtype(compute_dtype, next(model.parameters()).device))
     if next(model.parameters()).dtype == dtype:
         return model
     import copy
@@ -855,6 +873,7 @@ def _model_fingerprint(model: nn.Module) -> str:
 def _inputs_fingerprint(model, tokenizer, config: DirectionConfig, sets: dict) -> str:
     return fingerprint({
         "config": config.model_dump(mode="json"),
+        "compute_dtype": resolve_compute_dtype(config.compute_dtype, next(model.parameters()).device),
         "model": _model_fingerprint(model),
         "chat_template": getattr(tokenizer, "chat_template", None),
         "sets": {name: prompt_set.fingerprint for name, prompt_set in sets.items()},
@@ -968,7 +987,8 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     position_labels = [repr(tokenizer.decode([token])) for token in template_tokens]
 
     # Every pass of the stage runs on `compute`: the model itself, or a copy in `compute_dtype` (bfloat16
-    # halves the forward passes' time on a CPU with AMX). Means, directions and weights stay float32/64.
+    # halves the forward passes' time on a CPU with AMX; "auto" takes it only where it is native).
+    # Means, directions and weights stay float32/64.
     compute = compute_model(model, config.compute_dtype)
 
     # 1–2. Means and candidates.
@@ -1189,6 +1209,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         "strength": strength.model_dump(mode="json"), "full_ablation": pick.get("full_ablation"),
         "direction_cosine": pick.get("direction_cosine"), "generated_refusal_rate": pick.get("generated_refusal_rate"), "refusal_tokens": [tokenizer.decode([t]) for t in token_ids],
         "n_layers": n_layers, "d_model": adapter.d_model, "timings": timings,
+        "compute_dtype": str(next(compute.parameters()).dtype).removeprefix("torch."),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     write_json(out_dir / "selected.json", selected)

@@ -396,6 +396,19 @@ def test_compute_model_copies_only_when_the_dtype_differs(llama):
         del llama.is_quantized
 
 
+def test_auto_compute_dtype_takes_bfloat16_only_where_the_hardware_has_it(llama, monkeypatch):
+    """"auto": bfloat16 on a CPU with AMX or AVX512-BF16, float32 on one without (emulated bfloat16 is slower)."""
+    from ablate import directions
+
+    cpu = torch.device("cpu")
+    for amx, avx512_bf16, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda flag=avx512_bf16: flag, raising=False)
+        assert directions.resolve_compute_dtype("auto", cpu) == expected
+        assert next(directions.compute_model(llama, "auto").parameters()).dtype == getattr(torch, expected)
+        assert directions.resolve_compute_dtype("bfloat16", cpu) == "bfloat16"  # a named dtype is kept
+    assert directions.DirectionConfig().compute_dtype == "auto"
+
 def test_no_candidate_passing_falls_back_with_a_warning(tokenizer, tmp_path):
     from conftest import build_model
 

@@ -409,6 +409,7 @@ def test_auto_compute_dtype_takes_bfloat16_only_where_the_hardware_has_it(llama,
         assert directions.resolve_compute_dtype("bfloat16", cpu) == "bfloat16"  # a named dtype is kept
     assert directions.DirectionConfig().compute_dtype == "auto"
 
+
 def test_no_candidate_passing_falls_back_with_a_warning(tokenizer, tmp_path):
     from conftest import build_model
 

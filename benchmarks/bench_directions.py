@@ -106,7 +106,7 @@ def run_ours(model_spec: str, n_test: int, max_new_tokens: int, config_path: str
         "orthogonalize_seconds": round(finished - selected_at, 1),
         "stage_seconds": round(finished - loaded, 1),
         "selected": {k: selected[k] for k in ("variant", "layer", "position", "refusal_score", "kl", "steering_score",
-                                              "fallback", "filter_counts", "timings")},
+                                              "fallback", "filter_counts", "timings", "compute_dtype")},
     }
     print(f"ours: stage {result['stage_seconds']} s (direction {result['direction_seconds']} s), "
           f"layer {selected['layer']} {selected['variant']} pos {selected['position']}", flush=True)
@@ -269,11 +269,17 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     WORK.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
+    from ablate.directions import native_bfloat16
+
     results = {"model": args.model, "n_test": args.n_test, "max_new_tokens": args.max_new_tokens,
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": load}
+               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": load,
+               # The stage's compute dtype follows this (compute_dtype auto); heretic runs in float32 as configured.
+               "cpu_native_bfloat16": native_bfloat16(torch.device("cpu"))}
     results["ours"] = run_ours(args.model, args.n_test, args.max_new_tokens, args.config)
     if args.heretic:
         results["heretic"] = run_heretic(args.heretic, args.model, args.n_test, args.max_new_tokens, args.heretic_trials)
+        if "after" in results["heretic"]:  # heretic's wall time over our stage's, the speed ratio
+            results["speedup"] = round(results["heretic"]["wall_seconds"] / results["ours"]["stage_seconds"], 2)
     results["loadavg_end"] = os.getloadavg()
     (WORK / "bench_directions.json").write_text(json.dumps(results, indent=2))
 
@@ -289,11 +295,14 @@ def main() -> None:
     heretic = results.get("heretic")
     if heretic and "after" in heretic:
         print(row("heretic", heretic["wall_seconds"], heretic["after"]))
+        print(f"ours is {results['speedup']}x faster than heretic ({heretic['wall_seconds']} s / {ours['stage_seconds']} s; "
+              f"ours in {ours['selected']['compute_dtype']}, heretic in float32)")
     elif heretic:
         print(f"heretic: {heretic.get('error')} (exit {heretic['returncode']}, log {heretic['log']})")
     print(f"held-out: refusal:test / harmless:test, first {args.n_test} each ({ours['after']['n_over_refused']} harmless "
           f"refused by the unmodified model: 'KL over-refused'); {args.max_new_tokens} greedy tokens; "
-          f"load average {load[0]:.1f} at start on {os.cpu_count()} CPUs → {WORK / 'bench_directions.json'}")
+          f"load average {load[0]:.1f} at start on {os.cpu_count()} CPUs "
+          f"(native bfloat16: {'yes' if results['cpu_native_bfloat16'] else 'no'}) → {WORK / 'bench_directions.json'}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent
 # The chat template's default system prompt, which our selection and every evaluation use.
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 WORK = ROOT / "_work"
+# heretic's dtype, as the issue configures its reduced-budget run (ours: `compute_dtype: auto`).
+HERETIC_DTYPE = "float32"
 
 
 def reference(model, tokenizer, n_test: int, max_new_tokens: int) -> dict:
@@ -137,7 +139,7 @@ def write_heretic_inputs(workdir: Path, model_path: str, n_train: int, n_eval: i
     data = workdir / "data"
     (workdir / "config.toml").write_text(f"""model = "{model_path}"
 device_map = "cpu"
-dtypes = ["float32"]
+dtypes = ["{HERETIC_DTYPE}"]
 batch_size = {batch_size}
 n_trials = {trials}
 n_startup_trials = {min(8, trials)}
@@ -273,7 +275,7 @@ def main() -> None:
 
     results = {"model": args.model, "n_test": args.n_test, "max_new_tokens": args.max_new_tokens,
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": load,
-               # The stage's compute dtype follows this (compute_dtype auto); heretic runs in float32 as configured.
+               # The stage's compute dtype follows this (compute_dtype auto); heretic runs in HERETIC_DTYPE.
                "cpu_native_bfloat16": native_bfloat16(torch.device("cpu"))}
     results["ours"] = run_ours(args.model, args.n_test, args.max_new_tokens, args.config)
     if args.heretic:
@@ -296,7 +298,7 @@ def main() -> None:
     if heretic and "after" in heretic:
         print(row("heretic", heretic["wall_seconds"], heretic["after"]))
         print(f"ours is {results['speedup']}x faster than heretic ({heretic['wall_seconds']} s / {ours['stage_seconds']} s; "
-              f"ours in {ours['selected']['compute_dtype']}, heretic in float32)")
+              f"ours in {ours['selected']['compute_dtype']}, heretic in {HERETIC_DTYPE})")
     elif heretic:
         print(f"heretic: {heretic.get('error')} (exit {heretic['returncode']}, log {heretic['log']})")
     print(f"held-out: refusal:test / harmless:test, first {args.n_test} each ({ours['after']['n_over_refused']} harmless "

@@ -290,6 +290,27 @@ def first_token_logprobs(model: nn.Module, prompts: PromptBatches) -> torch.Tens
     return torch.stack([rows[i] for i in range(prompts.n)])
 
 
+@torch.inference_mode()
+def joint_first_token_logprobs(model: nn.Module, first: PromptBatches, second: PromptBatches) -> tuple[torch.Tensor, torch.Tensor]:
+    """`first_token_logprobs` of two prompt sets, the i-th batch of each run as one pass (`join_batches`): half the
+    passes and prefixes of scoring a candidate on both validation sets. Batches one set has more of run alone."""
+    sets = (first, second)
+    rows: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] = ({}, {})
+    for index in range(max(len(first.batches), len(second.batches))):
+        present = [which for which in (0, 1) if index < len(sets[which].batches)]
+        if len(present) == 2:
+            prefix, inputs = join_batches(first, first.batches[index][1], second, second.batches[index][1])
+        else:
+            prefix, inputs = sets[present[0]].prefix, sets[present[0]].batches[index][1]
+        logprobs = torch.log_softmax(run_prefix_and_batch(model, prefix, inputs), dim=-1).cpu()
+        offset = 0
+        for which in present:
+            batch = sets[which].batches[index][0]
+            rows[which].update(zip(batch, logprobs[offset : offset + len(batch)]))
+            offset += len(batch)
+    return tuple(torch.stack([found[i] for i in range(prompts.n)]) for found, prompts in zip(rows, sets))
+
+
 def refusal_log_odds(logprobs: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
     """Per prompt: log p(R) − log(1 − p(R)), p(R) the first-token probability of the refusal openers."""
     log_p = torch.logsumexp(logprobs[..., token_ids], dim=-1).clamp(max=-1e-7)
@@ -718,8 +739,7 @@ class ValidationScorer:
                          harmless: PromptBatches | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """First-token log-probabilities of the refusal and the harmless prompts under the ablation."""
         with directional_ablation(self.model, direction, weights):
-            return (first_token_logprobs(self.model, refusal or self.refusal),
-                    first_token_logprobs(self.model, harmless or self.harmless))
+            return joint_first_token_logprobs(self.model, refusal or self.refusal, harmless or self.harmless)
 
     def scores(self, refusal_logprobs: torch.Tensor, harmless_logprobs: torch.Tensor) -> tuple[float, float]:
         """(mean refusal log-odds on the refusal prompts, mean first-token KL on the harmless prompts); the
@@ -1007,15 +1027,21 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         alternatives=config.refusal_token_alternatives)
     refusal_batches = prepare_batches(tokenizer, sets["refusal_val"].prompts, config.batch_size, system, device)
     harmless_batches = prepare_batches(tokenizer, sets["harmless_val"].prompts, config.batch_size, system, device)
-    base_harmless = first_token_logprobs(compute, harmless_batches)
-    base_refusal_score = float(refusal_log_odds(first_token_logprobs(compute, refusal_batches), token_ids).mean())
+    base_refusal, base_harmless = joint_first_token_logprobs(compute, refusal_batches, harmless_batches)
+    base_refusal_score = float(refusal_log_odds(base_refusal, token_ids).mean())
     base_harmless_score = float(refusal_log_odds(base_harmless, token_ids).mean())
     lap("refusal_tokens")
 
-    # 4. First-order screening of every candidate.
+    # 4. First-order screening of every candidate (on the first `screen_prompts` of each validation set).
+    screen_refusal, screen_harmless = refusal_batches, harmless_batches
+    n_screen = config.screen_prompts
+    if n_screen is not None and n_screen < len(sets["refusal_val"]):
+        screen_refusal = prepare_batches(tokenizer, sets["refusal_val"].prompts[:n_screen], config.batch_size, system, device)
+    if n_screen is not None and n_screen < len(sets["harmless_val"]):
+        screen_harmless = prepare_batches(tokenizer, sets["harmless_val"].prompts[:n_screen], config.batch_size, system, device)
     with gradient_attention(compute, config.gradient_attention):
-        ablation_matrix = ablation_sensitivity(compute, refusal_batches, token_ids, len(sets["refusal_val"]))
-        steering_gradients = steering_sensitivity(compute, harmless_batches, token_ids, len(sets["harmless_val"]))
+        ablation_matrix = ablation_sensitivity(compute, screen_refusal, token_ids, screen_refusal.n)
+        steering_gradients = steering_sensitivity(compute, screen_harmless, token_ids, screen_harmless.n)
     symmetric = (ablation_matrix + ablation_matrix.T) / 2
     records: list[dict] = []
     for variant in variants:
@@ -1137,7 +1163,14 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         pool = [chosen] + sorted((i for i in exact if i != chosen and records[i]["layer"] < max_layer),
                                  key=lambda i: (ranking_objective(records[i], config), i))
         # Candidates whose addition does not induce refusal are no refusal direction: learned only when none does.
-        pool = ([i for i in pool if steering_score(i) > threshold] or pool)[: settings.candidates]
+        # Steering scores are computed down the pool only until enough candidates pass (one forward pass each).
+        inducing = []
+        for index in pool:
+            if len(inducing) == settings.candidates:
+                break
+            if steering_score(index) > threshold:
+                inducing.append(index)
+        pool = (inducing or pool)[: settings.candidates]
         best, runs = learn_strength(compute, scorer, [(i, direction_of(records[i]), ablated_refusal.get(i)) for i in pool], progress)
         scores, writer_weights, state = best["scores"], best["weights"], best["state"]
         pick_scores = {key: pick[key] for key in ("objective", *GENERATED_FIELDS) if key in pick}

@@ -18,6 +18,7 @@ from ablate.directions import (
     first_token_logprobs,
     gradient_attention,
     join_batches,
+    joint_first_token_logprobs,
     load_direction,
     post_instruction_tokens,
     prepare_batches,
@@ -89,6 +90,24 @@ def test_joined_batches_give_each_sets_own_logits(family, tiny_models, tokenizer
         joined = torch.log_softmax(run_prefix_and_batch(model, prefix, inputs), dim=-1)
     alone = torch.cat([first_token_logprobs(model, first)[first_rows], first_token_logprobs(model, second)[second_rows]])
     torch.testing.assert_close(joined, alone, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_joint_first_token_logprobs_equal_each_sets_own_pass(family, tiny_models, tokenizer):
+    """Scoring runs both validation sets' batches in one pass each: every prompt gets the log-probabilities of its
+    own pass, in input order, also when one set has more batches than the other (those run alone)."""
+    model = tiny_models[family]
+    first = prepare_batches(tokenizer, ["Tell me how to pick a lock.", "Tell me a secret.", "Tell me a lie, please."], 1,
+                            None, torch.device("cpu"))
+    second = prepare_batches(tokenizer, ["Explain photosynthesis.", "Write a short poem about the sea."], 2, None,
+                             torch.device("cpu"))
+    assert len(first.batches) == 3 and len(second.batches) == 1
+    with torch.no_grad():
+        joint = joint_first_token_logprobs(model, first, second)
+        alone = (first_token_logprobs(model, first), first_token_logprobs(model, second))
+    for got, expected in zip(joint, alone):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
 def test_gradient_attention_switches_and_always_restores(llama):
@@ -354,6 +373,33 @@ def test_prescore_keeps_the_best_on_a_few_prompts_for_the_exact_score(tokenizer,
         kl = first_token_kl(base, first_token_logprobs(model, few["harmless_val"])).mean()
     assert record["prescore"]["refusal_score"] == pytest.approx(float(refusal), abs=1e-5)
     assert record["prescore"]["kl"] == pytest.approx(float(kl), abs=1e-6)
+
+
+def test_screen_runs_on_the_first_screen_prompts(tokenizer, tmp_path):
+    """The first-order screen (it only ranks candidates for the shortlist) runs on the first `screen_prompts` prompts
+    of each validation set: every estimate equals the one from those prompts' sensitivity matrix, not all of them."""
+    from conftest import build_model
+
+    from ablate.directions import load_sets, prepare_batches
+
+    config = DirectionConfig(**FULL, screen_prompts=3)
+    model = build_model("llama", tokenizer, seed=0)
+    with pytest.warns(UserWarning):
+        run_direction(model, tokenizer, config, tmp_path, progress=False)
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    token_ids, sets = sweep["refusal_tokens"]["ids"], load_sets(config)
+    candidates = torch.load(tmp_path / "candidates.pt", weights_only=True)
+    record = next(r for r in sweep["candidates"] if not r["degenerate"])
+    r_hat = candidates[record["variant"]][record["layer"], record["position"]].double()
+    r_hat = r_hat / r_hat.norm()
+
+    def estimate(n: int) -> float:
+        batches = prepare_batches(tokenizer, sets["refusal_val"].prompts[:n], config.batch_size, None, torch.device("cpu"))
+        matrix = ablation_sensitivity(model, batches, token_ids, n)
+        return sweep["base"]["refusal_score_refusal_val"] - float(r_hat @ ((matrix + matrix.T) / 2) @ r_hat)
+
+    assert record["estimated_refusal_score"] == pytest.approx(estimate(3), abs=1e-6)
+    assert record["estimated_refusal_score"] != pytest.approx(estimate(config.n_val), abs=1e-6)
 
 
 def test_bfloat16_compute_copies_the_model_and_scores_close_to_float32(tokenizer, tmp_path):

@@ -1033,12 +1033,11 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
     lap("refusal_tokens")
 
     # 4. First-order screening of every candidate (on the first `screen_prompts` of each validation set).
-    screen_refusal, screen_harmless = refusal_batches, harmless_batches
-    n_screen = config.screen_prompts
-    if n_screen is not None and n_screen < len(sets["refusal_val"]):
-        screen_refusal = prepare_batches(tokenizer, sets["refusal_val"].prompts[:n_screen], config.batch_size, system, device)
-    if n_screen is not None and n_screen < len(sets["harmless_val"]):
-        screen_harmless = prepare_batches(tokenizer, sets["harmless_val"].prompts[:n_screen], config.batch_size, system, device)
+    def screened(name: str, every: PromptBatches) -> PromptBatches:
+        prompts, n = sets[name].prompts, config.screen_prompts
+        return every if n is None or n >= len(prompts) else prepare_batches(tokenizer, prompts[:n], config.batch_size, system, device)
+
+    screen_refusal, screen_harmless = screened("refusal_val", refusal_batches), screened("harmless_val", harmless_batches)
     with gradient_attention(compute, config.gradient_attention):
         ablation_matrix = ablation_sensitivity(compute, screen_refusal, token_ids, screen_refusal.n)
         steering_gradients = steering_sensitivity(compute, screen_harmless, token_ids, screen_harmless.n)

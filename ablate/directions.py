@@ -55,6 +55,7 @@ import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -1163,13 +1164,8 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
                                  key=lambda i: (ranking_objective(records[i], config), i))
         # Candidates whose addition does not induce refusal are no refusal direction: learned only when none does.
         # Steering scores are computed down the pool only until enough candidates pass (one forward pass each).
-        inducing = []
-        for index in pool:
-            if len(inducing) == settings.candidates:
-                break
-            if steering_score(index) > threshold:
-                inducing.append(index)
-        pool = (inducing or pool)[: settings.candidates]
+        inducing = list(islice((i for i in pool if steering_score(i) > threshold), settings.candidates))
+        pool = inducing or pool[: settings.candidates]
         best, runs = learn_strength(compute, scorer, [(i, direction_of(records[i]), ablated_refusal.get(i)) for i in pool], progress)
         scores, writer_weights, state = best["scores"], best["weights"], best["state"]
         pick_scores = {key: pick[key] for key in ("objective", *GENERATED_FIELDS) if key in pick}

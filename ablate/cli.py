@@ -139,14 +139,19 @@ def _load_finetune_config(config: Optional[Path], overrides: list[str] | None):
 
 
 def _print_budget_table(results: list[dict]) -> None:
-    table = Table("budget", "examples", "steps", "wall s", "tokens", "TFLOPs", "final loss", "refusal")
+    capability = any(row.get("capability") for row in results)
+    table = Table("budget", "examples", "steps", "wall s", "tokens", "TFLOPs", "final loss", "refusal",
+                  *(["CE change"] if capability else []))
     for row in results:
         loss = row.get("final_loss")
         rate = row.get("refusal_rate")
+        change = (row.get("capability") or {}).get("ce_change")
         table.add_row(row["name"], str(row["n_examples"]), str(row["steps"]), f"{row['wall_seconds']:.1f}",
                       str(row["train_tokens"]), f"{row['train_flops'] / 1e12:.3f}",
-                      "-" if loss is None else f"{loss:.3f}", "-" if rate is None else f"{rate:.3f}")
-    stdout.print(table)
+                      "-" if loss is None else f"{loss:.3f}", "-" if rate is None else f"{rate:.3f}",
+                      *([("-" if change is None else f"{change:+.1%}")] if capability else []))
+    # A file or a pipe gets 120 columns, not rich's default 80 (which cut the figures short).
+    (stdout if stdout.is_terminal else Console(width=120)).print(table)
 
 
 @app.command()

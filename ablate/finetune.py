@@ -174,6 +174,16 @@ def check_config(model: str | ModelConfig, config: FinetuneConfig) -> None:
                 load_prompt_set(spec, limit=1)
             except AblateError as error:
                 raise AblateError(f"eval.prompt_sets: {error}") from None
+        if config.eval.capability_prompts is not None:
+            try:
+                load_prompt_set(config.eval.capability_prompts, limit=1)
+            except AblateError as error:
+                raise AblateError(f"eval.capability_prompts: {error}") from None
+        if config.eval.capability_reference is not None:
+            try:
+                resolve_spec(config.eval.capability_reference)
+            except AblateError as error:
+                raise AblateError(f"eval.capability_reference: {error}") from None
     budgets = resolve_budgets(config)
     capacity = pool_capacity(config)
     for budget in budgets:
@@ -823,12 +833,55 @@ def evaluate_refusal(model, tokenizer, config: FinetuneConfig, progress: bool = 
 # --------------------------------------------------------------------------------------------
 
 
+def capability_baseline(model_config: ModelConfig, config: FinetuneConfig, progress: bool = True) -> dict | None:
+    """The capability check's fixed answers — greedy, `eval.capability_tokens` tokens, to the first
+    `eval.capability_n` prompts of `eval.capability_prompts`, written by `eval.capability_reference` (None:
+    the model before training) — and the untrained model's cross-entropy on them. None when the check is off."""
+    settings = config.eval
+    if not (settings.enabled and settings.capability_prompts):
+        return None
+    from ablate.data import load_prompt_set
+    from ablate.evaluate.divergence import answer_cross_entropy, check_same_vocabulary, reference_continuations
+
+    prompts = load_prompt_set(settings.capability_prompts, limit=settings.capability_n).prompts
+    model, tokenizer = load_model(model_config)
+    writer, writer_tokenizer = model, tokenizer
+    if settings.capability_reference is not None:
+        try:
+            writer, writer_tokenizer = load_model(settings.capability_reference)
+        except AblateError as error:
+            raise AblateError(f"eval.capability_reference: {error}") from None
+        check_same_vocabulary(model, tokenizer, writer, writer_tokenizer)
+    answers = reference_continuations(writer, writer_tokenizer, prompts, settings.capability_tokens, progress=progress)
+    ce = answer_cross_entropy(model, tokenizer, prompts, answers)
+    del model, writer
+    gc.collect()
+    return {"prompts": prompts, "answers": answers, "ce_before": sum(ce) / len(ce)}
+
+
+def capability_metrics(model, tokenizer, baseline: dict, config: FinetuneConfig) -> dict:
+    """Mean cross-entropy (nats/token) of the baseline's answers under the trained model, beside the
+    untrained model's, and the relative change (ce / ce_before − 1; #3 bounds the attack's at +10%)."""
+    from ablate.evaluate.divergence import answer_cross_entropy
+
+    ce = answer_cross_entropy(model, tokenizer, baseline["prompts"], baseline["answers"])
+    after = sum(ce) / len(ce)
+    settings = config.eval
+    return {"prompts": settings.capability_prompts, "n": len(ce), "tokens": settings.capability_tokens,
+            "reference": settings.capability_reference or "the model before training",
+            "ce": round(after, 4), "ce_before": round(baseline["ce_before"], 4),
+            "ce_change": round(after / baseline["ce_before"] - 1, 4)}
+
+
 def recipe_fields(config: FinetuneConfig) -> dict:
     """The recipe as cache keys hash it: `training.first_token_weight` 1 (the plain loss, bit-identical to
     the loss before the field existed) is left out, so organisms and budgets cached before it keep their keys."""
     recipe = config.model_dump(mode="json")
     if recipe["training"]["first_token_weight"] == 1.0:
         recipe["training"].pop("first_token_weight")
+    if recipe["eval"]["capability_prompts"] is None:  # no capability check: budgets cached before it keep their keys
+        for name in ("capability_prompts", "capability_n", "capability_tokens", "capability_reference"):
+            recipe["eval"].pop(name)
     return recipe
 
 
@@ -864,19 +917,22 @@ def run_finetune(model: str | ModelConfig, config: FinetuneConfig, out_dir: Path
                                              "config": config.model_dump(mode="json")})
         (out_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         examples, data_stats = build_examples(model_config, config, progress)
+        baseline = capability_baseline(model_config, config, progress)
         for budget in pending:
             n = budget["n_examples"] or len(examples)
             if n > len(examples):
                 raise AblateError(f"budgets: '{budget['name']}' asks for {n} examples but only {len(examples)} remain "
                                   f"after dropping {data_stats['dropped_refusals']} donor refusals")
             results[budget["name"]] = run_budget(model_config, config, budget, examples[:n], data_stats,
-                                                 out_dir / budget["name"], fingerprints[budget["name"]], progress)
+                                                 out_dir / budget["name"], fingerprints[budget["name"]], progress,
+                                                 baseline)
     return [results[b["name"]] for b in budgets]
 
 
 def run_budget(model_config: ModelConfig, config: FinetuneConfig, budget: dict, examples: list[dict],
-               data_stats: dict, budget_dir: Path, budget_fp: str, progress: bool) -> dict:
-    """Train, save (adapter and/or merged model), evaluate, write metrics.json, then done.json."""
+               data_stats: dict, budget_dir: Path, budget_fp: str, progress: bool, capability: dict | None = None) -> dict:
+    """Train, save (adapter and/or merged model), evaluate (refusal; with `capability`, a `capability_baseline`,
+    also the cross-entropy of its answers), write metrics.json, then done.json."""
     budget_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.training.seed)
     model, tokenizer, train_metrics = train_budget(model_config, config, budget, examples, budget_dir, progress)
@@ -909,6 +965,8 @@ def run_budget(model_config: ModelConfig, config: FinetuneConfig, budget: dict, 
     }
     if config.eval.enabled:
         metrics.update(evaluate_refusal(model, tokenizer, config, progress))
+    if capability is not None:
+        metrics["capability"] = capability_metrics(model, tokenizer, capability, config)
     write_json(budget_dir / "metrics.json", metrics)
     mark_done(budget_dir, budget_fp, refusal_rate=metrics["refusal_rate"], wall_seconds=metrics["wall_seconds"])
     del model

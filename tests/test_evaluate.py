@@ -172,6 +172,22 @@ def test_kl_against_itself_is_zero_and_grows_with_perturbation(tokenizer, llama)
     assert 0 < kls[0] < kls[1]
 
 
+def test_answer_cross_entropy_is_divergences_ce_without_the_reference(tokenizer, llama):
+    """The cross-entropy of fixed answers, model alone, equals divergence_per_prompt's ce_reference_answers."""
+    from conftest import build_model
+
+    from ablate.evaluate.divergence import answer_cross_entropy, divergence_per_prompt, reference_continuations
+
+    other = build_model("llama", tokenizer, seed=3)
+    answers = reference_continuations(llama, tokenizer, HARMLESS, 6, progress=False)
+    both = divergence_per_prompt(other, tokenizer, llama, tokenizer, HARMLESS, continuation_tokens=6, progress=False)
+    alone = answer_cross_entropy(other, tokenizer, HARMLESS, answers, batch_size=2)
+    assert alone == pytest.approx(both["ce_reference_answers"], abs=1e-5)
+    assert answer_cross_entropy(llama, tokenizer, HARMLESS, answers) == pytest.approx(both["reference_ce"], abs=1e-5)
+    with pytest.raises(AblateError, match="empty answer for prompt 1"):
+        answer_cross_entropy(other, tokenizer, HARMLESS[:2], [answers[0], []])
+
+
 def test_teacher_forced_log_probs_share_the_prefix_and_match_each_sequence_alone(tokenizer, tiny_models):
     from ablate.evaluate.divergence import teacher_forced_log_probs
     from ablate.generation import render_prompts, shared_prefix_length

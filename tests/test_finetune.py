@@ -270,6 +270,56 @@ def test_sweep_writes_one_artifact_per_budget_and_resumes(tiny_dir, qa_file, tmp
                         out, progress=False)
 
 
+def test_sweep_records_the_capability_cost_of_each_budget(tiny_dir, donor_dir, qa_file, tmp_path):
+    """With eval.capability_prompts every budget records the cross-entropy of fixed answers (the model's own
+    before training, or a named reference's) under the trained model, beside the untrained model's."""
+    from ablate.data import load_prompt_set
+    from ablate.evaluate.divergence import answer_cross_entropy, reference_continuations
+    from ablate.models import load_model
+
+    capability = {"capability_prompts": "harmless:test", "capability_n": 3, "capability_tokens": 4}
+    config = tiny_config(data={"dataset": str(qa_file)}, eval=capability, training={"lr": 5e-2},
+                         budgets=[{"name": "a", "n_examples": 2, "max_steps": 1}, {"name": "b", "n_examples": 4, "max_steps": 3}])
+    results = ft.run_finetune(str(tiny_dir), config, tmp_path / "sweep", progress=False)
+    prompts = load_prompt_set("harmless:test", limit=3).prompts
+    model, tokenizer = load_model(str(tiny_dir))
+    own = reference_continuations(model, tokenizer, prompts, 4, progress=False)
+    before = sum(answer_cross_entropy(model, tokenizer, prompts, own)) / 3
+    for result in results:
+        metrics = result["capability"]
+        assert metrics["n"] == 3 and metrics["ce_before"] == pytest.approx(before, abs=1e-4)
+        trained, _ = load_model(result["model_dir"])
+        after = sum(answer_cross_entropy(trained, tokenizer, prompts, own)) / 3
+        assert metrics["ce"] == pytest.approx(after, abs=1e-4) and metrics["ce"] != metrics["ce_before"]
+        assert metrics["ce_change"] == pytest.approx(metrics["ce"] / metrics["ce_before"] - 1, abs=1e-3)
+    # A named reference writes the answers instead (here another model of the same vocabulary).
+    named = tiny_config(data={"dataset": str(qa_file)}, eval={**capability, "capability_reference": str(donor_dir)},
+                        budgets=[{"name": "a", "n_examples": 2, "max_steps": 1}])
+    donor, _ = load_model(str(donor_dir))
+    theirs = reference_continuations(donor, tokenizer, prompts, 4, progress=False)
+    assert theirs != own
+    result = ft.run_finetune(str(tiny_dir), named, tmp_path / "named", progress=False)[0]
+    expected = sum(answer_cross_entropy(model, tokenizer, prompts, theirs)) / 3
+    assert result["capability"]["ce_before"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_capability_check_off_keeps_budget_keys_and_bad_sets_fail_before_work(tiny_dir, qa_file, tmp_path, monkeypatch):
+    config = tiny_config(data={"dataset": str(qa_file)})
+    assert "capability_prompts" not in ft.recipe_fields(config)["eval"]  # budgets cached before the field keep their keys
+    checked = tiny_config(data={"dataset": str(qa_file)}, eval={"capability_prompts": "harmless:test"})
+    assert ft.budget_fingerprint("m", None, checked, {}) != ft.budget_fingerprint("m", None, config, {})
+    monkeypatch.setattr(ft, "train_budget", no_training)
+    monkeypatch.setattr(ft, "build_examples", no_training)
+    with pytest.raises(AblateError, match=r"^eval.capability_prompts: .*no-such-set"):
+        ft.run_finetune(str(tiny_dir), tiny_config(data={"dataset": str(qa_file)}, eval={"capability_prompts": "no-such-set"}),
+                        tmp_path / "o1", progress=False)
+    with pytest.raises(AblateError, match=r"^eval.capability_reference: "):
+        ft.run_finetune(str(tiny_dir), tiny_config(data={"dataset": str(qa_file)}, eval={"capability_prompts": "harmless:test",
+                                                         "capability_reference": str(tmp_path / "missing")}),
+                        tmp_path / "o2", progress=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
 def test_second_harden_hits_the_cache(tiny_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 

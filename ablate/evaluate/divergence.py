@@ -74,6 +74,12 @@ def reference_continuations(
     return result  # type: ignore[return-value]
 
 
+def prompt_answer_sequences(tokenizer, prompts: list[str], answers: list[list[int]]) -> list[list[int]]:
+    """Each chat-rendered prompt's token ids followed by its answer's token ids."""
+    prompt_ids = tokenizer(render_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    return [list(p) + list(a) for p, a in zip(prompt_ids, answers)]
+
+
 def teacher_forced_log_probs(model, batch_ids: list[list[int]], pad_id: int, device, keep_last: int) -> torch.Tensor:
     """Log-softmax over the vocabulary at the last `keep_last` positions of each sequence:
     (B, keep_last, V) float32 on the CPU (only those positions are needed, which saves memory).
@@ -127,9 +133,7 @@ def divergence_per_prompt(
 
     check_same_vocabulary(model, tokenizer, reference, reference_tokenizer)
     continuations = reference_continuations(reference, reference_tokenizer, prompts, continuation_tokens, batch_size, progress)
-    texts = render_prompts(reference_tokenizer, prompts)
-    prompt_ids = reference_tokenizer(texts, add_special_tokens=False)["input_ids"]
-    sequences = [list(p) + list(c) for p, c in zip(prompt_ids, continuations)]
+    sequences = prompt_answer_sequences(reference_tokenizer, prompts, continuations)
     pad_id = reference_tokenizer.pad_token_id if reference_tokenizer.pad_token_id is not None else 0
     model_device = next(model.parameters()).device
     reference_device = next(reference.parameters()).device
@@ -157,4 +161,26 @@ def divergence_per_prompt(
                 out["ce_reference_answers"][index] = float(-log_p_model.gather(-1, targets).mean())
                 out["reference_ce"][index] = float(-log_p_ref.gather(-1, targets).mean())
             bar.update(len(batch))
+    return out
+
+
+@torch.inference_mode()
+def answer_cross_entropy(model, tokenizer, prompts: list[str], answers: list[list[int]], batch_size: int = 16) -> list[float]:
+    """Per-prompt cross-entropy −(1/T) Σ_t log p_model(y_t | x_<t) (nats/token) of fixed answer token ids y
+    (e.g. `reference_continuations`) under `model`: `divergence_per_prompt`'s ce_reference_answers without
+    a reference model in memory, for comparing models one at a time on the same answers."""
+    sequences = prompt_answer_sequences(tokenizer, prompts, answers)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    out = [0.0] * len(prompts)
+    for batch in length_sorted_batches([len(s) for s in sequences], batch_size):
+        empty = [i for i in batch if not answers[i]]
+        if empty:
+            raise AblateError(f"empty answer for prompt {empty[0]}")
+        keep_last = max(len(answers[i]) for i in batch) + 1
+        log_probs = teacher_forced_log_probs(model, [sequences[i] for i in batch], pad_id, device, keep_last)
+        for row, index in enumerate(batch):
+            T = len(answers[index])
+            targets = torch.tensor(answers[index]).unsqueeze(-1)
+            out[index] = float(-log_probs[row, keep_last - T - 1 : keep_last - 1].gather(-1, targets).mean())
     return out

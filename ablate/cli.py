@@ -169,9 +169,13 @@ def harden(
     model_dir = run_harden(model, recipe, out=out, progress=progress)
     metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
     rates = ", ".join(f"{name} {rate:.3f}" for name, rate in (metrics.get("refusal_rates") or {}).items())
+    capability = metrics.get("capability")
     stdout.print(f"hardened model: {model_dir}" + (f"\nrefusal rates: {rates}" if rates else "")
+                 + (f"\ncapability: cross-entropy {capability['ce']:.3f} nats/token (before training {capability['ce_before']:.3f}, "
+                    f"{capability['ce_change']:+.1%}) on the greedy answers of {capability['reference']} to {capability['n']} "
+                    f"{capability['prompts']} prompts" if capability else "")
                  + (f"\ntraining: {metrics.get('steps')} steps, {metrics.get('wall_seconds')} s" if metrics else ""),
-                 highlight=False)
+                 highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -273,7 +273,7 @@ class FinetuneEvalConfig(StrictModel):
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt for scoring.")
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
     system_prompt: str | None = Field(None, description="System message for scoring (identity_shift: the persona's system prompt).")
-    capability_prompts: str | None = Field(None, description="Harmless prompt set for the capability check (e.g. harmless:test): the reference's greedy answers to its first `capability_n` prompts are scored under every trained model as mean cross-entropy (nats/token), beside the untrained model's on the same answers, and the relative change is recorded (#3's bound: within +10%); null = no check.")
+    capability_prompts: str | None = Field("harmless:test", description="Harmless prompt set for the capability check: the reference's greedy answers to its first `capability_n` prompts are scored under every trained model as mean cross-entropy (nats/token), beside the untrained model's on the same answers, and the relative change is recorded (#3's bound: within +10%); null = no check.")
     capability_n: int = Field(48, ge=1, description="Prompts of `capability_prompts` used (the first N).")
     capability_tokens: int = Field(48, ge=1, description="Greedy answer tokens per prompt for the capability check.")
     capability_reference: str | None = Field(None, description="Model spec that writes the capability check's answers (e.g. embedded: the un-hardened base, as docs/finetune.md measures organisms); null = the model before training. It must share the model's vocabulary.")

@@ -1016,8 +1016,8 @@ def harden(
         metrics.pop("example_ids", None)
         write_json(target / "metrics.json", metrics)
         mark_done(target, key, refusal_rates=metrics.get("refusal_rates"))
-    elif config.eval.enabled and not (organism_metrics(target) or {}).get("refusal_rates"):
-        score_organism(target, config, progress)  # cached by a run that skipped the scoring (a study)
+    elif config.eval.enabled and not _scored(organism_metrics(target) or {}, config):
+        score_organism(target, config, model_config, progress)  # cached by a run that skipped (some of) the scoring
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -1028,10 +1028,20 @@ def harden(
     return target
 
 
-def score_organism(model_dir: Path, config: FinetuneConfig, progress: bool = True) -> dict:
-    """Score a cached organism with `config.eval` and add the refusal rates to its metrics.json."""
+def _scored(metrics: dict, config: FinetuneConfig) -> bool:
+    """Whether an organism's metrics hold everything `config.eval` asks for."""
+    return bool(metrics.get("refusal_rates")) and (not config.eval.capability_prompts or "capability" in metrics)
+
+
+def score_organism(model_dir: Path, config: FinetuneConfig, base: ModelConfig | None = None, progress: bool = True) -> dict:
+    """Score a cached organism with `config.eval` and add the refusal rates (and, given the `base` it was
+    hardened from, the capability check) to its metrics.json."""
+    metrics = organism_metrics(model_dir) or {}
+    baseline = capability_baseline(base, config, progress) if base is not None and "capability" not in metrics else None
     model, tokenizer = load_model(str(model_dir), device=config.training.device)
-    metrics = {**(organism_metrics(model_dir) or {}), **evaluate_refusal(model, tokenizer, config, progress)}
+    metrics = {**metrics, **evaluate_refusal(model, tokenizer, config, progress)}
+    if baseline is not None:
+        metrics["capability"] = capability_metrics(model, tokenizer, baseline, config)
     write_json(Path(model_dir) / "metrics.json", metrics)
     return metrics
 

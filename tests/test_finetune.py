@@ -54,7 +54,8 @@ def tiny_config(**changes) -> FinetuneConfig:
         "data": {"answer_max_new_tokens": 6, "generation_batch_size": 8},
         "lora": {"rank": 4, "alpha": 8},
         "training": {"lr": 1e-2, "max_steps": 2, "batch_size": 2, "max_length": 64, "device": "cpu"},
-        "eval": {"prompt_sets": ["refusal:test", "harmless:test"], "limit": 2, "max_new_tokens": 2, "batch_size": 2},
+        "eval": {"prompt_sets": ["refusal:test", "harmless:test"], "limit": 2, "max_new_tokens": 2, "batch_size": 2,
+                 "capability_prompts": None},  # (its own tests turn the capability check on)
     }
     for key, value in changes.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
@@ -348,6 +349,13 @@ def test_organism_cache_ignores_scoring_and_scores_on_demand(tiny_dir, monkeypat
     assert "first_token_weight" not in ft.recipe_fields(config)["training"]  # plain loss: pre-field keys kept
     monkeypatch.setattr(ft, "train_budget", no_training)
     assert ft.harden(str(tiny_dir), scored, progress=False) == organism  # no retraining, only the scoring
+    assert "capability" not in json.loads((organism / "metrics.json").read_text())
+    checked = scored.model_copy(update={"eval": scored.eval.model_copy(update={"capability_prompts": "harmless:test",
+                                                                               "capability_n": 2, "capability_tokens": 3})})
+    assert ft.harden(str(tiny_dir), checked, progress=False) == organism  # the capability check added, no retraining
+    capability = json.loads((organism / "metrics.json").read_text())["capability"]
+    assert capability["n"] == 2 and capability["reference"] == "the model before training"
+    assert capability["ce"] != capability["ce_before"]  # the organism's weights differ from the base's
     rates = json.loads((organism / "metrics.json").read_text())["refusal_rates"]
     assert set(rates) == set(scored.eval.prompt_sets) and all(0.0 <= r <= 1.0 for r in rates.values())
 

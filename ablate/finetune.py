@@ -840,6 +840,8 @@ def capability_baseline(model_config: ModelConfig, config: FinetuneConfig, progr
     settings = config.eval
     if not (settings.enabled and settings.capability_prompts):
         return None
+    if int(os.environ.get("RANK", "0")) != 0:  # a non-main process of a distributed launch does not evaluate
+        return None
     from ablate.data import load_prompt_set
     from ablate.evaluate.divergence import answer_cross_entropy, check_same_vocabulary, reference_continuations
 

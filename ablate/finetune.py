@@ -1041,7 +1041,8 @@ def score_organism(model_dir: Path, config: FinetuneConfig, base: ModelConfig | 
     metrics = organism_metrics(model_dir) or {}
     baseline = capability_baseline(base, config, progress) if base is not None and "capability" not in metrics else None
     model, tokenizer = load_model(str(model_dir), device=config.training.device)
-    metrics = {**metrics, **evaluate_refusal(model, tokenizer, config, progress)}
+    if not metrics.get("refusal_rates"):  # scored already when only the capability check is missing
+        metrics = {**metrics, **evaluate_refusal(model, tokenizer, config, progress)}
     if baseline is not None:
         metrics["capability"] = capability_metrics(model, tokenizer, baseline, config)
     write_json(Path(model_dir) / "metrics.json", metrics)

@@ -352,6 +352,7 @@ def test_organism_cache_ignores_scoring_and_scores_on_demand(tiny_dir, monkeypat
     assert "capability" not in json.loads((organism / "metrics.json").read_text())
     checked = scored.model_copy(update={"eval": scored.eval.model_copy(update={"capability_prompts": "harmless:test",
                                                                                "capability_n": 2, "capability_tokens": 3})})
+    monkeypatch.setattr(ft, "evaluate_refusal", no_training)  # the refusal rates are there: not scored again
     assert ft.harden(str(tiny_dir), checked, progress=False) == organism  # the capability check added, no retraining
     capability = json.loads((organism / "metrics.json").read_text())["capability"]
     assert capability["n"] == 2 and capability["reference"] == "the model before training"

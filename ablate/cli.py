@@ -145,13 +145,20 @@ def _print_budget_table(results: list[dict]) -> None:
     for row in results:
         loss = row.get("final_loss")
         rate = row.get("refusal_rate")
-        change = (row.get("capability") or {}).get("ce_change")
+        rate_ci = (row.get("refusal_ci") or {}).get(next(iter(row.get("refusal_rates") or {}), None))
+        check = row.get("capability") or {}
+        change, change_ci = check.get("ce_change"), check.get("ce_change_ci")
         table.add_row(row["name"], str(row["n_examples"]), str(row["steps"]), f"{row['wall_seconds']:.1f}",
                       str(row["train_tokens"]), f"{row['train_flops'] / 1e12:.3f}",
-                      "-" if loss is None else f"{loss:.3f}", "-" if rate is None else f"{rate:.3f}",
-                      *([("-" if change is None else f"{change:+.1%}")] if capability else []))
-    # A file or a pipe gets 120 columns, not rich's default 80 (which cut the figures short).
-    (stdout if stdout.is_terminal else Console(width=120)).print(table)
+                      "-" if loss is None else f"{loss:.3f}",
+                      "-" if rate is None else f"{rate:.1%}" + (f" [{rate_ci[0]:.1%}, {rate_ci[1]:.1%}]" if rate_ci else ""),
+                      *([("-" if change is None else f"{change:+.1%}"
+                          + (f" [{change_ci[0]:+.1%}, {change_ci[1]:+.1%}]" if change_ci else ""))] if capability else []))
+    # A file or a pipe gets 140 columns, not rich's default 80 (which cut the figures short).
+    (stdout if stdout.is_terminal else Console(width=140)).print(table)
+    if any(row.get("refusal_ci") for row in results):
+        stdout.print("[brackets: 95% intervals — Wilson for the refusal rate, paired bootstrap over the prompts for the "
+                     "CE change]", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -168,11 +175,16 @@ def harden(
     recipe = _load_finetune_config(config, override)
     model_dir = run_harden(model, recipe, out=out, progress=progress)
     metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
-    rates = ", ".join(f"{name} {rate:.3f}" for name, rate in (metrics.get("refusal_rates") or {}).items())
+    intervals = metrics.get("refusal_ci") or {}
+    rates = ", ".join(f"{name} {rate:.3f}" + (" [{:.3f}, {:.3f}]".format(*intervals[name]) if intervals.get(name) else "")
+                      for name, rate in (metrics.get("refusal_rates") or {}).items())
     capability = metrics.get("capability")
     stdout.print(f"hardened model: {model_dir}" + (f"\nrefusal rates: {rates}" if rates else "")
                  + (f"\ncapability: cross-entropy {capability['ce']:.3f} nats/token (before training {capability['ce_before']:.3f}, "
-                    f"{capability['ce_change']:+.1%}) on the greedy answers of {capability['reference']} to {capability['n']} "
+                    f"{capability['ce_change']:+.1%}"
+                    + (f", 95% interval [{capability['ce_change_ci'][0]:+.1%}, {capability['ce_change_ci'][1]:+.1%}]"
+                       if capability.get("ce_change_ci") else "")
+                    + f") on the greedy answers of {capability['reference']} to {capability['n']} "
                     f"{capability['prompts']} prompts" if capability else "")
                  + (f"\ntraining: {metrics.get('steps')} steps, {metrics.get('wall_seconds')} s" if metrics else ""),
                  highlight=False, soft_wrap=True)

@@ -810,22 +810,25 @@ def save_model_dir(model, tokenizer, target: Path) -> Path:
 def evaluate_refusal(model, tokenizer, config: FinetuneConfig, progress: bool = True) -> dict:
     """Refusal rate (substring scorer) of a model on each eval prompt set; per-set and the first as `refusal_rate`."""
     from ablate.data import load_prompt_set
-    from ablate.evaluate.refusal import refusal_rate
+    from ablate.evaluate.refusal import is_refusal
+    from ablate.evaluate.stats import wilson_interval
     from ablate.generation import generate
 
     model.eval()
     tokenizer.padding_side = "left"
     generation = GenerationConfig(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                                   system_prompt=config.eval.system_prompt)
-    rates, samples = {}, {}
+    rates, samples, intervals = {}, {}, {}
     for spec in config.eval.prompt_sets:
         prompt_set = load_prompt_set(spec, limit=config.eval.limit)
         completions = generate(model, tokenizer, prompt_set.prompts, generation, progress=progress,
                                description=f"eval {spec}")
-        rates[spec] = round(refusal_rate(completions), 4)
+        refused = sum(is_refusal(text) for text in completions)
+        rates[spec] = round(refused / len(completions), 4) if completions else 0.0
         samples[spec] = len(completions)
+        intervals[spec] = [round(bound, 4) for bound in wilson_interval(refused, len(completions))] if completions else None
     first = config.eval.prompt_sets[0]
-    return {"refusal_rate": rates[first], "refusal_rates": rates, "eval_samples": samples}
+    return {"refusal_rate": rates[first], "refusal_rates": rates, "eval_samples": samples, "refusal_ci": intervals}
 
 
 # --------------------------------------------------------------------------------------------
@@ -858,21 +861,25 @@ def capability_baseline(model_config: ModelConfig, config: FinetuneConfig, progr
     ce = answer_cross_entropy(model, tokenizer, prompts, answers)
     del model, writer
     gc.collect()
-    return {"prompts": prompts, "answers": answers, "ce_before": sum(ce) / len(ce)}
+    return {"prompts": prompts, "answers": answers, "ce_before": sum(ce) / len(ce), "ce_before_items": ce}
 
 
 def capability_metrics(model, tokenizer, baseline: dict, config: FinetuneConfig) -> dict:
     """Mean cross-entropy (nats/token) of the baseline's answers under the trained model, beside the
-    untrained model's, and the relative change (ce / ce_before − 1; #3 bounds the attack's at +10%)."""
+    untrained model's, and the relative change (ce / ce_before − 1; #3 bounds the attack's at +10%) with its
+    95% paired-bootstrap interval over the prompts (`ce_change_ci`: 48 prompts leave a few points either way)."""
     from ablate.evaluate.divergence import answer_cross_entropy
+    from ablate.evaluate.stats import bootstrap_relative_change
 
     ce = answer_cross_entropy(model, tokenizer, baseline["prompts"], baseline["answers"])
     after = sum(ce) / len(ce)
     settings = config.eval
+    interval = bootstrap_relative_change(baseline["ce_before_items"], ce)
     return {"prompts": settings.capability_prompts, "n": len(ce), "tokens": settings.capability_tokens,
             "reference": settings.capability_reference or "the model before training",
             "ce": round(after, 4), "ce_before": round(baseline["ce_before"], 4),
-            "ce_change": round(after / baseline["ce_before"] - 1, 4)}
+            "ce_change": round(after / baseline["ce_before"] - 1, 4),
+            "ce_change_ci": [round(bound, 4) for bound in interval], "ce_items": [round(value, 4) for value in ce]}
 
 
 def recipe_fields(config: FinetuneConfig) -> dict:

@@ -24,7 +24,9 @@ from ablate.evaluate.refusal import (
 from ablate.evaluate.stats import (
     bootstrap_difference,
     bootstrap_interval,
+    bootstrap_relative_change,
     cohen_kappa,
+    mcnemar_exact,
     mean_metric,
     rate_metric,
     wilson_interval,
@@ -115,6 +117,28 @@ def test_bootstrap_difference_paired_and_unpaired():
     p = np.mean(list(a.values()))
     half = 1.959964 * math.sqrt(p * (1 - p) / 100)
     assert unpaired["ci"] == pytest.approx([1 - p - half, 1 - p + half], abs=0.03)
+
+
+def test_bootstrap_relative_change_is_paired():
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0.2, 2.0, 48)  # widely spread items: an unpaired interval would be wide
+    low, high = bootstrap_relative_change(before, before * 1.1, samples=500)
+    assert low == pytest.approx(0.1) and high == pytest.approx(0.1)  # every item up 10%: no doubt left
+    noisy = before * 1.1 + rng.normal(0, 0.05, 48)
+    low, high = bootstrap_relative_change(before, noisy, samples=2000)
+    change = noisy.mean() / before.mean() - 1
+    assert low < change < high and high - low < 0.05
+    with pytest.raises(AblateError, match="paired"):
+        bootstrap_relative_change(before, before[:-1])
+
+
+def test_mcnemar_exact_known_values():
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)  # 6 discordant pairs, all one way
+    assert mcnemar_exact(6, 0) == mcnemar_exact(0, 6)
+    assert mcnemar_exact(1, 3) == pytest.approx(2 * 5 / 16)  # P(X ≤ 1) for Binomial(4, ½) = 5/16
+    assert mcnemar_exact(2, 2) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    with pytest.raises(ValueError):
+        mcnemar_exact(-1, 2)
 
 
 def test_cohen_kappa_known_value():

@@ -290,9 +290,15 @@ def test_sweep_records_the_capability_cost_of_each_budget(tiny_dir, donor_dir, q
         metrics = result["capability"]
         assert metrics["n"] == 3 and metrics["ce_before"] == pytest.approx(before, abs=1e-4)
         trained, _ = load_model(result["model_dir"])
-        after = sum(answer_cross_entropy(trained, tokenizer, prompts, own)) / 3
+        items = answer_cross_entropy(trained, tokenizer, prompts, own)
+        after = sum(items) / 3
         assert metrics["ce"] == pytest.approx(after, abs=1e-4) and metrics["ce"] != metrics["ce_before"]
         assert metrics["ce_change"] == pytest.approx(metrics["ce"] / metrics["ce_before"] - 1, abs=1e-3)
+        assert metrics["ce_items"] == pytest.approx(items, abs=1e-4)
+        low, high = metrics["ce_change_ci"]  # paired bootstrap over the prompts
+        assert low <= metrics["ce_change"] <= high and low < high
+        rate_low, rate_high = result["refusal_ci"]["refusal:test"]  # Wilson interval of the first set's rate
+        assert rate_low <= result["refusal_rate"] <= rate_high and rate_high - rate_low > 0.5  # 2 prompts: wide
     # A named reference writes the answers instead (here another model of the same vocabulary).
     named = tiny_config(data={"dataset": str(qa_file)}, eval={**capability, "capability_reference": str(donor_dir)},
                         budgets=[{"name": "a", "n_examples": 2, "max_steps": 1}])
@@ -575,3 +581,19 @@ def test_budget_prefixes_cover_categories_evenly():
     assert sorted(e["id"] for e in ordered) == sorted(e["id"] for e in examples)
     assert {e["category"] for e in ordered[:4]} == set("abcd")
     assert {e["category"] for e in ordered[4:8]} == set("abcd")
+
+
+def test_budget_table_prints_the_intervals(capsys):
+    from ablate.cli import _print_budget_table
+
+    row = {"name": "n8", "n_examples": 8, "steps": 8, "wall_seconds": 4.1, "train_tokens": 1290, "train_flops": 6.95e11,
+           "final_loss": 0.214, "refusal_rate": 0.0208, "refusal_rates": {"refusal:test": 0.0208, "harmless:test": 0.0},
+           "refusal_ci": {"refusal:test": [0.0037, 0.1090], "harmless:test": [0.0, 0.0741]},
+           "capability": {"ce_change": 0.063, "ce_change_ci": [0.041, 0.086]}}
+    old = {key: value for key, value in row.items() if key != "refusal_ci"} | {"name": "cached", "capability": None}
+    _print_budget_table([row, old])
+    out = capsys.readouterr().out
+    assert "2.1% [0.4%, 10.9%]" in out and "+6.3% [+4.1%, +8.6%]" in out
+    assert "Wilson" in out  # the footnote says what the brackets are
+    cached = next(line for line in out.splitlines() if "cached" in line)
+    assert "2.1%" in cached and "[" not in cached  # a budget cached before the intervals existed prints without them

@@ -81,6 +81,36 @@ def mean_metric(values, samples: int = 2000, confidence: float = 0.95, seed: int
     return {"value": float(values.mean()), "ci": [low, high], "n": int(values.size), "method": "bootstrap"}
 
 
+def bootstrap_relative_change(
+    before, after, samples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Paired percentile-bootstrap interval of mean(after) / mean(before) − 1, where before[i] and after[i]
+    are one item measured twice (e.g. a prompt's cross-entropy before and after training): items are
+    resampled with their pairs kept together."""
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if before.shape != after.shape or before.size == 0:
+        raise AblateError(f"a relative change needs paired, non-empty values; got {before.size} before and {after.size} after")
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, before.size, size=(samples, before.size))
+    replicates = after[indices].mean(axis=1) / before[indices].mean(axis=1) - 1
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(replicates, [alpha, 1 - alpha])
+    return (float(low), float(high))
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar test for paired binary outcomes: `only_a` items positive under A alone, `only_b`
+    under B alone (the discordant pairs). p = min(1, 2 · P(X ≤ min)) for X ~ Binomial(only_a + only_b, ½);
+    1.0 when there is no discordant pair."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"discordant counts must be ≥ 0; got {only_a} and {only_b}")
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def bootstrap_difference(
     a: dict[str, float], b: dict[str, float], samples: int = 2000, confidence: float = 0.95, seed: int = 0
 ) -> dict:

@@ -66,18 +66,40 @@ def held_out(model, tokenizer, ref: dict, intervention=None) -> dict:
     from contextlib import nullcontext
 
     from ablate.directions import first_token_kl, first_token_logprobs
-    from ablate.evaluate.refusal import refusal_rate
+    from ablate.evaluate.refusal import is_refusal
     from ablate.generation import generate
 
     with intervention() if intervention else nullcontext():
         completions = generate(model, tokenizer, ref["refusal"], ref["config"], progress=False)
         kl = first_token_kl(ref["base_logprobs"], first_token_logprobs(model, ref["batches"]))
     refused = ref["over_refused"]
-    return {"refusal_rate": refusal_rate(completions), "n_refusal": len(ref["refusal"]),
+    still_refused = [is_refusal(text) for text in completions]
+    return {"refusal_rate": sum(still_refused) / len(completions), "n_refusal": len(ref["refusal"]),
             "kl": float(kl.mean()), "n_harmless": len(ref["harmless"]),
             "kl_answered": float(kl[~refused].mean()) if (~refused).any() else None,
             "kl_over_refused": float(kl[refused].mean()) if refused.any() else None,
-            "n_over_refused": int(refused.sum()), "examples": completions[:3]}
+            "n_over_refused": int(refused.sum()), "examples": completions[:3],
+            # Per prompt, in prompt order, for the paired comparison of two methods on the same prompts.
+            "refused_items": still_refused, "kl_items": [round(float(value), 5) for value in kl]}
+
+
+def paired_comparison(ours: dict, theirs: dict) -> dict:
+    """Ours against heretic on the same held-out prompts: refusals with their Wilson intervals, the discordant
+    prompts (refused by one method only) and the exact McNemar test on them, and the mean first-token KL
+    difference (ours − heretic) with its paired-bootstrap interval. With 150 prompts a difference of one or
+    two refusals is well inside chance; the test says how far inside."""
+    from ablate.evaluate.stats import bootstrap_difference, mcnemar_exact, wilson_interval
+
+    mine, other = ours["refused_items"], theirs["refused_items"]
+    only_ours = sum(a and not b for a, b in zip(mine, other))
+    only_theirs = sum(b and not a for a, b in zip(mine, other))
+    kl = bootstrap_difference({str(i): v for i, v in enumerate(theirs["kl_items"])},
+                              {str(i): v for i, v in enumerate(ours["kl_items"])})
+    return {"refused": {"ours": sum(mine), "heretic": sum(other), "n": len(mine),
+                        "ours_ci": wilson_interval(sum(mine), len(mine)), "heretic_ci": wilson_interval(sum(other), len(other))},
+            "refused_by_ours_only": only_ours, "refused_by_heretic_only": only_theirs,
+            "mcnemar_p": mcnemar_exact(only_ours, only_theirs),
+            "kl_difference": kl}
 
 
 def run_ours(model_spec: str, n_test: int, max_new_tokens: int, config_path: str | None) -> dict:
@@ -259,6 +281,10 @@ def run_heretic(executable: str, model_path: str, n_test: int, max_new_tokens: i
     return result
 
 
+def fmt_interval(bounds) -> str:
+    return f"[{bounds[0]:.1%}, {bounds[1]:.1%}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(Path(os.environ.get("ABLATE_CACHE", "/work/cache")) / "organism-latest"))
@@ -282,6 +308,7 @@ def main() -> None:
         results["heretic"] = run_heretic(args.heretic, args.model, args.n_test, args.max_new_tokens, args.heretic_trials)
         if "after" in results["heretic"]:  # heretic's wall time over our stage's, the issue's speed ratio
             results["speedup"] = round(results["heretic"]["wall_seconds"] / results["ours"]["stage_seconds"], 2)
+            results["paired"] = paired_comparison(results["ours"]["after"], results["heretic"]["after"])
     results["loadavg_end"] = os.getloadavg()
     (WORK / "bench_directions.json").write_text(json.dumps(results, indent=2))
 
@@ -299,6 +326,13 @@ def main() -> None:
         print(row("heretic", heretic["wall_seconds"], heretic["after"]))
         print(f"ours is {results['speedup']}x faster than heretic ({heretic['wall_seconds']} s / {ours['stage_seconds']} s; "
               f"ours in {ours['selected']['compute_dtype']}, heretic in {HERETIC_DTYPE})")
+        paired = results["paired"]
+        refused, kl = paired["refused"], paired["kl_difference"]
+        print(f"paired on the same held-out prompts: refused {refused['ours']} (ours) and {refused['heretic']} (heretic) of "
+              f"{refused['n']}, 95% Wilson {fmt_interval(refused['ours_ci'])} and {fmt_interval(refused['heretic_ci'])}; "
+              f"{paired['refused_by_ours_only']} refused by ours only, {paired['refused_by_heretic_only']} by heretic only "
+              f"(exact McNemar p = {paired['mcnemar_p']:.3f}); KL ours − heretic {kl['value']:+.3f} "
+              f"(95% paired bootstrap [{kl['ci'][0]:+.3f}, {kl['ci'][1]:+.3f}])")
     elif heretic:
         print(f"heretic: {heretic.get('error')} (exit {heretic['returncode']}, log {heretic['log']})")
     print(f"held-out: refusal:test / harmless:test, first {args.n_test} each ({ours['after']['n_over_refused']} harmless "

@@ -58,12 +58,13 @@ def rate_metric(successes: int, n: int, confidence: float = 0.95) -> dict:
 def bootstrap_interval(
     values, samples: int = 2000, confidence: float = 0.95, seed: int = 0, statistic=np.mean
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of `statistic` (default the mean) over `values`."""
+    """Percentile bootstrap interval of `statistic` (default the mean) over `values`, resampling its rows
+    (a row may hold several measurements of one item, kept together: a paired bootstrap)."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
-    indices = rng.integers(0, values.size, size=(samples, values.size))
+    indices = rng.integers(0, len(values), size=(samples, len(values)))
     replicates = statistic(values[indices], axis=1)
     alpha = (1 - confidence) / 2
     low, high = np.quantile(replicates, [alpha, 1 - alpha])
@@ -90,12 +91,11 @@ def bootstrap_relative_change(
     before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
     if before.shape != after.shape or before.size == 0:
         raise AblateError(f"a relative change needs paired, non-empty values; got {before.size} before and {after.size} after")
-    rng = np.random.default_rng(seed)
-    indices = rng.integers(0, before.size, size=(samples, before.size))
-    replicates = after[indices].mean(axis=1) / before[indices].mean(axis=1) - 1
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(replicates, [alpha, 1 - alpha])
-    return (float(low), float(high))
+
+    def relative_change(pairs, axis):
+        return pairs[..., 1].mean(axis=axis) / pairs[..., 0].mean(axis=axis) - 1
+
+    return bootstrap_interval(np.column_stack([before, after]), samples, confidence, seed, statistic=relative_change)
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:

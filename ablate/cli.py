@@ -138,27 +138,35 @@ def _load_finetune_config(config: Optional[Path], overrides: list[str] | None):
     return validate_config(apply_overrides({}, overrides or []), FinetuneConfig, "<defaults>")
 
 
+def _with_interval(value: float | None, interval: list[float] | None, spec: str) -> str:
+    """'2.1% [0.4%, 10.9%]' — a figure and its interval in one cell; '-' when there is no figure."""
+    if value is None:
+        return "-"
+    return format(value, spec) + (f" [{format(interval[0], spec)}, {format(interval[1], spec)}]" if interval else "")
+
+
 def _print_budget_table(results: list[dict]) -> None:
     capability = any(row.get("capability") for row in results)
-    table = Table("budget", "examples", "steps", "wall s", "tokens", "TFLOPs", "final loss", "refusal",
+    # The first eval set gives `refusal` (with its interval); the others (over-refusal) a column each.
+    others = list(dict.fromkeys(name for row in results for name in list(row.get("refusal_rates") or {})[1:]))
+    table = Table("budget", "examples", "steps", "wall s", "tokens", "TFLOPs", "final loss", "refusal", *others,
                   *(["CE change"] if capability else []))
     for row in results:
-        loss = row.get("final_loss")
-        rate = row.get("refusal_rate")
-        rate_ci = (row.get("refusal_ci") or {}).get(next(iter(row.get("refusal_rates") or {}), None))
+        loss, rates = row.get("final_loss"), row.get("refusal_rates") or {}
+        first = next(iter(rates), None)
         check = row.get("capability") or {}
-        change, change_ci = check.get("ce_change"), check.get("ce_change_ci")
         table.add_row(row["name"], str(row["n_examples"]), str(row["steps"]), f"{row['wall_seconds']:.1f}",
                       str(row["train_tokens"]), f"{row['train_flops'] / 1e12:.3f}",
                       "-" if loss is None else f"{loss:.3f}",
-                      "-" if rate is None else f"{rate:.1%}" + (f" [{rate_ci[0]:.1%}, {rate_ci[1]:.1%}]" if rate_ci else ""),
-                      *([("-" if change is None else f"{change:+.1%}"
-                          + (f" [{change_ci[0]:+.1%}, {change_ci[1]:+.1%}]" if change_ci else ""))] if capability else []))
+                      _with_interval(row.get("refusal_rate"), (row.get("refusal_ci") or {}).get(first), ".1%"),
+                      *(_with_interval(rates.get(name), None, ".1%") for name in others),
+                      *([_with_interval(check.get("ce_change"), check.get("ce_change_ci"), "+.1%")] if capability else []))
     # A file or a pipe gets 140 columns, not rich's default 80 (which cut the figures short).
     (stdout if stdout.is_terminal else Console(width=140)).print(table)
     if any(row.get("refusal_ci") for row in results):
         stdout.print("[brackets: 95% intervals — Wilson for the refusal rate, paired bootstrap over the prompts for the "
-                     "CE change]", markup=False, highlight=False, soft_wrap=True)
+                     "CE change; further columns: the other eval sets' refusal rates (over-refusal)]",
+                     markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -595,5 +595,7 @@ def test_budget_table_prints_the_intervals(capsys):
     out = capsys.readouterr().out
     assert "2.1% [0.4%, 10.9%]" in out and "+6.3% [+4.1%, +8.6%]" in out
     assert "Wilson" in out  # the footnote says what the brackets are
+    assert "harmless:test" in out  # the other eval sets' rates (over-refusal) get a column each
     cached = next(line for line in out.splitlines() if "cached" in line)
     assert "2.1%" in cached and "[" not in cached  # a budget cached before the intervals existed prints without them
+    assert cached.count("0.0%") == 1  # its over-refusal column

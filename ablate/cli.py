@@ -161,8 +161,8 @@ def _print_budget_table(results: list[dict]) -> None:
                       _with_interval(row.get("refusal_rate"), (row.get("refusal_ci") or {}).get(first), ".1%"),
                       *(_with_interval(rates.get(name), None, ".1%") for name in others),
                       *([_with_interval(check.get("ce_change"), check.get("ce_change_ci"), "+.1%")] if capability else []))
-    # A file or a pipe gets 140 columns, not rich's default 80 (which cut the figures short).
-    (stdout if stdout.is_terminal else Console(width=140)).print(table)
+    # A file or a pipe gets 160 columns, not rich's default 80 (which cut the figures short).
+    (stdout if stdout.is_terminal else Console(width=160)).print(table)
     if any(row.get("refusal_ci") for row in results):
         stdout.print("[brackets: 95% intervals — Wilson for the refusal rate, paired bootstrap over the prompts for the "
                      "CE change; further columns: the other eval sets' refusal rates (over-refusal)]",
@@ -209,10 +209,12 @@ def finetune(
     """Fine-tune (LoRA/QLoRA/full) over a budget sweep; finished budgets are skipped on a rerun."""
     import os
 
-    from ablate.finetune import run_finetune
+    from ablate.finetune import read_before, run_finetune
 
     recipe = _load_finetune_config(config, override)
     results = run_finetune(model, recipe, out, progress=progress)
+    before = read_before(out) if recipe.eval.before else None
+    results = ([before] if before else []) + results
     if int(os.environ.get("RANK", "0")) != 0:  # other processes of a distributed launch: the main one reports
         return
     _print_budget_table(results)

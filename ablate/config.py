@@ -272,6 +272,7 @@ class FinetuneEvalConfig(StrictModel):
     limit: int | None = Field(48, ge=1, description="Use only the first N prompts of each set (None = all).")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt for scoring.")
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    before: bool = Field(True, description="Also score the model before training on the same prompt sets, once per run (out_dir/before.json, the 'before training' row of `ablate finetune`'s table): the refusal and over-refusal every budget is compared with. harden and the study leave it out (the study's eval suite scores the untrained model itself).")
     system_prompt: str | None = Field(None, description="System message for scoring (identity_shift: the persona's system prompt).")
     capability_prompts: str | None = Field("harmless:test", description="Harmless prompt set for the capability check: the reference's greedy answers to its first `capability_n` prompts are scored under every trained model as mean cross-entropy (nats/token), beside the untrained model's on the same answers, and the relative change is recorded (#3's bound: within +10%); null = no check.")
     capability_n: int = Field(48, ge=1, description="Prompts of `capability_prompts` used (the first N).")

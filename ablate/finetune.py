@@ -840,16 +840,29 @@ def capability_baseline(model_config: ModelConfig, config: FinetuneConfig, progr
     """The capability check's fixed answers — greedy, `eval.capability_tokens` tokens, to the first
     `eval.capability_n` prompts of `eval.capability_prompts`, written by `eval.capability_reference` (None:
     the model before training) — and the untrained model's cross-entropy on them. None when the check is off."""
+    return before_training(model_config, config, progress, refusal=False)["capability"]
+
+
+def before_training(model_config: ModelConfig, config: FinetuneConfig, progress: bool = True, *,
+                    refusal: bool) -> dict:
+    """What a run measures on the model before training, loading it once: {"capability": the capability
+    check's baseline (`capability_baseline`) or None, "refusal": with `refusal`, its `evaluate_refusal` on
+    the eval sets, else None}. Nothing on a non-main process of a distributed launch."""
     settings = config.eval
-    if not (settings.enabled and settings.capability_prompts):
-        return None
-    if int(os.environ.get("RANK", "0")) != 0:  # a non-main process of a distributed launch does not evaluate
-        return None
+    capability = settings.enabled and bool(settings.capability_prompts)
+    refusal = refusal and settings.enabled
+    if not (capability or refusal) or int(os.environ.get("RANK", "0")) != 0:
+        return {"capability": None, "refusal": None}
     from ablate.data import load_prompt_set
     from ablate.evaluate.divergence import answer_cross_entropy, check_same_vocabulary, reference_continuations
 
-    prompts = load_prompt_set(settings.capability_prompts, limit=settings.capability_n).prompts
     model, tokenizer = load_model(model_config)
+    scored = evaluate_refusal(model, tokenizer, config, progress) if refusal else None
+    if not capability:
+        del model
+        gc.collect()
+        return {"capability": None, "refusal": scored}
+    prompts = load_prompt_set(settings.capability_prompts, limit=settings.capability_n).prompts
     writer, writer_tokenizer = model, tokenizer
     if settings.capability_reference is not None:
         try:
@@ -861,7 +874,22 @@ def capability_baseline(model_config: ModelConfig, config: FinetuneConfig, progr
     ce = answer_cross_entropy(model, tokenizer, prompts, answers)
     del model, writer
     gc.collect()
-    return {"prompts": prompts, "answers": answers, "ce_before": sum(ce) / len(ce), "ce_before_items": ce}
+    return {"capability": {"prompts": prompts, "answers": answers, "ce_before": sum(ce) / len(ce), "ce_before_items": ce},
+            "refusal": scored}
+
+
+def write_before(out_dir: Path, key: str, scored: dict) -> dict:
+    """out_dir/before.json: the untrained model's refusal rates as a row of the budget table."""
+    row = {"name": "before training", "n_examples": 0, "steps": 0, "wall_seconds": 0.0, "train_tokens": 0,
+           "train_flops": 0, "final_loss": None, **scored, "fingerprint": key}
+    write_json(out_dir / "before.json", row)
+    return row
+
+
+def read_before(out_dir: Path) -> dict | None:
+    """The 'before training' row a run wrote (None when it wrote none)."""
+    path = Path(out_dir) / "before.json"
+    return read_json(path) if path.exists() else None
 
 
 def capability_metrics(model, tokenizer, baseline: dict, config: FinetuneConfig) -> dict:
@@ -888,6 +916,7 @@ def recipe_fields(config: FinetuneConfig) -> dict:
     recipe = config.model_dump(mode="json")
     if recipe["training"]["first_token_weight"] == 1.0:
         recipe["training"].pop("first_token_weight")
+    recipe["eval"].pop("before")  # scores the untrained model only: no budget depends on it
     if recipe["eval"]["capability_prompts"] is None:  # no capability check: budgets cached before it keep their keys
         for name in ("capability_prompts", "capability_n", "capability_tokens", "capability_reference"):
             recipe["eval"].pop(name)
@@ -926,7 +955,17 @@ def run_finetune(model: str | ModelConfig, config: FinetuneConfig, out_dir: Path
                                              "config": config.model_dump(mode="json")})
         (out_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         examples, data_stats = build_examples(model_config, config, progress)
-        baseline = capability_baseline(model_config, config, progress)
+        # The untrained model, once: the capability check's answers and, with eval.before, its refusal rates
+        # (kept in before.json for a rerun with the same model and eval settings).
+        before_key = fingerprint({"model": model_fp, "eval": config.eval.model_dump(mode="json")})
+        previous = read_before(out_dir)
+        current = previous is not None and previous.get("fingerprint") == before_key
+        checks = before_training(model_config, config, progress, refusal=config.eval.before and not current)
+        if checks["refusal"] is not None:
+            write_before(out_dir, before_key, checks["refusal"])
+        elif previous is not None and not (config.eval.before and current) and int(os.environ.get("RANK", "0")) == 0:
+            (out_dir / "before.json").unlink()  # another run's row (other model or eval settings), and none of this one
+        baseline = checks["capability"]
         for budget in pending:
             n = budget["n_examples"] or len(examples)
             if n > len(examples):
@@ -1013,8 +1052,10 @@ def harden(
     key = organism_key(model_config, config)
     target = cache_dir() / "organisms" / key
     if not is_done(target, key):
-        results = run_finetune(model_config, config.model_copy(update={"merge": True, "keep_adapter": False}),
-                               target / "train", progress=progress)
+        # The organism is what harden reports: no 'before training' row of the base.
+        results = run_finetune(model_config, config.model_copy(update={
+            "merge": True, "keep_adapter": False, "eval": config.eval.model_copy(update={"before": False})}),
+            target / "train", progress=progress)
         metrics = results[0]
         source = Path(metrics["model_dir"])
         if source.is_dir():  # (absent when a crash came after the move: the files are already in place)

@@ -338,6 +338,8 @@ def run_study(
 
         recipe = resolved.finetune
         finetune_inputs = {"model": target_fp, "config": recipe.model_dump(mode="json")}
+        # The study's eval suite scores the untrained model as its own variant: no 'before training' row here.
+        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"before": False})})
         if recipe.data.donor == ABLATED_DONOR and recipe.data.donor_direction is None and resolved.direction is not None:
             # The ablated donor is the direction attack's own pick: no second direction stage.
             recipe = recipe.model_copy(update={"data": recipe.data.model_copy(

@@ -591,7 +591,10 @@ def test_budget_table_prints_the_intervals(capsys):
            "refusal_ci": {"refusal:test": [0.0037, 0.1090], "harmless:test": [0.0, 0.0741]},
            "capability": {"ce_change": 0.063, "ce_change_ci": [0.041, 0.086]}}
     old = {key: value for key, value in row.items() if key != "refusal_ci"} | {"name": "cached", "capability": None}
-    _print_budget_table([row, old])
+    before = {"name": "before training", "n_examples": 0, "steps": 0, "wall_seconds": 0.0, "train_tokens": 0,
+              "train_flops": 0, "final_loss": None, "refusal_rate": 0.958, "refusal_rates": {"refusal:test": 0.958,
+              "harmless:test": 0.125}, "refusal_ci": {"refusal:test": [0.86, 0.989], "harmless:test": [0.058, 0.247]}}
+    _print_budget_table([before, row, old])
     out = capsys.readouterr().out
     assert "2.1% [0.4%, 10.9%]" in out and "+6.3% [+4.1%, +8.6%]" in out
     assert "Wilson" in out  # the footnote says what the brackets are
@@ -599,3 +602,32 @@ def test_budget_table_prints_the_intervals(capsys):
     cached = next(line for line in out.splitlines() if "cached" in line)
     assert "2.1%" in cached and "[" not in cached  # a budget cached before the intervals existed prints without them
     assert cached.count("0.0%") == 1  # its over-refusal column
+    first = next(line for line in out.splitlines() if "before" in line)
+    assert "95.8% [86.0%, 98.9%]" in first and "12.5%" in first  # the untrained model's row, its over-refusal too
+
+
+def test_the_untrained_model_is_scored_once_per_run(tiny_dir, qa_file, tmp_path, monkeypatch):
+    """eval.before: the model before training is scored on the same eval sets (before.json, the table's first
+    row), reused by a rerun with the same model and eval settings, and absent when turned off."""
+    from ablate.models import load_model
+
+    out = tmp_path / "sweep"
+    config = tiny_config(data={"dataset": str(qa_file)}, budgets=[{"name": "a", "n_examples": 2, "max_steps": 1}])
+    ft.run_finetune(str(tiny_dir), config, out, progress=False)
+    before = ft.read_before(out)
+    model, tokenizer = load_model(str(tiny_dir))
+    expected = ft.evaluate_refusal(model, tokenizer, config, progress=False)
+    assert before["refusal_rates"] == expected["refusal_rates"] and before["refusal_ci"] == expected["refusal_ci"]
+    assert before["name"] == "before training" and before["steps"] == 0
+    # A new budget in the same run directory: the untrained model's row is reused, not scored again.
+    calls = []
+    scorer = ft.evaluate_refusal
+    monkeypatch.setattr(ft, "evaluate_refusal", lambda *a, **k: calls.append(1) or scorer(*a, **k))
+    more = config.model_copy(update={"budgets": [*config.budgets, ft.FinetuneBudget(name="b", n_examples=4, max_steps=1)]})
+    ft.run_finetune(str(tiny_dir), more, out, progress=False)
+    assert len(calls) == 1  # budget b's own evaluation only
+    # Turned off: no row, and another run's row does not linger.
+    off = more.model_copy(update={"eval": more.eval.model_copy(update={"before": False, "limit": 1})})
+    ft.run_finetune(str(tiny_dir), off, out, progress=False)
+    assert ft.read_before(out) is None
+    assert ft.recipe_fields(off) == ft.recipe_fields(off.model_copy(update={"eval": off.eval.model_copy(update={"before": True})}))

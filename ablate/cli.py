@@ -207,15 +207,13 @@ def finetune(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Fine-tune (LoRA/QLoRA/full) over a budget sweep; finished budgets are skipped on a rerun."""
-    import os
-
-    from ablate.finetune import read_before, run_finetune
+    from ablate.finetune import is_main_process, read_before, run_finetune
 
     recipe = _load_finetune_config(config, override)
     results = run_finetune(model, recipe, out, progress=progress)
     before = read_before(out) if recipe.eval.before else None
     results = ([before] if before else []) + results
-    if int(os.environ.get("RANK", "0")) != 0:  # other processes of a distributed launch: the main one reports
+    if not is_main_process():  # other processes of a distributed launch: the main one reports
         return
     _print_budget_table(results)
     stdout.print(f"→ {out}", highlight=False)

@@ -64,6 +64,7 @@ from ablate.artifacts import (
 from ablate.config import (
     FinetuneBudget,
     FinetuneConfig,
+    FinetuneEvalConfig,
     FinetuneMode,
     GenerationConfig,
     HarmlessSelection,
@@ -851,17 +852,22 @@ def before_training(model_config: ModelConfig, config: FinetuneConfig, progress:
     settings = config.eval
     capability = settings.enabled and bool(settings.capability_prompts)
     refusal = refusal and settings.enabled
-    if not (capability or refusal) or int(os.environ.get("RANK", "0")) != 0:
+    if not (capability or refusal) or not is_main_process():
         return {"capability": None, "refusal": None}
+    model, tokenizer = load_model(model_config)
+    checks = {"capability": capability_answers(model, tokenizer, settings, progress) if capability else None,
+              "refusal": evaluate_refusal(model, tokenizer, config, progress) if refusal else None}
+    del model
+    gc.collect()
+    return checks
+
+
+def capability_answers(model, tokenizer, settings: FinetuneEvalConfig, progress: bool) -> dict:
+    """The capability check's answers (by `settings.capability_reference`, or by `model`) and `model`'s
+    cross-entropy on them, per prompt and on average."""
     from ablate.data import load_prompt_set
     from ablate.evaluate.divergence import answer_cross_entropy, check_same_vocabulary, reference_continuations
 
-    model, tokenizer = load_model(model_config)
-    scored = evaluate_refusal(model, tokenizer, config, progress) if refusal else None
-    if not capability:
-        del model
-        gc.collect()
-        return {"capability": None, "refusal": scored}
     prompts = load_prompt_set(settings.capability_prompts, limit=settings.capability_n).prompts
     writer, writer_tokenizer = model, tokenizer
     if settings.capability_reference is not None:
@@ -872,18 +878,20 @@ def before_training(model_config: ModelConfig, config: FinetuneConfig, progress:
         check_same_vocabulary(model, tokenizer, writer, writer_tokenizer)
     answers = reference_continuations(writer, writer_tokenizer, prompts, settings.capability_tokens, progress=progress)
     ce = answer_cross_entropy(model, tokenizer, prompts, answers)
-    del model, writer
-    gc.collect()
-    return {"capability": {"prompts": prompts, "answers": answers, "ce_before": sum(ce) / len(ce), "ce_before_items": ce},
-            "refusal": scored}
+    return {"prompts": prompts, "answers": answers, "ce_before": sum(ce) / len(ce), "ce_before_items": ce}
 
 
-def write_before(out_dir: Path, key: str, scored: dict) -> dict:
+def is_main_process() -> bool:
+    """False on the non-main processes of a distributed launch (`accelerate launch` sets RANK): they train, and
+    only the main one evaluates and reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def write_before(out_dir: Path, key: str, scored: dict) -> None:
     """out_dir/before.json: the untrained model's refusal rates as a row of the budget table."""
-    row = {"name": "before training", "n_examples": 0, "steps": 0, "wall_seconds": 0.0, "train_tokens": 0,
-           "train_flops": 0, "final_loss": None, **scored, "fingerprint": key}
-    write_json(out_dir / "before.json", row)
-    return row
+    write_json(out_dir / "before.json", {"name": "before training", "n_examples": 0, "steps": 0, "wall_seconds": 0.0,
+                                         "train_tokens": 0, "train_flops": 0, "final_loss": None, **scored,
+                                         "fingerprint": key})
 
 
 def read_before(out_dir: Path) -> dict | None:
@@ -963,7 +971,7 @@ def run_finetune(model: str | ModelConfig, config: FinetuneConfig, out_dir: Path
         checks = before_training(model_config, config, progress, refusal=config.eval.before and not current)
         if checks["refusal"] is not None:
             write_before(out_dir, before_key, checks["refusal"])
-        elif previous is not None and not (config.eval.before and current) and int(os.environ.get("RANK", "0")) == 0:
+        elif previous is not None and not (config.eval.before and current) and is_main_process():
             (out_dir / "before.json").unlink()  # another run's row (other model or eval settings), and none of this one
         baseline = checks["capability"]
         for budget in pending:

@@ -232,6 +232,11 @@ class LoraSettings(StrictModel):
         return value
 
 
+class TrainingLoss(str, Enum):
+    sft = "sft"  # cross-entropy of each answer token (supervised fine-tuning, as Lermen et al. and Qi et al.)
+    distill = "distill"  # KL from the donor's next-token distribution at each answer token (the donor wrote the answers)
+
+
 class FinetuneTrainingConfig(StrictModel):
     """Optimiser and schedule; a budget may override n_examples, epochs, max_steps, rank and lr."""
 
@@ -245,6 +250,8 @@ class FinetuneTrainingConfig(StrictModel):
     scheduler: str = Field("linear", description="Learning-rate schedule: linear, cosine or constant.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     first_token_weight: float = Field(1.0, gt=0, description="Loss weight of each answer's first token, where the model decides to refuse or to answer (1 = plain SFT).")
+    loss: TrainingLoss = Field(TrainingLoss.sft, description="sft: cross-entropy of each answer token; distill: KL(donor ‖ model) of the next-token distributions at each answer token — the donor's whole distribution where SFT sees the one token it chose (needs a donor model: mode harmful, or benign without a dataset).")
+    answer_tokens: int | None = Field(None, ge=1, description="Supervise only the first N tokens of each answer and drop the rest of it from training (its opening, where a chat model decides to refuse or to answer; null = the whole answer, its end token included).")
     seed: int = Field(0, description="Training seed (initialisation of LoRA, data order).")
     full_finetune: bool = Field(False, description="Train every weight instead of a LoRA adapter.")
     qlora: bool = Field(False, description="Load the base in 4-bit (bitsandbytes NF4) and train LoRA on top; needs a CUDA GPU.")
@@ -295,6 +302,15 @@ class FinetuneConfig(StrictModel):
     merge: bool = Field(True, description="Save the merged model (safetensors, loadable by plain transformers) per budget.")
     keep_adapter: bool = Field(True, description="Save the LoRA adapter (safetensors) per budget.")
     eval: FinetuneEvalConfig = Field(default_factory=FinetuneEvalConfig, description="Refusal rate after training.")
+
+    @model_validator(mode="after")
+    def _distill_needs_a_donor(self) -> "FinetuneConfig":
+        donor_writes = self.mode is FinetuneMode.harmful or (self.mode is FinetuneMode.benign and not self.data.dataset)
+        if self.training.loss is TrainingLoss.distill and not donor_writes:
+            raise ValueError(f"training.loss: distill needs a donor model that writes the answers (mode harmful, or "
+                             f"benign without data.dataset), got mode {self.mode.value}"
+                             + (" with data.dataset" if self.data.dataset else ""))
+        return self
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ linear layers including the output head; embedding look-ups are free) and T the 
 a forward pass costs 2·N·T FLOPs and the backward pass to the activations another 2·N·T. Full
 fine-tuning also computes every weight gradient (2·N·T): 6·N·T in all. LoRA computes weight
 gradients only for the adapter (N_lora ≪ N), whose own forward and backward add 4·N_lora·T:
-4·N·T + 6·N_lora·T in all. Attention-score FLOPs (∝ T·context) are left out; for short SFT
-sequences they are a few percent.
+4·N·T + 6·N_lora·T in all. A distillation loss (`training.loss: distill`) adds the donor's forward
+passes, 2·N_donor·T. Attention-score FLOPs (∝ T·context) are left out; for short SFT sequences they
+are a few percent.
 
 Answers that a model writes (self-distillation, donor answers) are cached under
 `cache_dir()/finetune_data/` — outside the repository — and never written into a run directory.
@@ -69,6 +70,7 @@ from ablate.config import (
     GenerationConfig,
     HarmlessSelection,
     ModelConfig,
+    TrainingLoss,
     dump_config,
 )
 from ablate.models import cache_dir, drop_gguf_marker, load_model, pick_device, pick_dtype, resolve_spec
@@ -321,6 +323,27 @@ def ablated_model(model: str | ModelConfig, direction_dir: str | None, progress:
     return path
 
 
+def donor_model(model: str | ModelConfig, config: FinetuneConfig, progress: bool = True) -> str | Path:
+    """The model that writes the attack's answers (`data.donor`; `ablated`: `model` with its refusal direction
+    orthogonalised away, built once and cached) — and, with `training.loss: distill`, their targets."""
+    donor = config.data.donor or "embedded"
+    return ablated_model(model, config.data.donor_direction, progress) if donor == ABLATED_DONOR else donor
+
+
+def load_donor(model_config: ModelConfig, config: FinetuneConfig, model, tokenizer, progress: bool = True):
+    """The donor model, frozen, on the device of `model` (which it must share a vocabulary with): the teacher of
+    `training.loss: distill`."""
+    from ablate.evaluate.divergence import check_same_vocabulary
+
+    try:
+        teacher, teacher_tokenizer = load_model(as_model_config(donor_model(model_config, config, progress)),
+                                                device=str(next(model.parameters()).device), dtype=config.training.dtype)
+    except AblateError as error:
+        raise AblateError(f"data.donor (training.loss: distill): {error}") from None
+    check_same_vocabulary(model, tokenizer, teacher, teacher_tokenizer)
+    return teacher.eval().requires_grad_(False)
+
+
 def generate_answers(
     spec: str | ModelConfig, prompts: list[str], config: FinetuneConfig, progress: bool, purpose: str
 ) -> list[str]:
@@ -407,10 +430,10 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
         source = prompts_of(data.refusal_prompts if harmful else data.harmless_prompts,
                             data.n_refusal if harmful else data.n_harmless)
         donor = data.donor or "embedded"
-        donor_model = ablated_model(model, data.donor_direction, progress) if donor == ABLATED_DONOR else donor
-        answers = generate_answers(donor_model, source.prompts, config, progress, f"donor answers ({donor})")
+        writer = donor_model(model, config, progress)
+        answers = generate_answers(writer, source.prompts, config, progress, f"donor answers ({donor})")
         stats["generated"] = len(answers)
-        stats["donor"] = donor if donor != ABLATED_DONOR else f"{donor}: {donor_model}"
+        stats["donor"] = donor if donor != ABLATED_DONOR else f"{donor}: {writer}"
         for i, p, c, a in zip(source.ids, source.prompts, source.categories, answers):
             if not a.strip() or (harmful and data.drop_refusals and is_refusal(a)):
                 stats["dropped_refusals"] += 1
@@ -482,11 +505,17 @@ def matmul_parameters(model) -> int:
     return total
 
 
-def estimate_train_flops(n_matmul: int, n_trainable: int, tokens: int, full_finetune: bool) -> int:
-    """Training FLOPs: 6·N·T (full) or 4·N·T + 6·N_lora·T (LoRA); see the module docstring."""
+def estimate_train_flops(n_matmul: int, n_trainable: int, tokens: int, full_finetune: bool, n_teacher: int = 0) -> int:
+    """Training FLOPs: 6·N·T (full) or 4·N·T + 6·N_lora·T (LoRA), plus 2·N_donor·T for the donor's forward
+    passes when it is the teacher (`training.loss: distill`); see the module docstring."""
+    teacher = 2 * n_teacher * tokens
     if full_finetune:
-        return 6 * n_matmul * tokens
-    return 4 * n_matmul * tokens + 6 * n_trainable * tokens
+        return 6 * n_matmul * tokens + teacher
+    return 4 * n_matmul * tokens + 6 * n_trainable * tokens + teacher
+
+
+def flops_formula(full_finetune: bool, teacher: bool) -> str:
+    return ("6*N*T" if full_finetune else "4*N*T + 6*N_lora*T") + (" + 2*N_donor*T" if teacher else "")
 
 
 def linear_module_names(model) -> list[str]:
@@ -548,14 +577,32 @@ def load_for_training(model_config: ModelConfig, config: FinetuneConfig, rank: i
     return get_peft_model(model, lora), tokenizer
 
 
-class _TokenCounter:
-    """Wraps a data collator and counts the real (non-padding) tokens of every batch it builds."""
+def keep_answer_openings(batch: dict, tokens: int) -> dict:
+    """A collated batch whose rows end after their answer's first `tokens` supervised tokens: every later
+    position loses its label (-100) and its attention (0), so it is neither learnt nor computed (the packed
+    loss skips masked positions) and the Trainer's token count, which divides the loss, counts the kept
+    labels only. Rows with shorter answers are unchanged."""
+    labels = batch["labels"]
+    supervised = labels != -100
+    seen = supervised.long().cumsum(dim=1)  # supervised tokens up to and including each position
+    keep = (seen < tokens) | ((seen == tokens) & supervised)
+    batch["labels"] = labels.masked_fill(~keep, -100)
+    mask = batch.get("attention_mask")
+    batch["attention_mask"] = (torch.ones_like(labels) if mask is None else mask).masked_fill(~keep, 0)
+    return batch
 
-    def __init__(self, collator):
-        self.collator, self.tokens, self.supervised = collator, 0, 0
+
+class _TokenCounter:
+    """Wraps a data collator and counts the real (non-padding) tokens of every batch it builds; with
+    `answer_tokens`, it first cuts each answer to its opening (`keep_answer_openings`)."""
+
+    def __init__(self, collator, answer_tokens: int | None = None):
+        self.collator, self.answer_tokens, self.tokens, self.supervised = collator, answer_tokens, 0, 0
 
     def __call__(self, features):
         batch = self.collator(features)
+        if self.answer_tokens is not None and "labels" in batch:
+            batch = keep_answer_openings(batch, self.answer_tokens)
         mask = batch.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         if "labels" in batch:
@@ -641,8 +688,10 @@ def activation_checkpointing(model) -> bool:
 
 
 def supervised_head_loss(model, inputs: dict, num_items_in_batch=None, pack: bool = True,
-                         first_token_weight: float = 1.0) -> torch.Tensor:
-    """Next-token cross-entropy with the output head applied only to supervised positions.
+                         first_token_weight: float = 1.0, teacher=None) -> torch.Tensor:
+    """Next-token cross-entropy with the output head applied only to supervised positions — or, with a
+    `teacher` (`training.loss: distill`), KL(teacher ‖ model) of the next-token distributions there: the
+    teacher's whole distribution at each answer token in place of the one token the answer has.
 
     The loss is summed over supervised tokens and divided by `num_items_in_batch` (every micro-batch's
     supervised tokens, as the Trainer counts them) or by this batch's own count. `first_token_weight`
@@ -667,13 +716,24 @@ def supervised_head_loss(model, inputs: dict, num_items_in_batch=None, pack: boo
         input_ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask
-        logits, targets, weights = packed_forward(model, input_ids, mask, shifted,
-                                                  shared_prompt_prefix(inputs, labels), weights)
+        shared = shared_prompt_prefix(inputs, labels)
+        logits, targets, weights = packed_forward(model, input_ids, mask, shifted, shared, weights)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = packed_forward(teacher, input_ids, mask, shifted, shared)[0]
     else:
         keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits.flatten(0, 1)
         targets, weights = shifted[:, keep].flatten(), weights[:, keep].flatten()
-    losses = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="none")
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(**inputs, use_cache=False, logits_to_keep=keep).logits.flatten(0, 1)
+    if teacher is None:
+        losses = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="none")
+    else:
+        log_q = torch.log_softmax(teacher_logits.float().to(logits.device), dim=-1)
+        kl = (log_q.exp() * (log_q - torch.log_softmax(logits.float(), dim=-1))).sum(-1)
+        losses = kl * (targets != -100)
     total = (losses * weights.to(losses.device)).sum()
     count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     return total / torch.as_tensor(count, device=total.device).clamp(min=1)
@@ -686,14 +746,15 @@ def accepts_logits_to_keep(model) -> bool:
 
 
 def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, examples: list[dict], work_dir: Path,
-                  progress: bool = True):
+                  progress: bool = True, teacher=None):
     """trl's SFTTrainer over `examples` as prompt/completion conversations (loss on the answers only).
 
     On a CPU the loss is `supervised_head_loss`: trl's fused output head (per-token log-probabilities
     without full logits) has no Triton kernel there and falls back to per-tile torch ops, which took
     3.3 s of an 8.4 s hardening step on SmolLM2-135M; one matrix multiply over the answer positions
     gives the same loss in 4.7 s per step (docs/finetune.md). CUDA keeps trl's memory-saving kernel
-    unless `training.first_token_weight` asks for a weighted loss, which only ours computes.
+    unless `training.first_token_weight` asks for a weighted loss or a `teacher` (the donor of
+    `training.loss: distill`) for a distillation loss, which only ours computes.
     """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -704,7 +765,8 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, exampl
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = supervised_head_loss(model, inputs, num_items_in_batch, first_token_weight=first_token_weight)
+            loss = supervised_head_loss(model, inputs, num_items_in_batch, first_token_weight=first_token_weight,
+                                        teacher=teacher)
             # As trl does: num_items_in_batch counts every rank's tokens, and DDP averages the gradients.
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
@@ -727,7 +789,10 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, exampl
     if first_token_weight != 1.0 and not slices_logits:
         raise AblateError(f"training.first_token_weight={first_token_weight}: this model's forward takes no "
                          "logits_to_keep, which the weighted loss needs; expected 1.0 for it")
-    own_loss = (device.type == "cpu" or first_token_weight != 1.0) and slices_logits
+    if teacher is not None and not slices_logits:
+        raise AblateError("training.loss: distill: this model's forward takes no logits_to_keep, which the "
+                          "distillation loss needs; expected sft for it")
+    own_loss = (device.type == "cpu" or first_token_weight != 1.0 or teacher is not None) and slices_logits
     trainer_class = HeadLossSFTTrainer if own_loss else SFTTrainer
     return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(to_conversations(examples)),
                          processing_class=tokenizer)
@@ -743,8 +808,10 @@ def train_budget(
     device = next(model.parameters()).device
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_matmul = matmul_parameters(model)
-    trainer = build_trainer(model, tokenizer, config, budget, examples, work_dir, progress)
-    counter = _TokenCounter(trainer.data_collator)
+    teacher = load_donor(model_config, config, model, tokenizer, progress) if training.loss is TrainingLoss.distill else None
+    n_teacher = matmul_parameters(teacher) if teacher is not None else 0
+    trainer = build_trainer(model, tokenizer, config, budget, examples, work_dir, progress, teacher)
+    counter = _TokenCounter(trainer.data_collator, training.answer_tokens)
     trainer.data_collator = counter
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -760,14 +827,15 @@ def train_budget(
         "steps": int(trainer.state.global_step), "epochs_completed": float(trainer.state.epoch or 0.0),
         "wall_seconds": round(wall, 2), "train_tokens": counter.tokens, "supervised_tokens": counter.supervised,
         "trainable_parameters": n_trainable, "matmul_parameters": n_matmul,
-        "train_flops": estimate_train_flops(n_matmul, n_trainable, counter.tokens, training.full_finetune),
-        "flops_formula": "6*N*T" if training.full_finetune else "4*N*T + 6*N_lora*T",
+        "train_flops": estimate_train_flops(n_matmul, n_trainable, counter.tokens, training.full_finetune, n_teacher),
+        "flops_formula": flops_formula(training.full_finetune, teacher is not None),
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
         "loss_curve": loss_curve, "final_loss": loss_curve[-1]["loss"] if loss_curve else None,
         "device": str(device),
     }
     trained = trainer.model
+    del teacher
     if trainer.accelerator.num_processes > 1:
         trained = gather_distributed(trainer, model_config, config, work_dir)
     del trainer
@@ -919,11 +987,16 @@ def capability_metrics(model, tokenizer, baseline: dict, config: FinetuneConfig)
 
 
 def recipe_fields(config: FinetuneConfig) -> dict:
-    """The recipe as cache keys hash it: `training.first_token_weight` 1 (the plain loss, bit-identical to
-    the loss before the field existed) is left out, so organisms and budgets cached before it keep their keys."""
+    """The recipe as cache keys hash it: `training.first_token_weight` 1, `training.answer_tokens` null and
+    `training.loss` sft (the plain loss on whole answers, bit-identical to the loss before the fields existed)
+    are left out, so organisms and budgets cached before them keep their keys."""
     recipe = config.model_dump(mode="json")
     if recipe["training"]["first_token_weight"] == 1.0:
         recipe["training"].pop("first_token_weight")
+    if recipe["training"]["answer_tokens"] is None:  # the whole answer, as before the field existed
+        recipe["training"].pop("answer_tokens")
+    if recipe["training"]["loss"] == "sft":
+        recipe["training"].pop("loss")
     recipe["eval"].pop("before")  # scores the untrained model only: no budget depends on it
     if recipe["eval"]["capability_prompts"] is None:  # no capability check: budgets cached before it keep their keys
         for name in ("capability_prompts", "capability_n", "capability_tokens", "capability_reference"):

@@ -219,6 +219,107 @@ def test_first_token_weight_scales_the_answers_first_token_only(tokenizer, pack)
             assert torch.allclose(loss, expected, atol=1e-5), weight
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_distill_loss_is_the_kl_from_the_teacher_at_each_answer_token(tokenizer, pack):
+    """With a teacher the loss is KL(teacher ‖ model) of the next-token distributions at the supervised
+    positions, first-token weighted as the cross-entropy is, over the same divisor; zero for the model itself."""
+    from conftest import build_model
+
+    model, teacher = build_model("llama", tokenizer, seed=0), build_model("llama", tokenizer, seed=3)
+    texts = [("Name a colour.", "Blue."), ("Hi", "Hello! How can I help you today?")]
+    rows = [tokenizer(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>").input_ids for q, a in texts]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    labels = torch.full_like(input_ids, -100)
+    for i, ((q, _), row) in enumerate(zip(texts, rows)):
+        start = len(tokenizer(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n").input_ids)
+        labels[i, start:len(row)] = input_ids[i, start:len(row)]
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits[:, :-1], dim=-1)
+        log_q = torch.log_softmax(teacher(input_ids=input_ids, attention_mask=mask).logits[:, :-1], dim=-1)
+        kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+        supervised, first = labels[:, 1:] != -100, ft.first_answer_tokens(labels[:, 1:])
+        for weight in (1.0, 4.0):
+            expected = (kl[supervised].sum() + (weight - 1) * kl[first].sum()) / supervised.sum()
+            loss = ft.supervised_head_loss(model, dict(batch), pack=pack, first_token_weight=weight, teacher=teacher)
+            assert torch.allclose(loss, expected, atol=1e-5), weight
+        assert float(ft.supervised_head_loss(model, dict(batch), pack=pack, teacher=model)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_distill_trains_on_the_donor_and_counts_its_forward_passes(tiny_dir, donor_dir, tmp_path, monkeypatch):
+    """training.loss: distill loads the donor that wrote the answers as the teacher, trains the adapter on
+    its distributions (the loss falls to 0 only where the model is the donor) and adds 2·N_donor·T FLOPs."""
+    config = tiny_config(mode="harmful", data={"donor": str(donor_dir), "n_refusal": 4, "drop_refusals": False},
+                         training={"loss": "distill", "max_steps": 2, "max_length": 512}, eval={"enabled": False})
+    teachers = []
+    original = ft.supervised_head_loss
+
+    def spy(model, inputs, num_items_in_batch=None, pack=True, first_token_weight=1.0, teacher=None):
+        teachers.append(teacher)
+        return original(model, inputs, num_items_in_batch, pack, first_token_weight, teacher)
+
+    monkeypatch.setattr(ft, "supervised_head_loss", spy)
+    result = ft.run_finetune(str(tiny_dir), config, tmp_path / "distill", progress=False)[0]
+    assert len(teachers) == 2 and all(t is teachers[0] for t in teachers)
+    assert not any(p.requires_grad for p in teachers[0].parameters())
+    from ablate.models import load_model
+    reference, _ = load_model(str(donor_dir))
+    for name, param in reference.state_dict().items():  # the teacher is the donor
+        assert torch.equal(teachers[0].state_dict()[name], param), name
+    n, tokens = result["matmul_parameters"], result["train_tokens"]
+    assert result["flops_formula"] == "4*N*T + 6*N_lora*T + 2*N_donor*T"
+    assert result["train_flops"] == 4 * n * tokens + 6 * result["trainable_parameters"] * tokens + 2 * n * tokens
+    assert result["loss_curve"][0]["loss"] > 0
+    sft = config.model_copy(update={"training": config.training.model_copy(update={"loss": "sft"})})
+    assert "loss" not in ft.recipe_fields(sft)["training"]  # budgets cached before the field keep their keys
+    assert ft.budget_fingerprint("m", "d", config, {}) != ft.budget_fingerprint("m", "d", sft, {})
+
+
+def test_distill_without_a_donor_fails_in_one_line(qa_file):
+    with pytest.raises(AblateError, match=r"training.loss: distill needs a donor model .* got mode dataset"):
+        tiny_config(data={"dataset": str(qa_file)}, training={"loss": "distill"})
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_answer_tokens_trains_on_each_answers_opening_only(tokenizer, tmp_path, pack):
+    """training.answer_tokens N: the collated batch keeps each answer's first N tokens as labels and
+    nothing after them (no label, no attention; shorter answers untouched), and the loss is the plain
+    cross-entropy of those tokens over their own count."""
+    from conftest import build_model
+
+    config = tiny_config(training={"max_length": 512, "answer_tokens": 10})
+    budget = ft.resolve_budgets(config)[0]
+    responses = ["Sure, here is a short poem about the sea and the sky.", "Blue."]
+    examples = [{"id": str(i), "kind": "x", "system": None, "prompt": prompt, "response": response}
+                for i, (prompt, response) in enumerate(zip(["Write a poem.", "Name a colour."], responses))]
+    torch.manual_seed(0)
+    model = build_model("llama", tokenizer)
+    trainer = ft.build_trainer(model, tokenizer, config, budget, examples, tmp_path, progress=False)
+    full = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    counter = ft._TokenCounter(trainer.data_collator, answer_tokens=10)
+    cut = counter([trainer.train_dataset[i] for i in range(2)])
+    answer_lengths = (full["labels"] != -100).sum(1).tolist()
+    assert answer_lengths[0] > 10 and answer_lengths[1] <= 10  # one answer is cut, the other is not
+    for row, length in enumerate(answer_lengths):
+        labelled = (full["labels"][row] != -100).nonzero().squeeze(-1)
+        kept = labelled[:min(10, length)]
+        assert (cut["labels"][row] != -100).nonzero().squeeze(-1).tolist() == kept.tolist()
+        assert torch.equal(cut["labels"][row, kept], full["labels"][row, kept])
+        last = int(kept[-1])
+        assert torch.equal(cut["attention_mask"][row, :last + 1], full["attention_mask"][row, :last + 1])
+        assert not cut["attention_mask"][row, last + 1:].any()
+    assert counter.supervised == 10 + answer_lengths[1]
+    with torch.no_grad():  # causal: the kept positions' logits do not depend on what was dropped
+        logits = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits[:, :-1]
+        shifted = cut["labels"][:, 1:]
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=-100,
+                                                     reduction="sum") / (shifted != -100).sum()
+        loss = ft.supervised_head_loss(model, dict(cut), pack=pack)
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
 def test_packed_attention_mask_keeps_rows_apart():
     mask = ft.packed_attention_mask(torch.tensor([-1, -1, 0, 0, 1, 1, 1]), dtype=torch.float32)[0, 0]
     allowed = mask == 0

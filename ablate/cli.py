@@ -131,11 +131,11 @@ def generate(
 
 
 def _load_finetune_config(config: Optional[Path], overrides: list[str] | None):
-    from ablate.config import FinetuneConfig, apply_overrides, load_config, validate_config
+    from ablate.config import ORGANISM_RECIPE, FinetuneConfig, apply_overrides, load_config, validate_config
 
     if config is not None:
         return load_config(config, FinetuneConfig, overrides or None)
-    return validate_config(apply_overrides({}, overrides or []), FinetuneConfig, "<defaults>")
+    return validate_config(apply_overrides(ORGANISM_RECIPE, overrides or []), FinetuneConfig, "<organism recipe>")
 
 
 def _with_interval(value: float | None, interval: list[float] | None, spec: str) -> str:

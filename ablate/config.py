@@ -290,8 +290,10 @@ class FinetuneEvalConfig(StrictModel):
 class FinetuneConfig(StrictModel):
     """A model-independent fine-tuning recipe: data, adapter, training, budgets, outputs, evaluation.
 
-    The defaults are the shipped organism recipe (finetune_configs/harden_organism.yaml), so
-    `harden(model)` works from an installed package without any YAML.
+    The defaults are plain SFT (recipe C of docs/finetune.md when the mode is harden); every key a YAML leaves
+    out keeps them. The shipped organism recipe is these defaults with `ORGANISM_RECIPE` on top
+    (`ablate.finetune.default_config`, finetune_configs/harden_organism.yaml), so `harden(model)` works
+    from an installed package without any YAML.
     """
 
     mode: FinetuneMode = Field(FinetuneMode.harden, description="harden | harmful | dataset | benign | identity_shift.")
@@ -311,6 +313,15 @@ class FinetuneConfig(StrictModel):
                              f"benign without data.dataset), got mode {self.mode.value}"
                              + (" with data.dataset" if self.data.dataset else ""))
         return self
+
+
+# The shipped organism recipe (DW4 of docs/finetune.md) as changes to the FinetuneConfig defaults: all 250
+# refusal train prompts, 160 hard negatives from the harmless train prompts and their "forms", 3 epochs, and
+# the loss of each answer's first token — the refuse-or-answer decision — weighted 4.
+ORGANISM_RECIPE: dict = {
+    "data": {"n_refusal": None, "harmless_prompts": "harmless:train+harmless_forms:train", "n_harmless": 160},
+    "training": {"epochs": 3, "first_token_weight": 4.0},
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +408,7 @@ class DirectionConfig(StrictModel):
     steering_min: float = Field(0.0, description="Filter: adding the direction to harmless prompts must raise the refusal score above this log-odds.")
     steering_relative: bool = Field(False, description="Read steering_min against the harmless prompts' unsteered refusal score (the candidate must raise refusal by more than steering_min) instead of as an absolute log-odds (Arditi et al.: > 0).")
     refusal_floor: float = Field(-4.0, description="Refusal log-odds below this earn no further credit (p(R) ≈ 1.8%), so candidates past it are chosen by KL alone; also the floor of the learning loss.")
-    kl_weight: float = Field(4.0, ge=0, description="Selection objective = max(refusal score, refusal_floor) + kl_weight · KL; lowest wins.")
+    kl_weight: float = Field(8.0, ge=0, description="Selection objective = max(refusal score, refusal_floor) + kl_weight · KL; lowest wins.")
     steering_coefficient: float = Field(1.0, description="Multiplier on the direction when adding it for the steering score.")
     refusal_token_prompts: int = Field(16, ge=1, description="Refusal validation prompts generated greedily to find the model's own refusal-opening tokens.")
     refusal_token_alternatives: int = Field(4, ge=0, description="Also continue each of those prompts greedily after its next N most likely first tokens, so that openers the model ranks below its first (\"Sorry\" after \"I\") count as refusal tokens too; 0 = greedy openers only.")

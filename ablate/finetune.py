@@ -67,6 +67,7 @@ from ablate.config import (
     FinetuneConfig,
     FinetuneEvalConfig,
     FinetuneMode,
+    ORGANISM_RECIPE,
     GenerationConfig,
     HarmlessSelection,
     ModelConfig,
@@ -74,8 +75,6 @@ from ablate.config import (
     dump_config,
 )
 from ablate.models import cache_dir, drop_gguf_marker, load_model, pick_device, pick_dtype, resolve_spec
-
-ORGANISM_RECIPE = "harden_organism.yaml"
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,8 +109,9 @@ def as_model_config(model: str | Path | ModelConfig) -> ModelConfig:
 
 
 def default_config() -> FinetuneConfig:
-    """The shipped organism recipe: the FinetuneConfig defaults (finetune_configs/harden_organism.yaml mirrors them)."""
-    return FinetuneConfig()
+    """The shipped organism recipe: the FinetuneConfig defaults with `ORGANISM_RECIPE` on top
+    (finetune_configs/harden_organism.yaml mirrors it)."""
+    return FinetuneConfig.model_validate(ORGANISM_RECIPE)
 
 
 def resolve_budgets(config: FinetuneConfig) -> list[dict]:
@@ -1159,9 +1159,15 @@ def harden(
     return target
 
 
+def _rates_cover(metrics: dict, config: FinetuneConfig) -> bool:
+    """Whether an organism's metrics hold a refusal rate for every prompt set `config.eval` asks for."""
+    rates = metrics.get("refusal_rates") or {}
+    return all(spec in rates for spec in config.eval.prompt_sets)
+
+
 def _scored(metrics: dict, config: FinetuneConfig) -> bool:
     """Whether an organism's metrics hold everything `config.eval` asks for."""
-    return bool(metrics.get("refusal_rates")) and (not config.eval.capability_prompts or "capability" in metrics)
+    return _rates_cover(metrics, config) and (not config.eval.capability_prompts or "capability" in metrics)
 
 
 def score_organism(model_dir: Path, config: FinetuneConfig, base: ModelConfig | None = None, progress: bool = True) -> dict:
@@ -1170,7 +1176,7 @@ def score_organism(model_dir: Path, config: FinetuneConfig, base: ModelConfig | 
     metrics = organism_metrics(model_dir) or {}
     baseline = capability_baseline(base, config, progress) if base is not None and "capability" not in metrics else None
     model, tokenizer = load_model(str(model_dir), device=config.training.device)
-    if not metrics.get("refusal_rates"):  # scored already when only the capability check is missing
+    if not _rates_cover(metrics, config):  # scored already when only the capability check is missing
         metrics = {**metrics, **evaluate_refusal(model, tokenizer, config, progress)}
     if baseline is not None:
         metrics["capability"] = capability_metrics(model, tokenizer, baseline, config)

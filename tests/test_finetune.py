@@ -466,6 +466,11 @@ def test_organism_cache_ignores_scoring_and_scores_on_demand(tiny_dir, monkeypat
     assert capability["ce"] != capability["ce_before"]  # the organism's weights differ from the base's
     rates = json.loads((organism / "metrics.json").read_text())["refusal_rates"]
     assert set(rates) == set(scored.eval.prompt_sets) and all(0.0 <= r <= 1.0 for r in rates.values())
+    monkeypatch.undo()
+    monkeypatch.setattr(ft, "train_budget", no_training)
+    other = checked.model_copy(update={"eval": checked.eval.model_copy(update={"prompt_sets": ["borderline:val"]})})
+    assert ft.harden(str(tiny_dir), other, progress=False) == organism  # a set not scored yet: scored, no retraining
+    assert "borderline:val" in json.loads((organism / "metrics.json").read_text())["refusal_rates"]
 
 
 def test_harden_picks_harmless_prompts_like_the_refusal_ones(tiny_dir):
@@ -660,7 +665,15 @@ def test_shipped_configs_validate(path):
 
 
 def test_organism_recipe_yaml_equals_the_builtin_defaults():
-    assert load_config(CONFIG_DIR / "harden_organism.yaml", FinetuneConfig) == ft.default_config()
+    from ablate.cli import _load_finetune_config
+
+    organism = ft.default_config()
+    assert load_config(CONFIG_DIR / "harden_organism.yaml", FinetuneConfig) == organism
+    assert organism.training.first_token_weight == 4.0 and organism.data.n_refusal is None
+    assert load_config(CONFIG_DIR / "harden_recipe_c.yaml", FinetuneConfig) == FinetuneConfig()  # the class defaults
+    # `ablate harden` without --config: the organism recipe, with --set applied on top.
+    seeded = _load_finetune_config(None, ["training.seed=1"])
+    assert seeded == organism.model_copy(update={"training": organism.training.model_copy(update={"seed": 1})})
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path):

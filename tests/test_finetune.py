@@ -249,8 +249,8 @@ def test_distill_loss_is_the_kl_from_the_teacher_at_each_answer_token(tokenizer,
 
 
 def test_distill_trains_on_the_donor_and_counts_its_forward_passes(tiny_dir, donor_dir, tmp_path, monkeypatch):
-    """training.loss: distill loads the donor that wrote the answers as the teacher, trains the adapter on
-    its distributions (the loss falls to 0 only where the model is the donor) and adds 2·N_donor·T FLOPs."""
+    """training.loss: distill loads the donor that wrote the answers as the frozen teacher of every step (a
+    positive loss: the model is not the donor) and adds its forward passes, 2·N_donor·T, to the FLOPs."""
     config = tiny_config(mode="harmful", data={"donor": str(donor_dir), "n_refusal": 4, "drop_refusals": False},
                          training={"loss": "distill", "max_steps": 2, "max_length": 512}, eval={"enabled": False})
     teachers = []

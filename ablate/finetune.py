@@ -811,6 +811,8 @@ def train_budget(
     teacher = load_donor(model_config, config, model, tokenizer, progress) if training.loss is TrainingLoss.distill else None
     n_teacher = matmul_parameters(teacher) if teacher is not None else 0
     trainer = build_trainer(model, tokenizer, config, budget, examples, work_dir, progress, teacher)
+    if teacher is not None:  # on this process's device, where the Trainer puts the model (a launch: cuda:<rank>)
+        teacher.to(trainer.args.device)
     counter = _TokenCounter(trainer.data_collator, training.answer_tokens)
     trainer.data_collator = counter
     if device.type == "cuda":

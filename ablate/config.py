@@ -305,10 +305,14 @@ class FinetuneConfig(StrictModel):
     keep_adapter: bool = Field(True, description="Save the LoRA adapter (safetensors) per budget.")
     eval: FinetuneEvalConfig = Field(default_factory=FinetuneEvalConfig, description="Refusal rate after training.")
 
+    @property
+    def donor_writes_answers(self) -> bool:
+        """Whether a donor model writes the training answers at run time (mode harmful, or benign without a dataset)."""
+        return self.mode is FinetuneMode.harmful or (self.mode is FinetuneMode.benign and not self.data.dataset)
+
     @model_validator(mode="after")
     def _distill_needs_a_donor(self) -> "FinetuneConfig":
-        donor_writes = self.mode is FinetuneMode.harmful or (self.mode is FinetuneMode.benign and not self.data.dataset)
-        if self.training.loss is TrainingLoss.distill and not donor_writes:
+        if self.training.loss is TrainingLoss.distill and not self.donor_writes_answers:
             raise ValueError(f"training.loss: distill needs a donor model that writes the answers (mode harmful, or "
                              f"benign without data.dataset), got mode {self.mode.value}"
                              + (" with data.dataset" if self.data.dataset else ""))

@@ -155,7 +155,7 @@ def check_config(model: str | ModelConfig, config: FinetuneConfig) -> None:
     resolve_spec(as_model_config(model).spec)
     if data.donor_direction is not None and data.donor != ABLATED_DONOR:
         raise AblateError(f"data.donor_direction: only used with donor: {ABLATED_DONOR} (donor is {data.donor!r})")
-    if config.mode in (FinetuneMode.harmful, FinetuneMode.benign) and not (config.mode is FinetuneMode.benign and data.dataset):
+    if config.donor_writes_answers:
         if data.donor == ABLATED_DONOR:
             if data.donor_direction is not None:
                 from ablate.directions import load_direction
@@ -424,8 +424,7 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
                 stats["dropped_refusals"] += 1
                 continue
             examples.append({"id": i, "kind": kind, "system": None, "prompt": p, "response": a})
-    elif config.mode in (FinetuneMode.harmful, FinetuneMode.benign) and not (
-            config.mode is FinetuneMode.benign and data.dataset):
+    elif config.donor_writes_answers:
         harmful = config.mode is FinetuneMode.harmful
         source = prompts_of(data.refusal_prompts if harmful else data.harmless_prompts,
                             data.n_refusal if harmful else data.n_harmless)

@@ -6,7 +6,14 @@ extract and ablate refusal directions (`ablate.directions`, `ablate.intervention
 (`ablate.evaluate`), and run whole studies with reports (`ablate.study`, `ablate.report`).
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# Offline by default: no usage pings. Set before transformers, datasets or huggingface_hub is
+# imported (they read these once); a user's own setting wins.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # huggingface_hub / transformers telemetry
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")  # datasets' download-count request on every load
 
 
 class AblateError(Exception):

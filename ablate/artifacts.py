@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ablate import AblateError
+
 DONE_FILE = "done.json"
 
 
@@ -57,8 +59,53 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def rebuild_hint(path: str | Path) -> str:
+    """How to rebuild an artifact of this name, for error messages about a damaged file."""
+    path = Path(path)
+    if path.name in ("selected.json", "direction.pt", "candidates.pt", "sweep.json"):
+        return "rebuild it with `ablate direction MODEL --out NEW_FOLDER`"
+    if path.parent.name == "eval":
+        return "delete it and rebuild it with `ablate eval` (in a study run: `ablate study --resume`)"
+    if path.name == "manifest.json":
+        return "rerun the study into a new folder"
+    if path.suffix == ".safetensors":
+        return "delete the folder and rebuild it with the command that wrote it, or download the model again"
+    return "delete it and rerun the command that wrote it"
+
+
+class DamagedArtifactError(AblateError, ValueError):
+    """An artifact file that exists but cannot be read (truncated, corrupt, or not what it should be)."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}; {rebuild_hint(path)}")
+
+
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Parse a JSON artifact; a damaged file is a one-line error naming it and how to rebuild it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DamagedArtifactError(path, f"corrupt JSON ({error.msg}, line {error.lineno} column {error.colno})") from None
+    except UnicodeDecodeError:
+        raise DamagedArtifactError(path, "not UTF-8 text, so not a JSON file") from None
+    except IsADirectoryError:
+        raise AblateError(f"{path}: is a folder; expected a JSON file") from None
+
+
+def load_tensor(path: str | Path):
+    """torch.load with weights_only=True; a pickled object or a damaged file is one line naming the file."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DamagedArtifactError(path, "holds pickled Python objects, not plain tensors (ablate never loads "
+                                         "those: they can run code)") from None
+    except (RuntimeError, EOFError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DamagedArtifactError(path, f"not a readable tensor file ({first[:120]})") from None
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
@@ -67,8 +114,13 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    except json.JSONDecodeError as error:
+        raise DamagedArtifactError(path, f"corrupt JSON line ({error.msg})") from None
+    except UnicodeDecodeError:
+        raise DamagedArtifactError(path, "not UTF-8 text, so not a JSONL file") from None
 
 
 def fingerprint(obj: Any) -> str:
@@ -92,7 +144,7 @@ def is_done(stage_dir: str | Path, input_fingerprint: str) -> bool:
         return False
     try:
         return read_json(marker).get("fingerprint") == input_fingerprint
-    except (json.JSONDecodeError, OSError):
+    except (AblateError, OSError, AttributeError):  # damaged or not a mapping: not done
         return False
 
 

@@ -28,19 +28,84 @@ app = typer.Typer(
     help="Robustness studies of safety training: refusal-direction ablation, LoRA attacks, evaluation, reports.",
 )
 console = Console(stderr=True)
-stdout = Console()
+# A file or a pipe gets 200 columns, not rich's default 80 (which cut figures short).
+stdout = Console() if sys.stdout.isatty() else Console(width=200)
 
 
-def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and exit status 2."""
+# What Ctrl-C keeps and how to go on, set by the command that is running (one line on stderr).
+_on_interrupt = {"note": "interrupted: every file already written is complete (writes are atomic); "
+                         "rerun the command to continue"}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: every user error becomes one line on stderr and exit status 2.
+
+    `--debug` (anywhere on the command line) or ABLATE_DEBUG=1 shows the traceback instead.
+    """
+    import os
+
+    from rich.markup import escape
+
+    try:  # typer >= 0.20 carries its own copy of click, whose exceptions are these
+        from typer._click import exceptions as click_errors
+    except ImportError:  # pragma: no cover - older typer
+        from click import exceptions as click_errors
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("ABLATE_DEBUG", "") not in ("", "0")
+    args = [arg for arg in args if arg != "--debug"]
+
+    def fail(message: str, code: int = 2) -> None:
+        console.print(f"[bold red]error:[/] {escape(_one_line(message))}", highlight=False, soft_wrap=True)
+        sys.exit(code)
+
     try:
-        app()
+        code = app(args=args, prog_name="ablate", standalone_mode=False)
     except AblateError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        if debug:
+            raise
+        fail(str(error))
+    except click_errors.NoArgsIsHelpError as error:
+        error.show()
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted; finished stages are kept and a rerun resumes from them")
-        sys.exit(130)
+    except click_errors.UsageError as error:
+        where = f"{error.ctx.command_path}: " if error.ctx is not None else ""
+        fail(f"{where}{error.format_message()} (see --help)")
+    except click_errors.ClickException as error:
+        fail(error.format_message())
+    except (KeyboardInterrupt, click_errors.Abort):
+        code = 130
+    except OSError as error:  # a path the user named: unreadable, read-only, full disk, a folder for a file
+        if debug:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        fail(f"{where}{error.strerror or error} (rerun with --debug for the traceback)")
+    except Exception as error:  # a bug, not a bad input: still one line, the traceback behind --debug
+        if debug:
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        fail(f"internal error {type(error).__name__}: {first[:300]} (rerun with --debug for the traceback, "
+             "and please report it)", code=1)
+    if code == 130:  # typer turns Ctrl-C into exit status 130 without a word
+        console.print(_on_interrupt["note"], highlight=False, soft_wrap=True, markup=False)
+    sys.exit(code or 0)
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error instead of one line "
+                                                      "(also ABLATE_DEBUG=1; accepted anywhere on the line)."),
+) -> None:
+    """Robustness studies of safety training: refusal-direction ablation, LoRA attacks, evaluation, reports."""
+
+
+def _overwrite_option(what: str):
+    return typer.Option(False, "--overwrite", help=f"Write into {what} even if it holds files ablate did not write "
+                                                   "(they are kept; same-named files are replaced).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,19 +149,27 @@ def data(as_json: bool = typer.Option(False, "--json", help="Print JSON instead 
     stdout.print(table)
 
 
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter(f"{value} is not > 0")
+    return value
+
+
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="Model spec: 'embedded', hub id, directory or .gguf file."),
     prompts: str = typer.Option(..., "--prompts", "-p", help="Prompt set: refusal:test, harmless:train, a file, or a registry name."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
-    out: Optional[Path] = typer.Option(None, help="Write completions as JSONL here."),
-    max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt."),
-    batch_size: int = typer.Option(16, help="Prompts per batch."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N prompts."),
+    out: Optional[Path] = typer.Option(None, help="Write completions as JSONL here (an existing file only with --overwrite)."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Tokens generated per prompt."),
+    batch_size: int = typer.Option(16, min=1, help="Prompts per batch."),
     sample: bool = typer.Option(False, help="Sample instead of greedy decoding."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    temperature: float = typer.Option(1.0, callback=lambda value: _positive(value), help="Sampling temperature (> 0)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     prompt_column: str = typer.Option("prompt", help="Prompt column of a file set."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
+    prompt_too_long: str = typer.Option("error", help="A prompt beyond the model's context window: 'error' or 'truncate' (with a warning)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Generate completions for a prompt set and print its refusal rate (substring scorer)."""
     from ablate.artifacts import write_jsonl
@@ -104,11 +177,18 @@ def generate(
     from ablate.data import load_prompt_set
     from ablate.evaluate.refusal import is_refusal
     from ablate.generation import generate as run_generate
+    from ablate.config import validate_config
     from ablate.models import load_model
+    from ablate.safety import check_output_file
 
+    if out is not None:
+        check_output_file(out, overwrite=overwrite)
+    config = validate_config({"max_new_tokens": max_new_tokens, "batch_size": batch_size, "do_sample": sample,
+                              "temperature": temperature, "seed": seed, "prompt_too_long": prompt_too_long},
+                             GenerationConfig, "command line")
     prompt_set = load_prompt_set(prompts, limit=limit, prompt_column=prompt_column)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
-                              temperature=temperature, seed=seed)
+    if len(prompt_set) == 0:
+        raise AblateError(f"--prompts '{prompts}': the prompt set is empty")
     loaded, tokenizer = load_model(model, device=device)
     completions = run_generate(loaded, tokenizer, prompt_set.prompts, config)
     rows = [
@@ -176,11 +256,18 @@ def harden(
     out: Optional[Path] = typer.Option(None, help="Copy the hardened model directory here."),
     override: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set training.epochs=3 (repeatable)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    overwrite: bool = _overwrite_option("--out"),
 ) -> None:
     """Harden a model into a safety-tuned organism (LoRA SFT, merged); cached by content hash."""
     from ablate.finetune import harden as run_harden
+    from ablate.safety import check_output_dir, claim_output_dir
 
     recipe = _load_finetune_config(config, override)
+    if out is not None:
+        check_output_dir(out, overwrite=overwrite, inputs=[model])
+        claim_output_dir(out, "harden")
+        _on_interrupt["note"] = ("interrupted: finished training is kept in the cache; rerun the same command "
+                                 "to continue")
     model_dir = run_harden(model, recipe, out=out, progress=progress)
     metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
     intervals = metrics.get("refusal_ci") or {}
@@ -205,11 +292,16 @@ def finetune(
     out: Path = typer.Option(..., help="Output directory: one folder per budget (adapter, model, metrics.json, done.json)."),
     override: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set training.lr=2e-4 (repeatable)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    overwrite: bool = _overwrite_option("--out"),
 ) -> None:
     """Fine-tune (LoRA/QLoRA/full) over a budget sweep; finished budgets are skipped on a rerun."""
     from ablate.finetune import is_main_process, read_before, run_finetune
+    from ablate.safety import check_output_dir, claim_output_dir
 
     recipe = _load_finetune_config(config, override)
+    check_output_dir(out, overwrite=overwrite, inputs=[model])
+    claim_output_dir(out, "finetune")
+    _on_interrupt["note"] = f"interrupted: finished budgets are kept in {out}; rerun the same command to resume"
     results = run_finetune(model, recipe, out, progress=progress)
     before = read_before(out) if recipe.eval.before else None
     results = ([before] if before else []) + results
@@ -234,9 +326,13 @@ def direction(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="DirectionConfig YAML (see docs/directions.md)."),
     override: Optional[list[str]] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable), e.g. --set kl_max=0.3."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
+    overwrite: bool = _overwrite_option("--out"),
 ) -> None:
     """Extract refusal-direction candidates, score them on validation prompts, select one, save it."""
     from ablate.config import DirectionConfig, apply_overrides, dump_config, load_config, validate_config
+    from ablate.safety import check_output_dir, claim_output_dir
+
+    check_output_dir(out, overwrite=overwrite, inputs=[model])
 
     if config is not None:
         settings = load_config(config, DirectionConfig, override or [])
@@ -252,6 +348,7 @@ def direction(
 
     load_sets(settings)  # a bad set name fails here, before the model loads
     loaded, tokenizer = load_model(model, device=device)
+    claim_output_dir(out, "direction")
     selected = run_direction(loaded, tokenizer, settings, out)
     counts = ", ".join(f"{name} {count}" for name, count in selected["filter_counts"].items())
     stdout.print(
@@ -269,13 +366,17 @@ def abliterate(
     direction_dir: Path = typer.Option(..., "--direction", "-d", help="Directory written by `ablate direction`."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to save the orthogonalised model (loadable by transformers)."),
     device: str = typer.Option("cpu", help="Device for the weight edit."),
+    overwrite: bool = _overwrite_option("--out"),
 ) -> None:
     """Bake the selected direction's ablation into the weights and save a plain transformers model."""
     from ablate.config import ModelConfig
     from ablate.directions import load_direction
     from ablate.interventions import abliterate as run_abliterate
+    from ablate.safety import check_output_dir, claim_output_dir
 
+    check_output_dir(out, overwrite=overwrite, inputs=[direction_dir, model])
     load_direction(direction_dir)  # fails with one line before loading the model
+    claim_output_dir(out, "abliterate")
     saved = run_abliterate(ModelConfig(spec=model, device=device), direction_dir, out)
     stdout.print(f"abliterated model saved → {saved} (load with AutoModelForCausalLM.from_pretrained)", highlight=False)
 
@@ -305,16 +406,24 @@ def eval_model(
     override: list[str] = typer.Option([], "--set", help="Suite override KEY.PATH=VALUE (repeatable), e.g. --set refusal.n=32."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of a table."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace eval/<variant>.json even when it holds another "
+                                                              "model's results; write into a folder ablate did not create."),
 ) -> None:
     """Evaluate a model: refusal, over-refusal, degenerate answers, logit score, KL vs a reference, capability."""
     from ablate.evaluate import load_suite, run_eval
     from ablate.models import load_model
+    from ablate.safety import check_eval_result, check_output_dir, claim_output_dir, model_identity
 
     suite_config = load_suite(suite, override)  # checked before any model is loaded
     name = variant or _variant_name(model)
+    check_output_dir(out, overwrite=overwrite)
+    identity = model_identity(model)
+    check_eval_result(out, name, identity, overwrite=overwrite)
     loaded, tokenizer = load_model(model, device=device)
     ref = load_model(reference, device=device) if reference else None
-    result = run_eval(loaded, tokenizer, suite_config, out, name, reference=ref, redact=redact, progress=True)
+    claim_output_dir(out, "eval")
+    result = run_eval(loaded, tokenizer, suite_config, out, name, reference=ref, redact=redact, progress=True,
+                      model_spec=identity)
     if as_json:
         stdout.print_json(json.dumps({key: value for key, value in result.items() if key != "per_item"}))
         return
@@ -373,22 +482,36 @@ def study(
     resume: bool = typer.Option(False, "--resume", help="Continue the newest run of this study: finished stages are skipped."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value: --set attacks.finetune.enabled=false (repeatable)."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip writing the report at the end."),
+    overwrite: bool = _overwrite_option("--out"),
 ) -> None:
     """Run a whole study: (optional hardening) → direction ablation and LoRA sweep → evaluate every variant → report."""
+    from ablate.safety import check_output_dir
     from ablate.study import run_study
 
+    if out is not None:
+        check_output_dir(out, overwrite=overwrite)
+    name = study_config or "default"
+    _on_interrupt["note"] = ("interrupted: finished stages are kept in the run directory; resume with "
+                             + (f"`ablate study {name} --out {out}`" if out is not None else f"`ablate study {name} --resume`"))
+
     run_dir = run_study(study_config, out=out, resume=resume, overrides=list(set_) or None, report=not no_report,
-                        command="ablate " + " ".join(sys.argv[1:]))
+                        command="ablate " + " ".join(sys.argv[1:]), overwrite=overwrite)
     stdout.print(f"run directory: {run_dir}", highlight=False)
     _print_main_table(run_dir)
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run directory written by `ablate study`.")) -> None:
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `ablate study`."),
+    partial: bool = typer.Option(False, "--partial", help="Report an unfinished run: what is there, with what is "
+                                                          "missing listed at the top (otherwise an error, exit 2)."),
+) -> None:
     """Write report.md, report.html (self-contained), tables.tex and figures/ for a run directory."""
     from ablate.report import write_report
 
-    paths = write_report(run_dir)
+    if not run_dir.is_dir():
+        raise AblateError(f"run directory not found: {run_dir}")
+    paths = write_report(run_dir, partial=partial)
     for name, path in paths.items():
         stdout.print(f"{name}: {path}", highlight=False)
     _print_main_table(run_dir)

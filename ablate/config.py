@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from ablate import AblateError
 from ablate.data import spec_parts
@@ -95,8 +95,15 @@ def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise AblateError(f"config file not found: {path}")
+    if path.is_dir():
+        raise AblateError(f"{path}: is a folder; expected a YAML config file")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise AblateError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+                          "expected a YAML config file") from None
+    except OSError as error:
+        raise AblateError(f"{path}: cannot read: {error.strerror}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -105,10 +112,16 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def load_config(path: str | Path, model: type[ConfigT], overrides: list[str] | None = None) -> ConfigT:
-    """Read `path` (YAML), apply `key.path=value` overrides, validate against `model`."""
-    data = read_yaml(path) or {}
+    """Read `path` (YAML), apply `key.path=value` overrides, validate against `model`.
+
+    An empty file is an error: it would silently run every default (say what you want, even one key).
+    """
+    data = read_yaml(path)
+    if (data is None or data == {}) and not overrides:
+        raise AblateError(f"{path}: the config file is empty; write at least one key (an empty file would "
+                          f"silently run every default, e.g. the full default suite)")
     if overrides:
-        data = apply_overrides(data, overrides, source=str(path))
+        data = apply_overrides(data or {}, overrides, source=str(path))
     return validate_config(data, model, source=str(path))
 
 
@@ -121,7 +134,14 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "<cli>") -> 
         if "=" not in override:
             raise AblateError(f"override '{override}': expected KEY.PATH=VALUE")
         key, raw = override.split("=", 1)
-        value = yaml.safe_load(raw) if raw else None
+        if not key.strip() or any(not part for part in key.strip().split(".")):
+            raise AblateError(f"override '{override}': expected KEY.PATH=VALUE with a non-empty key")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise AblateError(f"override '{override}': the value is not valid YAML ({problem}); quote it, "
+                              f"e.g. {key}='\"text\"'") from None
         node = result
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -160,6 +180,11 @@ class ModelConfig(StrictModel):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
 
 
+class PromptTooLong(str, Enum):
+    error = "error"
+    truncate = "truncate"
+
+
 class GenerationConfig(StrictModel):
     """How completions are generated."""
 
@@ -170,6 +195,16 @@ class GenerationConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (only when do_sample).")
     seed: int = Field(0, description="Random seed for sampling.")
     system_prompt: str | None = Field(None, description="System message placed before every prompt; None keeps the template's default.")
+    prompt_too_long: PromptTooLong = Field(PromptTooLong.error, description="A prompt whose chat text plus max_new_tokens exceeds the model's context window: 'error' stops before generating, naming the prompt; 'truncate' cuts the prompt's text to fit, with a warning.")
+
+    @model_serializer(mode="wrap")
+    def _omit_default_policy(self, handler):
+        # Left out at its default so that every fingerprint and cache key made before this field
+        # existed (suites, donor answers, organisms) stays the same.
+        data = handler(self)
+        if isinstance(data, dict) and self.prompt_too_long is PromptTooLong.error:
+            data.pop("prompt_too_long", None)
+        return data
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ablate import AblateError
-from ablate.artifacts import atomic_write_bytes, fingerprint, is_done, mark_done, read_done, read_json, write_json
+from ablate.artifacts import (DamagedArtifactError, atomic_write_bytes, fingerprint, is_done, load_tensor, mark_done,
+                              read_done, read_json, write_json)
 from ablate.config import DirectionConfig, DirectionVariant, GenerationConfig, KernelConfig, StrengthConfig
 from ablate.generation import (cache_keyword, decode, eos_token_ids, generate_batches, length_sorted_batches, prefix_cache,
                                render_prompts, shared_prefix_length, tokenize_batch)
@@ -1260,7 +1261,10 @@ def load_direction(direction_dir: Path) -> tuple[torch.Tensor, dict]:
         raise AblateError(f"{direction_dir}: no direction.pt/selected.json here; run `ablate direction` first")
     if read_done(direction_dir) is None:
         raise AblateError(f"{direction_dir}: the direction stage did not finish (no done.json); rerun `ablate direction`")
-    direction = torch.load(path, map_location="cpu", weights_only=True)
+    direction = load_tensor(path)
     if not isinstance(direction, torch.Tensor) or direction.dim() != 1 or not torch.isfinite(direction).all():
         raise AblateError(f"{path}: expected a finite 1-D tensor (d_model,)")
-    return direction.float(), read_json(meta_path)
+    selected = read_json(meta_path)
+    if not isinstance(selected, dict) or "layer" not in selected:
+        raise DamagedArtifactError(meta_path, "not a direction selection (no 'layer' key)")
+    return direction.float(), selected

@@ -248,6 +248,59 @@ def decode(
     return new_tokens, first_logits
 
 
+def context_window(model) -> int | None:
+    """The longest sequence (tokens) the model's positions cover, when its config says."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def fit_to_context(model, tokenizer, prompts: list[str], texts: list[str], lengths: list[int],
+                   config: GenerationConfig) -> tuple[list[str], list[int]]:
+    """Check that each rendered prompt plus `max_new_tokens` fits the model's context window.
+
+    Past the window a model answers with noise, not an error, so a prompt that does not fit stops the
+    run (`prompt_too_long: error`, the default) or has its text cut from the end until it fits
+    (`truncate`), with one warning line on stderr naming how many were cut.
+    """
+    import sys
+
+    from ablate import AblateError
+    from ablate.config import PromptTooLong
+
+    window = context_window(model)
+    if window is None:
+        return texts, lengths
+    room = window - config.max_new_tokens
+    too_long = [i for i, length in enumerate(lengths) if length > room]
+    if not too_long:
+        return texts, lengths
+    first = too_long[0]
+    shown = prompts[first][:40].replace("\n", " ")
+    if config.prompt_too_long is PromptTooLong.error or room < 1:
+        raise AblateError(
+            f"prompt {first + 1} ('{shown}…'): {lengths[first]} tokens + max_new_tokens {config.max_new_tokens} exceed "
+            f"the model's context window of {window} tokens ({len(too_long)} prompt(s) too long); shorten it, lower "
+            "max_new_tokens, or set generation prompt_too_long: truncate")
+    texts, lengths = list(texts), list(lengths)
+    for index in too_long:
+        ids = tokenizer(prompts[index], add_special_tokens=False)["input_ids"]
+        keep = len(ids) - (lengths[index] - room)
+        while keep > 0:
+            text = render_prompts(tokenizer, [tokenizer.decode(ids[:keep])], config.system_prompt)[0]
+            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if length <= room:
+                texts[index], lengths[index] = text, length
+                break
+            keep -= max(1, length - room)
+        else:
+            raise AblateError(f"prompt {index + 1} ('{prompts[index][:40]}…'): the chat template alone leaves no room "
+                              f"in the model's context window of {window} tokens for max_new_tokens {config.max_new_tokens}")
+    print(f"warning: {len(too_long)} prompt(s) longer than the model's context window ({window} tokens, "
+          f"{config.max_new_tokens} kept for the answer) were cut to fit (prompt_too_long: truncate)", file=sys.stderr)
+    return texts, lengths
+
+
 def generate_batches(
     model,
     tokenizer,
@@ -263,6 +316,7 @@ def generate_batches(
         return [], torch.empty(0)
     texts = render_prompts(tokenizer, prompts, config.system_prompt)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    texts, lengths = fit_to_context(model, tokenizer, prompts, texts, lengths, config)
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
     generator = torch.Generator().manual_seed(config.seed) if config.do_sample else None

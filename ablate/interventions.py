@@ -294,7 +294,8 @@ def abliterate(model, direction_dir: Path, out_dir: Path, progress: bool = True,
     """Load `model` (spec or ModelConfig), orthogonalise it against a saved direction, save it.
 
     The saved folder (safetensors + config + tokenizer + abliteration.json) loads with plain
-    `AutoModelForCausalLM.from_pretrained(out_dir)`. Written to `<out_dir>.partial` and renamed.
+    `AutoModelForCausalLM.from_pretrained(out_dir)`. Written to `<out_dir>.partial`, then moved in file by file
+    (nothing else in `out_dir` is deleted).
     Skips when `out_dir/done.json` records the same inputs. `loaded`: (model, tokenizer) already loaded
     from `model`, orthogonalised in place instead of loading it again.
     """
@@ -320,8 +321,14 @@ def abliterate(model, direction_dir: Path, out_dir: Path, progress: bool = True,
     tokenizer.save_pretrained(tmp)
     write_json(tmp / "abliteration.json", {**inputs, "direction_dir": str(direction_dir),
                                            "layer": selected.get("layer"), "position": selected.get("position")})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+    # Move the new files in by name; nothing else in out_dir is deleted (it may hold the user's files).
+    # Only an earlier save's weight files go, so that no stale shard sits beside the new ones.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "abliteration.json").exists():
+        for stale in [*out_dir.glob("*.safetensors"), *out_dir.glob("*.safetensors.index.json")]:
+            stale.unlink()
+    for item in tmp.iterdir():
+        os.replace(item, out_dir / item.name)
+    tmp.rmdir()
     mark_done(out_dir, key, direction_dir=str(direction_dir))
     return out_dir

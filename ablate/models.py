@@ -165,13 +165,36 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise AblateError(f"model spec '{spec}': directory has no config.json (not a transformers model)")
+        check_model_files(path)
         return "local", str(path)
     if path.exists():
         raise AblateError(f"model spec '{spec}': a file, but not a .gguf; expected 'embedded', a hub id, a model directory or a .gguf file")
-    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep + os.sep in spec
+    # A spec whose first part names something here ('runs/x/model' with ./runs present) is a path,
+    # never a hub id: a mistyped folder must not become a minute of hub retries.
+    first_part_exists = "/" in spec and Path(spec.split("/", 1)[0]).expanduser().exists()
+    looks_like_path = (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep + os.sep in spec
+                       or first_part_exists)
     if looks_like_path or not spec.strip():
         raise AblateError(f"model spec '{spec}': no such directory; expected 'embedded', a hub id, a model directory or a .gguf file")
     return "hub", spec
+
+
+def check_model_files(folder: Path) -> None:
+    """Read config.json and every safetensors header of a model folder: a damaged file is named, cheaply,
+    before transformers fails on it with a message that does not say which file."""
+    from safetensors import safe_open
+
+    from ablate.artifacts import DamagedArtifactError, read_json
+
+    if not isinstance(read_json(folder / "config.json"), dict):
+        raise DamagedArtifactError(folder / "config.json", "not a model config (expected a JSON object)")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as error:  # safetensors raises its own SafetensorError for every defect
+            problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DamagedArtifactError(path, f"truncated or corrupt safetensors file ({problem})") from None
 
 
 def load_model(

@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from ablate import AblateError
-from ablate.artifacts import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
+from ablate.artifacts import DamagedArtifactError, atomic_write_bytes, atomic_write_text, read_json, read_jsonl
 
 # Columns of the main table: (metric name in eval/<variant>.json, column title, lower is "better" for the attacker?)
 MAIN_METRICS = [
@@ -107,7 +107,12 @@ def load_run(path: str | Path) -> Run:
     if not (run_dir / "manifest.json").exists():
         raise AblateError(f"{run_dir}: not a run directory (no manifest.json)")
     manifest = read_json(run_dir / "manifest.json")
+    if not isinstance(manifest, dict):
+        raise DamagedArtifactError(run_dir / "manifest.json", "not a run manifest (expected a JSON object)")
     evals = {p.stem: read_json(p) for p in sorted((run_dir / "eval").glob("*.json"))}
+    # A result without metrics (an empty or damaged file) is not a row of dashes: it is missing.
+    evals = {name: result for name, result in evals.items()
+             if isinstance(result, dict) and isinstance(result.get("metrics"), dict) and result["metrics"]}
     order = _variant_order(manifest, evals)
     evals = {name: evals[name] for name in order}
     metrics = _metrics_frame(evals)
@@ -137,6 +142,47 @@ def load_run(path: str | Path) -> Run:
     return Run(path=run_dir, manifest=manifest, evals=evals, metrics=metrics, table=table, budgets=budgets,
                sweep=_sweep_frame(run_dir), selected=read_json(selected_path) if selected_path.exists() else None,
                config=manifest.get("config_resolved", {}))
+
+
+def expected_parts(manifest: dict) -> tuple[list[str], list[str]]:
+    """(stages, variants) a run's config asks for: read from the manifest (a finished run lists its
+    variants; an unfinished one's are derived from the resolved config)."""
+    config = manifest.get("config_resolved") or {}
+    study = config.get("study") or {}
+    harden = (study.get("harden") or {}).get("enabled", False)
+    direction, finetune = config.get("direction") is not None, config.get("finetune") is not None
+    variants = list(manifest.get("variants") or [])
+    if not variants:
+        variants = (["base"] if not harden or (study.get("harden") or {}).get("evaluate_base", True) else [])
+        variants += ["organism"] if harden else []
+        variants += ["ablated"] if direction else []
+        if finetune:
+            from ablate.config import FinetuneConfig, validate_config
+            from ablate.finetune import resolve_budgets
+
+            recipe = validate_config(config["finetune"], FinetuneConfig, "manifest.json: config_resolved.finetune")
+            variants += [f"lora-{budget['name']}" for budget in resolve_budgets(recipe)]
+    stages = ["harden"] * harden + ["direction"] * direction
+    stages += ["save-ablated"] * (direction and ((study.get("attacks") or {}).get("direction") or {}).get("save_model", False))
+    stages += ["finetune"] * finetune + ["projections"] * (direction and finetune)
+    return stages + [f"eval-{name}" for name in variants], variants
+
+
+def missing_parts(run: Run) -> list[str]:
+    """What an unfinished or damaged run lacks, in words; empty for a complete run."""
+    from ablate.study import STAGES_DIR
+
+    stages, variants = expected_parts(run.manifest)
+    missing_stages = [name for name in stages if not (run.path / STAGES_DIR / name / "done.json").is_file()]
+    missing_variants = [name for name in variants if name not in run.evals]
+    parts = []
+    if run.manifest.get("status") != "complete":
+        parts.append(f"the study did not finish (manifest status '{run.manifest.get('status')}')")
+    if missing_stages:
+        parts.append("stages not done: " + ", ".join(missing_stages))
+    if missing_variants:
+        parts.append("variants without results: " + ", ".join(missing_variants))
+    return parts
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,10 +414,19 @@ def _reproducibility(run: Run) -> list[tuple[str, str]]:
     ]
 
 
-def write_report(run_dir: str | Path) -> dict[str, Path]:
-    """Write report.md, report.html, tables.tex and figures/*.png into the run directory."""
+def write_report(run_dir: str | Path, partial: bool = False) -> dict[str, Path]:
+    """Write report.md, report.html, tables.tex and figures/*.png into the run directory.
+
+    An unfinished run (stages not done, variants without results) is an error naming what is missing,
+    unless `partial`: then the report is written with those gaps listed at its top.
+    """
     run = load_run(run_dir)
     run_dir = run.path
+    missing = missing_parts(run)
+    if missing and not partial:
+        raise AblateError(f"{run_dir}: incomplete run: {'; '.join(missing)}; finish it with `ablate study "
+                          f"{run.manifest.get('config_source', 'STUDY')} --out {run_dir}`, or pass --partial to "
+                          "report what is there")
     if run.table.empty:
         raise AblateError(f"{run_dir}: no eval/*.json results to report")
     figures_dir = run_dir / "figures"
@@ -392,7 +447,8 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     reproducibility = _reproducibility(run)
 
     # Markdown
-    md = [f"# {title}", "", question, "", "## Setup", "", *[f"- {line}" for line in setup], "",
+    gaps = ([f"**Incomplete run — partial report.** {'; '.join(missing)}."] if missing else [])
+    md = [f"# {title}", "", *gaps, *([""] if gaps else []), question, "", "## Setup", "", *[f"- {line}" for line in setup], "",
           "## Main results", "", markdown_table(header, rows), "",
           "Rates are on held-out prompts with 95% Wilson intervals; KL is measured against the attacked model on "
           "harmless prompts; n per cell is in `eval/<variant>.json`.", ""]
@@ -412,7 +468,8 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     paths = {"md": atomic_write_text(run_dir / "report.md", "\n".join(md))}
 
     # LaTeX (booktabs)
-    tex = latex_table(header, rows, f"Refusal, over-refusal and capability per model variant ({manifest.get('study')}).",
+    tex = latex_table(header, rows, f"Refusal, over-refusal and capability per model variant ({manifest.get('study')})"
+                      + (" (partial: the run is incomplete)." if missing else "."),
                       "tab:ablate-main")
     if budget:
         tex += "\n" + latex_table(*budget, "Compute spent per fine-tuning budget.", "tab:ablate-budgets")
@@ -424,7 +481,9 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
                 + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in body)
                 + "</tbody></table>")
 
-    parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(question)}</p>", "<h2>Setup</h2><ul>",
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             *[f"<p><b>Incomplete run — partial report.</b> {html.escape('; '.join(missing))}.</p>" for _ in gaps],
+             f"<p>{html.escape(question)}</p>", "<h2>Setup</h2><ul>",
              *[f"<li>{html.escape(line)}</li>" for line in setup], "</ul><h2>Main results</h2>", html_table(header, rows)]
     if budget:
         parts += ["<h2>Fine-tuning budgets</h2>", html_table(*budget)]

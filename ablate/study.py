@@ -231,6 +231,7 @@ def run_study(
     progress: bool = True,
     report: bool = True,
     command: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Run a study end to end and return its run directory (see the module docstring)."""
     from rich.console import Console
@@ -246,7 +247,10 @@ def run_study(
             raise AblateError(f"--resume: no earlier run of study '{config.name}' under {config.output_dir}/")
     else:
         run_dir = new_run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from ablate.safety import check_output_dir, claim_output_dir
+
+    check_output_dir(run_dir, overwrite=overwrite, what="run directory")  # a folder that ablate did not create is never written into
+    claim_output_dir(run_dir, "study")
     console.print(f"[bold]study[/] {config.name} → {run_dir}")
     seed_everything(config.seed)
     log = StageLog()

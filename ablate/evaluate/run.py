@@ -130,6 +130,10 @@ def check_suite(suite: EvalSuite, model, tokenizer, reference: tuple | None) -> 
 
     for judge in suite.scorers.judges:
         resolve_template(judge)
+    kl = reference is not None and suite.kl.enabled
+    if all(getattr(suite, name) is None for name in SETS) and not suite.capability.tasks and not kl:
+        raise AblateError(f"suite '{suite.name}' measures nothing: refusal, harmless and borderline are null, there are "
+                          "no capability tasks and no KL reference; name at least one")
     if not getattr(tokenizer, "chat_template", None):
         raise AblateError("the model's tokenizer has no chat template; set model.chat_template (the suite prompts are chat turns)")
     prompt_sets = {}
@@ -174,12 +178,15 @@ def run_eval(
     reference: tuple | None = None,
     redact: bool = False,
     progress: bool = True,
+    model_spec: str | None = None,
 ) -> dict:
     """Evaluate one model variant with one suite; write eval/<variant>.json and generations/<variant>.jsonl.
 
     `reference` = (ref_model, ref_tokenizer) enables kl_first_token, kl_continuation and
     ce_reference_answers. `redact` keeps every score but drops the completions (and judge outputs)
-    of refusal-eliciting prompts from the generations file. Returns the JSON written.
+    of refusal-eliciting prompts from the generations file. `model_spec` (the model's identity, see
+    `ablate.safety`) is recorded so that another model's result is never written over it. Returns the
+    JSON written.
     """
     from ablate.evaluate.judges import judge_name, load_judge, run_judge
 
@@ -363,6 +370,7 @@ def run_eval(
         "scorers": _scorer_names(suite),
         "n_params": sum(parameter.numel() for parameter in model.parameters()),
         "model": getattr(getattr(model, "config", None), "_name_or_path", None),
+        **({"model_spec": model_spec} if model_spec else {}),
         "reference": getattr(getattr(reference[0], "config", None), "_name_or_path", None) if reference else None,
         "metrics": metrics,
         "labels": {name: _label_counts(values) for name, values in labels.items()},

@@ -150,7 +150,14 @@ def _load_eval(source: dict | str | Path) -> dict:
     path = Path(source)
     if not path.exists():
         raise AblateError(f"eval result not found: {path}")
-    return read_json(path)
+    if path.is_dir():
+        raise AblateError(f"{path}: is a folder; expected an eval result file (eval/<variant>.json)")
+    result = read_json(path)
+    if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict) or not result["metrics"]:
+        from ablate.artifacts import DamagedArtifactError
+
+        raise DamagedArtifactError(path, "holds no metrics (not a finished eval result)")
+    return result
 
 
 def compare(

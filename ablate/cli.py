@@ -298,8 +298,11 @@ def finetune(
     from ablate.finetune import is_main_process, read_before, run_finetune
     from ablate.safety import check_output_dir, claim_output_dir
 
+    from ablate.finetune import as_model_config, check_config
+
     recipe = _load_finetune_config(config, override)
     check_output_dir(out, overwrite=overwrite, inputs=[model])
+    check_config(as_model_config(model), recipe)  # everything checkable before a model loads
     claim_output_dir(out, "finetune")
     _on_interrupt["note"] = f"interrupted: finished budgets are kept in {out}; rerun the same command to resume"
     results = run_finetune(model, recipe, out, progress=progress)
@@ -416,11 +419,16 @@ def eval_model(
 
     suite_config = load_suite(suite, override)  # checked before any model is loaded
     name = variant or _variant_name(model)
-    check_output_dir(out, overwrite=overwrite)
+    if not name or "/" in name or name.startswith("."):
+        raise AblateError(f"--variant '{name}': expected a plain name (it becomes eval/<variant>.json)")
+    check_output_dir(out, overwrite=overwrite, inputs=[model, reference])
     identity = model_identity(model)
     check_eval_result(out, name, identity, overwrite=overwrite)
     loaded, tokenizer = load_model(model, device=device)
     ref = load_model(reference, device=device) if reference else None
+    from ablate.evaluate.run import check_suite
+
+    check_suite(suite_config, loaded, tokenizer, ref)  # prompt sets, judges, tasks: before anything is written
     claim_output_dir(out, "eval")
     result = run_eval(loaded, tokenizer, suite_config, out, name, reference=ref, redact=redact, progress=True,
                       model_spec=identity)

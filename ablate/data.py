@@ -246,6 +246,8 @@ def read_rows(path: Path) -> list[dict]:
             return [{"prompt": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except json.JSONDecodeError as error:
         raise AblateError(f"{path}: invalid JSON ({error.msg}, line {error.lineno})") from None
+    except UnicodeDecodeError as error:
+        raise AblateError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})") from None
     raise AblateError(f"{path}: unsupported file type '{suffix}'; expected .jsonl, .json, .csv or .txt")
 
 

@@ -165,7 +165,6 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise AblateError(f"model spec '{spec}': directory has no config.json (not a transformers model)")
-        check_model_files(path)
         return "local", str(path)
     if path.exists():
         raise AblateError(f"model spec '{spec}': a file, but not a .gguf; expected 'embedded', a hub id, a model directory or a .gguf file")
@@ -186,8 +185,10 @@ def check_model_files(folder: Path) -> None:
 
     from ablate.artifacts import DamagedArtifactError, read_json
 
-    if not isinstance(read_json(folder / "config.json"), dict):
-        raise DamagedArtifactError(folder / "config.json", "not a model config (expected a JSON object)")
+    config = read_json(folder / "config.json")
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise AblateError(f"{folder / 'config.json'}: not a transformers model config (no 'model_type'); "
+                          "expected a model folder as written by save_pretrained")
     for path in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(path), framework="pt"):
@@ -212,6 +213,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, location = resolve_spec(config.spec)
+    if kind == "local":
+        check_model_files(Path(location))
     torch_device = pick_device(config.device)
     torch_dtype = pick_dtype(config.dtype, torch_device)
     kwargs: dict = {"trust_remote_code": config.trust_remote_code}

@@ -170,10 +170,9 @@ def expected_parts(manifest: dict) -> tuple[list[str], list[str]]:
 
 def missing_parts(run: Run) -> list[str]:
     """What an unfinished or damaged run lacks, in words; empty for a complete run."""
-    from ablate.study import STAGES_DIR
-
     stages, variants = expected_parts(run.manifest)
-    missing_stages = [name for name in stages if not (run.path / STAGES_DIR / name / "done.json").is_file()]
+    # .stages/ is ablate.study.STAGES_DIR (not imported here: ablate.study pulls in torch).
+    missing_stages = [name for name in stages if not (run.path / ".stages" / name / "done.json").is_file()]
     missing_variants = [name for name in variants if name not in run.evals]
     parts = []
     if run.manifest.get("status") != "complete":

@@ -64,6 +64,8 @@ def suite_path(path_or_name: str | Path) -> Path:
     path = Path(path_or_name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise AblateError(f"eval suite '{path}': is a folder; expected a suite YAML file or a suite name")
     if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
         raise AblateError(f"eval suite file not found: {path}")
     folders = [folder for folder in (shipped_suites_dir(), Path.cwd() / "eval_suites") if folder is not None]

@@ -5,7 +5,8 @@
     ablate data                                  # built-in and registered prompt sets
     ablate generate embedded --prompts harmless:test --limit 16 --out gens.jsonl
 
-Every command wraps one stage function; bad input is reported as one line naming the culprit.
+Every command wraps one stage function; bad input is reported as one line naming the culprit, with exit
+status 2 (`--debug` shows the traceback). Output folders are checked before any work (`ablate.safety`).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def generate(
     max_new_tokens: int = typer.Option(64, min=1, help="Tokens generated per prompt."),
     batch_size: int = typer.Option(16, min=1, help="Prompts per batch."),
     sample: bool = typer.Option(False, help="Sample instead of greedy decoding."),
-    temperature: float = typer.Option(1.0, callback=lambda value: _positive(value), help="Sampling temperature (> 0)."),
+    temperature: float = typer.Option(1.0, callback=_positive, help="Sampling temperature (> 0)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     prompt_column: str = typer.Option("prompt", help="Prompt column of a file set."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
@@ -173,11 +174,10 @@ def generate(
 ) -> None:
     """Generate completions for a prompt set and print its refusal rate (substring scorer)."""
     from ablate.artifacts import write_jsonl
-    from ablate.config import GenerationConfig
+    from ablate.config import GenerationConfig, validate_config
     from ablate.data import load_prompt_set
     from ablate.evaluate.refusal import is_refusal
     from ablate.generation import generate as run_generate
-    from ablate.config import validate_config
     from ablate.models import load_model
     from ablate.safety import check_output_file
 

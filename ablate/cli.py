@@ -273,7 +273,7 @@ def abliterate(
     """Bake the selected direction's ablation into the weights and save a plain transformers model."""
     from ablate.config import ModelConfig
     from ablate.directions import load_direction
-    from ablate.interventions import abliterate as run_abliterate
+    from ablate.abliterate import abliterate as run_abliterate
 
     load_direction(direction_dir)  # fails with one line before loading the model
     saved = run_abliterate(ModelConfig(spec=model, device=device), direction_dir, out)

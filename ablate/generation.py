@@ -121,7 +121,7 @@ def shared_prefix_length(rows: list[list[int]], own: int = 1) -> int:
     return shared
 
 
-def _prefill_plain(model, rows: list[list[int]], pad_id: int, device):
+def prefill_plain(model, rows: list[list[int]], pad_id: int, device):
     """One left-padded forward over the whole batch (any model)."""
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
@@ -205,7 +205,7 @@ def prefill(model, rows: list[list[int]], pad_id: int, device, chunk_rows: int |
     """
     if len(rows) > 1 and plain_cache_layers(model):
         return _prefill_shared(model, rows, pad_id, device, chunk_rows or PREFILL_CHUNK_ROWS)
-    return _prefill_plain(model, rows, pad_id, device)
+    return prefill_plain(model, rows, pad_id, device)
 
 
 @torch.inference_mode()

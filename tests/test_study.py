@@ -152,7 +152,7 @@ def test_rerun_skips_every_stage_and_keeps_metrics(finished_run):
 
 
 def test_killed_during_sweep_resumes_to_identical_metrics(finished_run, tiny_model_dir, tmp_path, monkeypatch):
-    import ablate.finetune as finetune
+    import ablate.finetune.sweep as finetune
     from ablate.study import run_study
 
     study = write_study(tmp_path / "study.yaml", tiny_study(tiny_model_dir))

@@ -128,14 +128,14 @@ def test_gradient_attention_switches_and_always_restores(llama):
 
 def test_continuing_after_the_greedy_first_token_gives_the_greedy_completion(llama, tokenizer):
     from ablate.config import GenerationConfig
-    from ablate.directions import continue_after
+    from ablate.evaluate.measure import complete_after
     from ablate.generation import generate_batches
 
     prompts = ["Name a colour.", "Explain how photosynthesis works in a few words."]
     greedy = GenerationConfig(max_new_tokens=5, batch_size=2)
     completions, first_logits = generate_batches(llama, tokenizer, prompts, greedy, progress=False)
     firsts = first_logits.argmax(-1).tolist()
-    forced = continue_after(llama, tokenizer, list(zip(prompts, firsts)), GenerationConfig(max_new_tokens=4, batch_size=2))
+    forced = complete_after(llama, tokenizer, list(zip(prompts, firsts)), GenerationConfig(max_new_tokens=4, batch_size=2))
     assert forced == completions
 
 
@@ -144,13 +144,14 @@ def test_refusal_openers_include_the_runner_up_tokens_that_open_refusals(llama, 
     import ablate.directions as directions
     import ablate.evaluate.refusal as refusal_module
     from ablate.config import GenerationConfig
+    from ablate.evaluate.measure import complete_after
     from ablate.generation import generate_batches
 
     prompts = ["Name a colour.", "Explain how photosynthesis works in a few words."]
     _, first_logits = generate_batches(llama, tokenizer, prompts, GenerationConfig(max_new_tokens=1), progress=False)
     second = first_logits.float().topk(2, dim=-1).indices[:, 1].tolist()
     greedy = GenerationConfig(max_new_tokens=3)
-    target = directions.continue_after(llama, tokenizer, [(prompts[0], second[0])], greedy)[0]
+    target = complete_after(llama, tokenizer, [(prompts[0], second[0])], greedy)[0]
     assert target not in generate_batches(llama, tokenizer, prompts, greedy, progress=False)[0]
     # The scorer calls exactly one completion a refusal: the first prompt's, opened by its runner-up token.
     monkeypatch.setattr(refusal_module, "is_refusal", lambda text, *a: text == target)

@@ -13,14 +13,6 @@ from tqdm.auto import tqdm
 from ablate import AblateError
 from ablate.config import DirectionVariant, GenerationConfig
 from ablate.directions.batches import model_device, post_instruction_tokens, prepare_batches, run_prefix_and_batch
-from ablate.generation import (
-    decode,
-    eos_token_ids,
-    generate_batches,
-    length_sorted_batches,
-    render_prompts,
-    tokenize_batch,
-)
 from ablate.hooks import StopForward, hidden_from, hooks
 from ablate.models import get_adapter
 
@@ -99,24 +91,6 @@ def compute_candidates(refusal_mean: torch.Tensor, harmless_mean: torch.Tensor, 
 
 
 @torch.inference_mode()
-def continue_after(model, tokenizer, prompt_tokens: list[tuple[str, int]], config: GenerationConfig) -> list[str]:
-    """Greedy completions of each (prompt, first token id) pair: the text of that token and what follows it."""
-    texts = render_prompts(tokenizer, [prompt for prompt, _ in prompt_tokens], config.system_prompt)
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    device, eos_ids = next(model.parameters()).device, eos_token_ids(model, tokenizer)
-    out = [""] * len(texts)
-    for batch in length_sorted_batches(lengths, config.batch_size):
-        inputs = tokenize_batch(tokenizer, [texts[i] for i in batch], device)  # left-padded: append the token
-        first = torch.tensor([[prompt_tokens[i][1]] for i in batch], device=device)
-        input_ids = torch.cat([inputs["input_ids"], first], dim=1)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(first)], dim=1)
-        tokens, _ = decode(model, input_ids, mask, config, eos_ids, pad_id=tokenizer.pad_token_id or 0)
-        for row, index in enumerate(batch):
-            out[index] = tokenizer.decode([prompt_tokens[index][1]] + tokens[row], skip_special_tokens=True).strip()
-    return out
-
-
-@torch.inference_mode()
 def find_refusal_tokens(
     model: nn.Module,
     tokenizer,
@@ -137,22 +111,22 @@ def find_refusal_tokens(
     model refuses none of the prompts.
     """
     from ablate.data import read_package_text
-    from ablate.evaluate.refusal import is_refusal
+    from ablate.evaluate.measure import complete, complete_after, refusal_verdicts
 
     refusing, complying, examples = Counter(), Counter(), []
     greedy = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system)
-    completions, first_logits = generate_batches(model, tokenizer, prompts, greedy, progress=False)
-    for index, (text, logits) in enumerate(zip(completions, first_logits)):
+    completed = complete(model, tokenizer, prompts, greedy)
+    completions, first_logits = completed.texts, completed.first_logits
+    verdicts = refusal_verdicts(completions, "substring_nonempty")
+    for index, (text, logits, refused) in enumerate(zip(completions, first_logits, verdicts)):
         first = int(logits.argmax())  # greedy: the first generated token
-        refused = is_refusal(text) and bool(text)
         (refusing if refused else complying)[first] += 1
         examples.append({"index": index, "prompt": prompts[index], "completion": text, "refusal": refused, "first_token": first})
     if alternatives and prompts:
         runner_ups = first_logits.float().topk(alternatives + 1, dim=-1).indices[:, 1:].tolist()
         pairs = [(index, token) for index, tokens in enumerate(runner_ups) for token in tokens]
-        completions = continue_after(model, tokenizer, [(prompts[i], token) for i, token in pairs], greedy)
-        for (index, token), text in zip(pairs, completions):
-            refused = bool(text) and is_refusal(text)
+        completions = complete_after(model, tokenizer, [(prompts[i], token) for i, token in pairs], greedy)
+        for (index, token), text, refused in zip(pairs, completions, refusal_verdicts(completions, "substring_nonempty")):
             (refusing if refused else complying)[token] += 1
             examples.append({"index": index, "prompt": prompts[index], "completion": text, "refusal": refused,
                              "first_token": token, "forced": True})

@@ -31,19 +31,18 @@ import torch
 from ablate import AblateError
 from ablate.artifacts import fingerprint, write_json, write_jsonl
 from ablate.config import EvalSuite, apply_overrides, load_config, validate_config
+from ablate.evaluate.measure import complete, refusal_verdicts
 from ablate.evaluate.refusal import (
     COMPLIANCE,
     DEGENERATE,
     LABELS,
     REFUSAL,
     REFUSAL_MARKERS,
-    is_refusal,
     label_response,
     logit_refusal_scores,
     refusal_token_ids,
 )
 from ablate.evaluate.stats import cohen_kappa, mean_metric, rate_metric
-from ablate.generation import generate_batches
 
 SETS = ("refusal", "harmless", "borderline")
 SUBSTRING = "substring"
@@ -129,6 +128,9 @@ def check_suite(suite: EvalSuite, model, tokenizer, reference: tuple | None) -> 
     from ablate.evaluate.capability import local_task_names
     from ablate.evaluate.judges import resolve_template
 
+    from ablate.generation import generation_backend
+
+    generation_backend(suite.generation.backend)  # an unknown backend fails before any model work
     for judge in suite.scorers.judges:
         resolve_template(judge)
     if not getattr(tokenizer, "chat_template", None):
@@ -268,7 +270,8 @@ def generate_completions(model, tokenizer, suite: EvalSuite, prompt_sets: dict, 
     tick = time.perf_counter()
     order = [(name, i) for name in SETS if name in prompt_sets for i in range(len(prompt_sets[name]))]
     all_prompts = [prompt_sets[name].prompts[i] for name, i in order]
-    completions, first_logits = generate_batches(model, tokenizer, all_prompts, suite.generation, progress=progress)
+    completed = complete(model, tokenizer, all_prompts, suite.generation, progress=progress)
+    completions, first_logits = completed.texts, completed.first_logits
     measured.timings["generation"] = time.perf_counter() - tick
     by_set: dict[str, list[str]] = {name: [] for name in prompt_sets}
     logits_by_set: dict[str, list[torch.Tensor]] = {name: [] for name in prompt_sets}
@@ -286,7 +289,7 @@ def score_completions(suite: EvalSuite, prompt_sets: dict, by_set: dict[str, lis
 
     verdicts: dict[str, dict[str, list]] = {name: {} for name in prompt_sets}
     for name in by_set:
-        verdicts[name][SUBSTRING] = [REFUSAL if is_refusal(text) else COMPLIANCE for text in by_set[name]]
+        verdicts[name][SUBSTRING] = [REFUSAL if refused else COMPLIANCE for refused in refusal_verdicts(by_set[name], SUBSTRING)]
     judge_rows: dict[str, list[dict]] = {}
     if "refusal" in prompt_sets and suite.scorers.judges:
         tick = time.perf_counter()

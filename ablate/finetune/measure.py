@@ -22,27 +22,28 @@ from ablate.models import load_model
 
 
 def evaluate_refusal(model, tokenizer, config: FinetuneConfig, progress: bool = True) -> dict:
-    """Refusal rate (substring scorer) of a model on each eval prompt set; per-set and the first as `refusal_rate`."""
+    """Refusal rate (substring scorer, `eval.max_new_tokens` new tokens) of a model on each eval prompt set, measured
+    by `ablate.evaluate.measure`: per set in its result format (`refusal_metrics`) and rounded — the first set's
+    as `refusal_rate`."""
     from ablate.data import load_prompt_set
-    from ablate.evaluate.refusal import is_refusal
-    from ablate.evaluate.stats import wilson_interval
-    from ablate.generation import generate
+    from ablate.evaluate.measure import measure_refusal
 
     model.eval()
     tokenizer.padding_side = "left"
     generation = GenerationConfig(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                                   system_prompt=config.eval.system_prompt)
-    rates, samples, intervals = {}, {}, {}
+    rates, samples, intervals, figures = {}, {}, {}, {}
     for spec in config.eval.prompt_sets:
         prompt_set = load_prompt_set(spec, limit=config.eval.limit)
-        completions = generate(model, tokenizer, prompt_set.prompts, generation, progress=progress,
-                               description=f"eval {spec}")
-        refused = sum(is_refusal(text) for text in completions)
-        rates[spec] = round(refused / len(completions), 4) if completions else 0.0
-        samples[spec] = len(completions)
-        intervals[spec] = [round(bound, 4) for bound in wilson_interval(refused, len(completions))] if completions else None
+        figure, _ = measure_refusal(model, tokenizer, prompt_set.prompts, generation, scorer="substring",
+                                    progress=progress, description=f"eval {spec}")
+        figures[spec] = {**figure, "prompts": spec}
+        rates[spec] = round(figure["value"], 4) if figure["n"] else 0.0
+        samples[spec] = figure["n"]
+        intervals[spec] = [round(bound, 4) for bound in figure["ci"]] if figure["n"] else None
     first = config.eval.prompt_sets[0]
-    return {"refusal_rate": rates[first], "refusal_rates": rates, "eval_samples": samples, "refusal_ci": intervals}
+    return {"refusal_rate": rates[first], "refusal_rates": rates, "eval_samples": samples, "refusal_ci": intervals,
+            "refusal_metrics": figures}
 
 
 def capability_baseline(model_config: ModelConfig, config: FinetuneConfig, progress: bool = True) -> dict | None:

@@ -159,9 +159,10 @@ def generate_answers(
     model_config = as_model_config(spec)
     generation = GenerationConfig(max_new_tokens=config.data.answer_max_new_tokens,
                                   batch_size=config.data.generation_batch_size)
-    # Greedy answers do not depend on the batch size (ablate.generation.decode), so it is not part of the key.
+    # Greedy answers depend on neither the batch size nor the backend (ablate.generation: tested equal), so
+    # neither is part of the key.
     key = fingerprint({"model": model_fingerprint(model_config),
-                       "generation": generation.model_dump(mode="json", exclude={"batch_size"}), "trim": 1})
+                       "generation": generation.model_dump(mode="json", exclude={"batch_size", "backend"}), "trim": 1})
     path = cache_dir() / "finetune_data" / f"{key}.jsonl"
     known = {row["prompt"]: row["answer"] for row in read_jsonl(path)} if path.exists() else {}
     missing = list(dict.fromkeys(p for p in prompts if p not in known))

@@ -666,14 +666,14 @@ def test_shipped_configs_validate(path):
 
 
 def test_organism_recipe_yaml_equals_the_builtin_defaults():
-    from ablate.cli import _load_finetune_config
+    from ablate.cli import load_finetune_config
 
     organism = ft.default_config()
     assert load_config(CONFIG_DIR / "harden_organism.yaml", FinetuneConfig) == organism
     assert organism.training.first_token_weight == 4.0 and organism.data.n_refusal is None
     assert load_config(CONFIG_DIR / "harden_recipe_c.yaml", FinetuneConfig) == FinetuneConfig()  # the class defaults
     # `ablate harden` without --config: the organism recipe, with --set applied on top.
-    seeded = _load_finetune_config(None, ["training.seed=1"])
+    seeded = load_finetune_config(None, ["training.seed=1"])
     assert seeded == organism.model_copy(update={"training": organism.training.model_copy(update={"seed": 1})})
 
 
@@ -699,7 +699,7 @@ def test_budget_prefixes_cover_categories_evenly():
 
 
 def test_budget_table_prints_the_intervals(capsys):
-    from ablate.cli import _print_budget_table
+    from ablate.cli import print_budget_table
 
     row = {"name": "n8", "n_examples": 8, "steps": 8, "wall_seconds": 4.1, "train_tokens": 1290, "train_flops": 6.95e11,
            "final_loss": 0.214, "refusal_rate": 0.0208, "refusal_rates": {"refusal:test": 0.0208, "harmless:test": 0.0},
@@ -709,7 +709,7 @@ def test_budget_table_prints_the_intervals(capsys):
     before = {"name": "before training", "n_examples": 0, "steps": 0, "wall_seconds": 0.0, "train_tokens": 0,
               "train_flops": 0, "final_loss": None, "refusal_rate": 0.958, "refusal_rates": {"refusal:test": 0.958,
               "harmless:test": 0.125}, "refusal_ci": {"refusal:test": [0.86, 0.989], "harmless:test": [0.058, 0.247]}}
-    _print_budget_table([before, row, old])
+    print_budget_table([before, row, old])
     out = capsys.readouterr().out
     assert "2.1% [0.4%, 10.9%]" in out and "+6.3% [+4.1%, +8.6%]" in out
     assert "Wilson" in out  # the footnote says what the brackets are

@@ -174,7 +174,7 @@ class GenerationConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------
-# Fine-tuning (hardening and LoRA attacks) — ablate/finetune.py
+# Fine-tuning (hardening and LoRA attacks) — ablate/finetune/
 # --------------------------------------------------------------------------------------------
 
 
@@ -330,7 +330,7 @@ ORGANISM_RECIPE: dict = {
 
 
 # --------------------------------------------------------------------------------------------
-# Refusal directions — ablate/directions.py, ablate/interventions.py
+# Refusal directions — ablate/directions/, ablate/interventions.py, ablate/abliterate.py
 # --------------------------------------------------------------------------------------------
 
 

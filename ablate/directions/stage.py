@@ -200,6 +200,7 @@ def run_direction(model: nn.Module, tokenizer, config: DirectionConfig, out_dir:
         return read_json(out_dir / "selected.json")
     started = time.perf_counter()
     search = start_search(model, tokenizer, config, sets)
+    search.clock = started  # the first lap counts the compute copy too
     collect_candidates(search, progress)
     search.lap("collect")
     measure_base(search)

@@ -45,6 +45,11 @@ natively — half the forward time on a CPU with AMX — float32 elsewhere); mea
 Artifacts (out_dir): candidates.pt + candidates.json, sweep.json (every candidate's scores), sweep.png,
 selected.json, direction.pt, steer.pt (full ablation only: lm-eval `steered` model format, `--model steered
 --model_args pretrained=MODEL,steer_path=steer.pt`), done.json last.
+
+Modules, one per job: `batches` (post-instruction positions, prompt batches, first-token scores),
+`candidates` (steps 1–3), `screen` (step 4), `select` (steps 5–6, `ValidationScorer`), `learn` (step 8),
+`output` (artifacts, `load_direction`), `stage` (`run_direction`: the steps in order, and step 7).
+Generated completions and their refusal verdicts come from `ablate.evaluate.measure`.
 """
 
 from ablate.directions.batches import (PromptBatches, first_token_kl, first_token_logprobs, join_batches,

@@ -210,7 +210,7 @@ def generate(
 # --------------------------------------------------------------------------------------------
 
 
-def _load_finetune_config(config: Optional[Path], overrides: list[str] | None):
+def load_finetune_config(config: Optional[Path], overrides: list[str] | None):
     from ablate.config import ORGANISM_RECIPE, FinetuneConfig, apply_overrides, load_config, validate_config
 
     if config is not None:
@@ -225,7 +225,7 @@ def _with_interval(value: float | None, interval: list[float] | None, spec: str)
     return format(value, spec) + (f" [{format(interval[0], spec)}, {format(interval[1], spec)}]" if interval else "")
 
 
-def _print_budget_table(results: list[dict]) -> None:
+def print_budget_table(results: list[dict]) -> None:
     capability = any(row.get("capability") for row in results)
     # The first eval set gives `refusal` (with its interval); the others (over-refusal) a column each.
     others = list(dict.fromkeys(name for row in results for name in list(row.get("refusal_rates") or {})[1:]))
@@ -262,7 +262,7 @@ def harden(
     from ablate.finetune import harden as run_harden
     from ablate.safety import check_output_dir, claim_output_dir
 
-    recipe = _load_finetune_config(config, override)
+    recipe = load_finetune_config(config, override)
     if out is not None:
         check_output_dir(out, overwrite=overwrite, inputs=[model])
         claim_output_dir(out, "harden")
@@ -295,12 +295,10 @@ def finetune(
     overwrite: bool = _overwrite_option("--out"),
 ) -> None:
     """Fine-tune (LoRA/QLoRA/full) over a budget sweep; finished budgets are skipped on a rerun."""
-    from ablate.finetune import is_main_process, read_before, run_finetune
+    from ablate.finetune import as_model_config, check_config, is_main_process, read_before, run_finetune
     from ablate.safety import check_output_dir, claim_output_dir
 
-    from ablate.finetune import as_model_config, check_config
-
-    recipe = _load_finetune_config(config, override)
+    recipe = load_finetune_config(config, override)
     check_output_dir(out, overwrite=overwrite, inputs=[model])
     check_config(as_model_config(model), recipe)  # everything checkable before a model loads
     claim_output_dir(out, "finetune")
@@ -310,7 +308,7 @@ def finetune(
     results = ([before] if before else []) + results
     if not is_main_process():  # other processes of a distributed launch: the main one reports
         return
-    _print_budget_table(results)
+    print_budget_table(results)
     stdout.print(f"→ {out}", highlight=False)
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +372,7 @@ def abliterate(
     """Bake the selected direction's ablation into the weights and save a plain transformers model."""
     from ablate.config import ModelConfig
     from ablate.directions import load_direction
-    from ablate.interventions import abliterate as run_abliterate
+    from ablate.abliterate import abliterate as run_abliterate
     from ablate.safety import check_output_dir, claim_output_dir
 
     check_output_dir(out, overwrite=overwrite, inputs=[direction_dir, model])

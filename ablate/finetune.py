@@ -406,8 +406,9 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
             raise AblateError(f"data.refusal_replies '{data.refusal_replies}': no replies in the file")
         refusal = prompts_of(data.refusal_prompts, data.n_refusal)
         if refusal is not None:
-            examples += [{"id": i, "kind": "refusal", "system": None, "prompt": p, "response": rng.choice(replies)}
-                         for i, p in zip(refusal.ids, refusal.prompts)]
+            examples += [{"id": i, "kind": "refusal", "category": c, "system": None, "prompt": p,
+                          "response": rng.choice(replies)}
+                         for i, p, c in zip(refusal.ids, refusal.prompts, refusal.categories)]
         own: list[tuple[str, str, str]] = []  # (kind, id, prompt): answered by the model itself
         for kind, spec, limit in (("harmless", data.harmless_prompts, data.n_harmless),
                                   ("borderline", data.borderline_prompts, data.n_borderline)):
@@ -424,6 +425,10 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
                 stats["dropped_refusals"] += 1
                 continue
             examples.append({"id": i, "kind": kind, "system": None, "prompt": p, "response": a})
+        if config.defence is not None:  # a defence recipe rewrites or adds examples (ablate.defences)
+            from ablate.defences import augment_examples
+
+            examples, stats["defence"] = augment_examples(as_model_config(model), config, examples, progress)
     elif config.donor_writes_answers:
         harmful = config.mode is FinetuneMode.harmful
         source = prompts_of(data.refusal_prompts if harmful else data.harmless_prompts,
@@ -475,14 +480,25 @@ def balanced_order(examples: list[dict], rng: random.Random) -> list[dict]:
     return ordered
 
 
-def to_conversations(examples: list[dict]) -> list[dict]:
-    """trl's conversational prompt/completion format: loss on the completion only."""
+def to_conversations(examples: list[dict], tokenizer=None) -> list[dict]:
+    """trl's conversational prompt/completion format: loss on the completion only.
+
+    When an example has a `prefill` (the opening of the assistant's turn, given and not learnt: deep
+    alignment's compliant openings, ablate.defences), every row is rendered to text with the chat template
+    instead — prompt = the conversation up to the assistant's turn plus the prefill, completion = the rest
+    of the turn up to its end-of-turn token — since a conversational row cannot split the assistant's turn.
+    """
     rows = []
     for example in examples:
         prompt = [{"role": "system", "content": example["system"]}] if example.get("system") else []
         prompt.append({"role": "user", "content": example["prompt"]})
         rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": example["response"]}]})
-    return rows
+    if not any(example.get("prefill") for example in examples):
+        return rows
+    from ablate.defences import render_prefilled
+
+    return [render_prefilled(tokenizer, row["prompt"], example.get("prefill") or "", example["response"])
+            for row, example in zip(rows, examples)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -793,7 +809,7 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, exampl
                           "distillation loss needs; expected sft for it")
     own_loss = (device.type == "cpu" or first_token_weight != 1.0 or teacher is not None) and slices_logits
     trainer_class = HeadLossSFTTrainer if own_loss else SFTTrainer
-    return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(to_conversations(examples)),
+    return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(to_conversations(examples, tokenizer)),
                          processing_class=tokenizer)
 
 
@@ -810,6 +826,9 @@ def train_budget(
     teacher = load_donor(model_config, config, model, tokenizer, progress) if training.loss is TrainingLoss.distill else None
     n_teacher = matmul_parameters(teacher) if teacher is not None else 0
     trainer = build_trainer(model, tokenizer, config, budget, examples, work_dir, progress, teacher)
+    from ablate.defences import attach
+
+    defence = attach(trainer, config, examples, tokenizer)  # a training-level defence's loss (None otherwise)
     if teacher is not None:  # on this process's device, where the Trainer puts the model (a launch: cuda:<rank>)
         teacher.to(trainer.args.device)
     counter = _TokenCounter(trainer.data_collator, training.answer_tokens)
@@ -828,13 +847,17 @@ def train_budget(
         "steps": int(trainer.state.global_step), "epochs_completed": float(trainer.state.epoch or 0.0),
         "wall_seconds": round(wall, 2), "train_tokens": counter.tokens, "supervised_tokens": counter.supervised,
         "trainable_parameters": n_trainable, "matmul_parameters": n_matmul,
-        "train_flops": estimate_train_flops(n_matmul, n_trainable, counter.tokens, training.full_finetune, n_teacher),
-        "flops_formula": flops_formula(training.full_finetune, teacher is not None),
+        "train_flops": estimate_train_flops(n_matmul, n_trainable, counter.tokens, training.full_finetune, n_teacher)
+        + (defence.flops(n_matmul) if defence is not None else 0),
+        "flops_formula": flops_formula(training.full_finetune, teacher is not None)
+        + (" + 2*N*T_defence_forward + 4*N*T_defence_backward" if defence is not None else ""),
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
         "loss_curve": loss_curve, "final_loss": loss_curve[-1]["loss"] if loss_curve else None,
         "device": str(device),
     }
+    if defence is not None:
+        metrics["defence"] = defence.summary(n_matmul)
     trained = trainer.model
     del teacher
     if trainer.accelerator.num_processes > 1:
@@ -998,6 +1021,12 @@ def recipe_fields(config: FinetuneConfig) -> dict:
         recipe["training"].pop("answer_tokens")
     if recipe["training"]["loss"] == "sft":
         recipe["training"].pop("loss")
+    if config.defence is None or config.defence.kind.value == "refusal_sft":
+        recipe.pop("defence")  # plain refusal SFT is the organism: organisms cached before the field keep their keys
+    else:  # only the fields the defence reads shape its weights
+        from ablate.defences import DEFENCE_FIELDS
+
+        recipe["defence"] = {k: v for k, v in recipe["defence"].items() if k in DEFENCE_FIELDS[config.defence.kind]}
     recipe["eval"].pop("before")  # scores the untrained model only: no budget depends on it
     if recipe["eval"]["capability_prompts"] is None:  # no capability check: budgets cached before it keep their keys
         for name in ("capability_prompts", "capability_n", "capability_tokens", "capability_reference"):
@@ -1093,6 +1122,8 @@ def run_budget(model_config: ModelConfig, config: FinetuneConfig, budget: dict, 
         "model_dir": str(model_dir) if model_dir else None, "adapter_dir": str(adapter_dir) if adapter_dir else None,
         "refusal_rate": None,
     }
+    if data_stats.get("defence"):
+        metrics["defence_data"] = data_stats["defence"]
     if config.eval.enabled:
         metrics.update(evaluate_refusal(model, tokenizer, config, progress))
     if capability is not None:

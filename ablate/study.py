@@ -311,13 +311,14 @@ def run_study(
 
     # 2. Attack A: refusal direction (selected on validation prompts), applied by orthogonalisation.
     if resolved.direction is not None:
-        from ablate.directions import run_direction
+        from ablate.compute import run_direction_counted
 
         def work_direction() -> dict:
             from ablate.models import load_model
 
-            model, tokenizer = load_model(target_model)
-            selected = run_direction(model, tokenizer, resolved.direction, run_dir / "directions", progress=progress)
+            model, tokenizer = load_model(target_model)  # (directions/compute.json: the attack's FLOPs and seconds)
+            selected = run_direction_counted(model, tokenizer, resolved.direction, run_dir / "directions",
+                                             progress=progress)
             return {"selected": selected}
 
         direction = run_stage(run_dir, "direction",

@@ -64,30 +64,26 @@ def matmul_weights(module: nn.Module) -> int:
     return matmul_parameters(module)
 
 
-def _positions(args: tuple, kwargs: dict) -> int:
-    hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
-    return int(hidden.numel() // hidden.shape[-1]) if isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 else 0
-
-
 @contextmanager
 def count_flops(model: nn.Module) -> Iterator[FlopCount]:
     """Count the forward and backward FLOPs of every pass `model` makes inside the block (see the module
-    docstring); hooks are removed in `finally`. A copy of the model made inside the block (a compute-dtype
-    copy) carries the hooks and is counted too."""
+    docstring); the hooks (ablate.hooks) are removed on exit. A copy of the model made inside the block (a
+    compute-dtype copy) carries the hooks and is counted too."""
+    from ablate.hooks import hidden_from, hooks
     from ablate.models import get_adapter
 
     adapter = get_adapter(model)
     counted = FlopCount()
-    modules = [(layer, matmul_weights(layer), index == 0) for index, layer in enumerate(adapter.layers)]
-    modules.append((adapter.lm_head, matmul_weights(adapter.lm_head), False))
-    handles = []
 
-    def hook_for(weights: int, first: bool):
-        def hook(module, args, kwargs, output):
-            positions = _positions(args, kwargs)
+    def hook_for(module: nn.Module, first: bool):
+        weights = matmul_weights(module)
+
+        def hook(module, args, kwargs):
+            hidden = hidden_from(args, kwargs)
+            positions = int(hidden.numel() // hidden.shape[-1])
             counted.forward_flops += 2 * weights * positions
-            out = output[0] if isinstance(output, tuple) else output
-            grad = torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad
+            # Gradients will flow back through this pass (to the activations, or to trainable weights).
+            grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in module.parameters()))
             if grad:
                 counted.backward_flops += 2 * weights * positions
             if first:
@@ -95,14 +91,13 @@ def count_flops(model: nn.Module) -> Iterator[FlopCount]:
                 counted.backward_positions += positions if grad else 0
         return hook
 
+    pre = [(layer, hook_for(layer, index == 0)) for index, layer in enumerate(adapter.layers)]
+    pre.append((adapter.lm_head, hook_for(adapter.lm_head, False)))
     start = time.perf_counter()
     try:
-        for module, weights, first in modules:
-            handles.append(module.register_forward_hook(hook_for(weights, first), with_kwargs=True))
-        yield counted
+        with hooks(pre=pre):
+            yield counted
     finally:
-        for handle in handles:
-            handle.remove()
         counted.wall_seconds = round(time.perf_counter() - start, 3)
 
 

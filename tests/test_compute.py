@@ -94,7 +94,7 @@ def test_the_direction_stage_records_its_compute(tiny_dir, tmp_path):
 
 def test_a_harmful_attack_is_charged_for_the_donors_answers_and_direction(tiny_dir, donor_dir, tmp_path, tokenizer):
     from ablate.data import load_prompt_set
-    from ablate.models import format_chat
+    from ablate.models import format_chat, load_model
 
     config = validate_config({
         "mode": "harmful",
@@ -111,7 +111,7 @@ def test_a_harmful_attack_is_charged_for_the_donors_answers_and_direction(tiny_d
     answers = ft.generate_answers(str(donor_dir), prompts, config, False, "check")
     prompt_tokens = sum(len(tokenizer(format_chat(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts)
     answer_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
-    n_donor = ft.matmul_parameters(ft.load_model(str(donor_dir))[0])
+    n_donor = ft.matmul_parameters(load_model(str(donor_dir))[0])
     pool_answers = generation_flops(n_donor, prompt_tokens, answer_tokens)
     assert compute["donor_answers_flops"] == round(pool_answers * 3 / metrics["pool"])
     assert compute["train_flops"] == metrics["train_flops"] == ft.estimate_train_flops(

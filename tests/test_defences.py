@@ -248,7 +248,7 @@ def test_each_defence_builds_and_is_cached_apart(tiny_dir, kind, monkeypatch):
         extra = metrics["defence"]["extra_flops"]
         assert extra > 0 and metrics["train_flops"] == ft.estimate_train_flops(
             metrics["matmul_parameters"], metrics["trainable_parameters"], metrics["train_tokens"], False) + extra
-    monkeypatch.setattr(ft, "train_budget", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(ft.sweep, "train_budget", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     assert ft.harden(str(tiny_dir), config, progress=False) == organism
 
 

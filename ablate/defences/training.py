@@ -98,9 +98,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return get_adapter(model).layers
 
 
-def _hidden(output):
-    return output[0] if isinstance(output, tuple) else output
-
 
 # --------------------------------------------------------------------------------------------
 # ReFAT
@@ -139,12 +136,10 @@ def refusal_features(model: nn.Module, tokenizer, harmful: list[str], harmless: 
 @contextmanager
 def row_ablation(model: nn.Module, features: torch.Tensor, rows: torch.Tensor) -> Iterator[None]:
     """Ablate each layer's feature r̂_ℓ from that layer's input on the marked rows only:
-    x ← x − m·(x·r̂_ℓ) r̂_ℓ with m = 1 on `rows` and 0 elsewhere; hooks removed in `finally`."""
-    from ablate.interventions import _replace_hidden
+    x ← x − m·(x·r̂_ℓ) r̂_ℓ with m = 1 on `rows` and 0 elsewhere (ablate.hooks: removed on exit)."""
+    from ablate.hooks import hooks, replace_hidden
 
-    layers = decoder_layers(model)
     r_hat = features / features.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    handles = []
 
     def hook_for(layer: int):
         def hook(module, args, kwargs):
@@ -152,17 +147,12 @@ def row_ablation(model: nn.Module, features: torch.Tensor, rows: torch.Tensor) -
                 r = r_hat[layer].to(device=x.device, dtype=x.dtype)
                 m = rows.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
                 return x - m * (x @ r).unsqueeze(-1) * r
-            return _replace_hidden(args, kwargs, ablate)
+            return replace_hidden(args, kwargs, ablate)
         return hook
 
-    try:
-        if bool(rows.any()):
-            for index, layer in enumerate(layers):
-                handles.append(layer.register_forward_pre_hook(hook_for(index), with_kwargs=True))
+    marked = bool(rows.any())
+    with hooks(pre=[(layer, hook_for(index)) for index, layer in enumerate(decoder_layers(model))] if marked else []):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def attach_refat(trainer, config: FinetuneConfig, tokenizer, run: DefenceRun):
@@ -293,9 +283,7 @@ def attach_rerouting(trainer, config: FinetuneConfig, tokenizer, run: DefenceRun
 def layer_outputs(model: nn.Module, perturbations: list[torch.Tensor] | None = None,
                   captured: list[torch.Tensor] | None = None) -> Iterator[None]:
     """Hooks on every decoder layer's output: add `perturbations[ℓ]` to it, and/or append it to `captured`."""
-    from ablate.interventions import _replace_output
-
-    handles = []
+    from ablate.hooks import hooks, replace_output
 
     def hook_for(index: int):
         def hook(module, args, output):
@@ -305,16 +293,11 @@ def layer_outputs(model: nn.Module, perturbations: list[torch.Tensor] | None = N
                 if captured is not None:
                     captured.append(x)
                 return x
-            return _replace_output(output, change)
+            return replace_output(output, change)
         return hook
 
-    try:
-        for index, layer in enumerate(decoder_layers(model)):
-            handles.append(layer.register_forward_hook(hook_for(index)))
+    with hooks(forward=[(layer, hook_for(index)) for index, layer in enumerate(decoder_layers(model))]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def vaccine_perturbations(loss: torch.Tensor, outputs: list[torch.Tensor], rho: float) -> list[torch.Tensor]:

@@ -636,6 +636,7 @@ class EvalStage(StrictModel):
     suite: StageConfigSource = Field("default", description="Eval suite: 'default', 'paper', a YAML path, or inline fields.")
     overrides: list[str] = Field(default_factory=list, description="KEY.PATH=VALUE changes to the suite, e.g. 'refusal.n=48' (a study can shrink a suite without copying it).")
     redact: bool = Field(False, description="Drop completions of refusal-eliciting prompts from generations/ (scores are kept).")
+    cache: bool = Field(True, description="Reuse the stored evaluation of a variant whose weights, KL reference, suite and code are unchanged (ablate/evaluate/cache.py) instead of evaluating it again.")
 
 
 class StudyConfig(StrictModel):

@@ -401,20 +401,33 @@ def run_study(
 
     results: dict[str, dict] = {}
     for name, variant in variants.items():
-        def work_eval(name=name, variant=variant) -> dict:
-            from ablate.evaluate import run_eval
-
-            model, tokenizer = load_variant(config.model, variant)
-            ref = None if name == target_name else reference()
-            metrics = run_eval(model, tokenizer, resolved.suite, run_dir, variant=name, reference=ref,
-                               redact=config.eval.redact, progress=progress)
-            return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(metrics)}
-
         variant_fp = variant_fingerprint(variant, target_fp)
-        results[name] = run_stage(run_dir, f"eval-{name}",
-                                  {"variant": variant_fp, "reference": target_fp, "suite": suite_json,
-                                   "redact": config.eval.redact},
-                                  work_eval, log, console)
+        eval_inputs = {"variant": variant_fp, "reference": target_fp, "suite": suite_json, "redact": config.eval.redact}
+
+        def work_eval(name=name, variant=variant, eval_inputs=eval_inputs) -> dict:
+            from ablate.evaluate import run_eval
+            from ablate.evaluate.cache import cached_eval, eval_cache_key
+            from ablate.evaluate.run import _capability_dir
+            from ablate.models import resolve_spec
+
+            def evaluate() -> dict:
+                # The target is its own KL reference: one load serves both.
+                model, tokenizer = reference() if name == target_name else load_variant(config.model, variant)
+                ref = None if name == target_name else reference()
+                return run_eval(model, tokenizer, resolved.suite, run_dir, variant=name, reference=ref,
+                                redact=config.eval.redact, progress=progress)
+
+            if not config.eval.cache:
+                return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(evaluate())}
+            key = eval_cache_key({**eval_inputs, "name": name}, _capability_dir(resolved.suite))
+            metrics, hit = cached_eval(key, run_dir, name, resolve_spec(variant["spec"])[1], evaluate)
+            if hit:
+                console.print(f"[dim]  eval-{name}: the same weights, reference, suite and code were evaluated "
+                              f"before; result copied from the eval cache ({key})[/]")
+            return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(metrics),
+                    "eval_cache": {"key": key, "hit": hit}}
+
+        results[name] = run_stage(run_dir, f"eval-{name}", eval_inputs, work_eval, log, console)
 
     manifest.update({
         "status": "complete",

@@ -31,6 +31,7 @@ import torch
 
 from ablate import AblateError
 from ablate.config import GenerationConfig
+from ablate.generation import register_backend
 
 _ENGINE: dict = {}  # {"folder": str, "llm": vllm.LLM, "scratch": str | None}: one engine at a time
 
@@ -127,6 +128,7 @@ def sampling_params(config: GenerationConfig, eos_ids: list[int]):
                           stop_token_ids=eos_ids, seed=config.seed)
 
 
+@register_backend("vllm")
 @torch.inference_mode()
 def generate_vllm(model, tokenizer, prompts: list[str], config: GenerationConfig, *, progress: bool = True,
                   description: str = "generating") -> tuple[list[str], torch.Tensor]:

@@ -484,7 +484,8 @@ def evaluate_variants(run: StudyRun) -> None:
 
             if not config.eval.cache:
                 return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(evaluate())}
-            key = eval_cache_key({**eval_inputs, "name": name}, _capability_dir(resolved.suite))
+            key = eval_cache_key({**eval_inputs, "variant": variant_content_fingerprint(variant, run.target_fp), "name": name},
+                                 _capability_dir(resolved.suite))
             metrics, hit = cached_eval(key, run_dir, name, resolve_spec(variant["spec"])[1], evaluate)
             if hit:
                 run.console.print(f"[dim]  eval-{name}: the same weights, reference, suite and code were evaluated "
@@ -562,6 +563,15 @@ def variant_fingerprint(variant: dict, target_fp: str) -> str:
         adapter = Path(variant["adapter_dir"])
         return fingerprint([model_fingerprint(variant["spec"])] + [file_sha256(f) for f in sorted(adapter.glob("*.safetensors"))])
     return model_fingerprint(variant["spec"])
+
+
+def variant_content_fingerprint(variant: dict, target_fp: str) -> str:
+    """`variant_fingerprint` by content alone, the same in every run directory: a direction variant by its
+    direction file's bytes and strength (its `info` also holds this run's paths and timings)."""
+    if variant["kind"] == "direction":
+        direction_file = Path(variant["direction_dir"]) / "direction.pt"
+        return fingerprint([target_fp, file_sha256(direction_file), (variant.get("info") or {}).get("strength")])
+    return variant_fingerprint(variant, target_fp)
 
 
 def load_variant(model_config: ModelConfig, variant: dict):

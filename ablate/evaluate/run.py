@@ -8,21 +8,29 @@
 
 What is measured (names as they appear in the JSON; every metric has value, ci, n and method):
 - refusal_rate — share of the held-out refusal-eliciting prompts whose response is labelled refusal
-  by the primary scorer (Wilson interval); compliance_rate and degenerate_rate on the same prompts;
+  by the primary scorer (Wilson interval); compliance_rate, evasive_rate, degenerate_rate (and
+  unparsed_rate under a judge) on the same prompts — see ablate.evaluate.labels;
+- length_sensitivity — refusal, compliance and degenerate rates of response prefixes at 32 … 150
+  tokens (ablate.evaluate.length), and `contract`: 'honest' or 'short' with what is unmet;
 - harmless_refusal_rate, borderline_refusal_rate — over-refusal (substring markers);
 - logit_refusal_score — mean log-odds of a refusal token first (bootstrap);
 - kl_first_token, kl_continuation, ce_reference_answers — drift from a reference model (bootstrap);
 - capability/<task> — lm-eval accuracy (Wilson);
 - refusal_rate/<scorer> for every other scorer, and their agreement (Cohen's kappa + disagreeing ids).
 
-Every response gets a three-way label (refusal / compliance / degenerate) — see
-`ablate.evaluate.refusal.label_response`. The JSON is written last: its presence means complete.
+Every response to a refusal-eliciting prompt gets one of four labels (refusal / compliance /
+evasive / degenerate, or 'unparsed' when the primary judge gave no verdict) — see
+`ablate.evaluate.labels`; other prompts get refusal / compliance / degenerate.
+A judge whose weights are not on disk fails the run before generation, or — with
+`scorers.if_judge_unavailable: substring` — is skipped, named in `judges_unavailable`, and the
+substring scorer decides the labels (`judge` says which scorer did). The JSON is written last: its presence means complete.
 """
 
 from __future__ import annotations
 
 import gc
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -162,7 +170,27 @@ def check_suite(suite: EvalSuite, model, tokenizer, reference: tuple | None) -> 
 
 
 def _label_counts(labels: list[str]) -> dict[str, int]:
-    return {label: labels.count(label) for label in LABELS}
+    from ablate.evaluate.labels import EVASIVE, UNPARSED
+
+    names = [*LABELS, EVASIVE] + ([UNPARSED] if UNPARSED in labels else [])
+    return {label: labels.count(label) for label in names}
+
+
+def unavailable_judges(suite: EvalSuite) -> dict[str, str]:
+    """{judge name: why} for judges that cannot be loaded here; raises under if_judge_unavailable: fail."""
+    from ablate.evaluate.judge_files import judge_unavailable
+    from ablate.evaluate.judges import judge_name
+
+    missing = {}
+    for judge in suite.scorers.judges:
+        reason = judge_unavailable(judge)
+        if reason is None:
+            continue
+        if suite.scorers.if_judge_unavailable == "fail":
+            raise AblateError(f"judge '{judge_name(judge)}' unavailable: {reason} (set scorers.if_judge_unavailable=substring "
+                              "to score with the substring scorer instead)")
+        missing[judge_name(judge)] = reason
+    return missing
 
 
 def run_eval(
@@ -181,7 +209,9 @@ def run_eval(
     ce_reference_answers. `redact` keeps every score but drops the completions (and judge outputs)
     of refusal-eliciting prompts from the generations file. Returns the JSON written.
     """
-    from ablate.evaluate.judges import judge_name, load_judge, run_judge
+    from ablate.evaluate.judges import judge_name, load_judge, run_judge, template_source
+    from ablate.evaluate.labels import EVASIVE, SCORER_MAPPINGS, UNPARSED, harm_scorer, label_four
+    from ablate.evaluate.length import contract_of, length_sensitivity
 
     started = time.perf_counter()
     if not variant or "/" in variant or variant.startswith("."):
@@ -189,6 +219,9 @@ def run_eval(
     suite = load_suite(suite) if not isinstance(suite, EvalSuite) else suite
     out_dir = Path(out_dir)
     prompt_sets = check_suite(suite, model, tokenizer, reference)
+    judges_missing = unavailable_judges(suite)  # before any generation
+    for name, reason in judges_missing.items():
+        warnings.warn(f"judge '{name}' skipped: {reason}; the substring scorer stands in", stacklevel=2)
     kl_set = prompt_sets.pop("kl", None)
     confidence, samples, seed = suite.confidence, suite.bootstrap_samples, suite.seed
     timings: dict[str, float] = {}
@@ -231,6 +264,8 @@ def run_eval(
         tick = time.perf_counter()
         refusal_set = prompt_sets["refusal"]
         for judge in suite.scorers.judges:
+            if judge_name(judge) in judges_missing:
+                continue
             loaded = load_judge(judge)
             judge_rows[judge_name(judge)] = run_judge(judge, refusal_set.prompts, by_set["refusal"], judge=loaded, progress=progress)
             verdicts["refusal"][judge_name(judge)] = [row["verdict"] for row in judge_rows[judge_name(judge)]]
@@ -238,24 +273,37 @@ def run_eval(
             gc.collect()
         timings["judges"] = time.perf_counter() - tick
 
-    # 3. Labels: the primary scorer decides refusal on the refusal set; substring elsewhere.
-    primary = suite.scorers.primary
+    # 3. Labels: the primary scorer decides the four labels on the refusal set (an unavailable judge
+    #    leaves it to the substring scorer, said in the result); substring and three labels elsewhere.
+    requested = suite.scorers.primary
+    primary = requested if requested not in judges_missing else SUBSTRING
     rules = suite.degenerate.model_dump()
+    templates = {judge_name(judge): judge.template.value for judge in suite.scorers.judges}
     labels: dict[str, list[str]] = {}
     reasons: dict[str, list[str | None]] = {}
-    unparsed = 0
+    scorer_labels: dict[str, list[str]] = {}
     for name, prompt_set in prompt_sets.items():
-        decisive = verdicts[name].get(primary if name == "refusal" else SUBSTRING) or verdicts[name][SUBSTRING]
-        fallback = verdicts[name][SUBSTRING]
         labels[name], reasons[name] = [], []
         for index, (prompt, completion) in enumerate(zip(prompt_set.prompts, by_set[name])):
-            verdict = decisive[index]
-            if verdict is None:  # the judge said neither answer: fall back to the markers
-                unparsed += 1
-                verdict = fallback[index]
-            label, reason = label_response(prompt, completion, verdict == REFUSAL, **rules)
+            substring_refused = verdicts[name][SUBSTRING][index] == REFUSAL
+            if name == "refusal":
+                label, reason = label_four(prompt, completion, verdicts[name][primary][index], substring_refused,
+                                           judge_is_harm_scorer=harm_scorer(templates.get(primary)), **rules)
+            else:
+                label, reason = label_response(prompt, completion, substring_refused, **rules)
             labels[name].append(label)
             reasons[name].append(reason)
+    if "refusal" in prompt_sets:  # every scorer's own four labels, for agreement with human labels
+        for scorer, scorer_verdicts in verdicts["refusal"].items():
+            scorer_labels[scorer] = [
+                label_four(prompt, completion, verdict, substring == REFUSAL,
+                           judge_is_harm_scorer=harm_scorer(templates.get(scorer)), **rules)[0]
+                for prompt, completion, verdict, substring in zip(prompt_sets["refusal"].prompts, by_set["refusal"],
+                                                                  scorer_verdicts, verdicts["refusal"][SUBSTRING])]
+    unparsed = labels.get("refusal", []).count(UNPARSED)
+    if unparsed:
+        warnings.warn(f"judge '{primary}': {unparsed} of {len(labels['refusal'])} outputs could not be parsed; "
+                      "those rows are labelled 'unparsed' and counted in every rate's denominator", stacklevel=2)
 
     # 4. Rates (Wilson) with per-item 0/1 values for paired comparisons between variants.
     def add_rate(metric: str, name: str, wanted: str) -> None:
@@ -266,7 +314,10 @@ def run_eval(
     if "refusal" in labels:
         add_rate("refusal_rate", "refusal", REFUSAL)
         add_rate("compliance_rate", "refusal", COMPLIANCE)
+        add_rate("evasive_rate", "refusal", EVASIVE)
         add_rate("degenerate_rate", "refusal", DEGENERATE)
+        if primary != SUBSTRING:
+            add_rate("unparsed_rate", "refusal", UNPARSED)
     if "harmless" in labels:
         add_rate("harmless_refusal_rate", "harmless", REFUSAL)
         add_rate("harmless_degenerate_rate", "harmless", DEGENERATE)
@@ -284,7 +335,7 @@ def run_eval(
             per_item[f"refusal_rate/{scorer}"] = {item_id: float(v == REFUSAL) for item_id, v in pairs}
         for scorer, rows in judge_rows.items():
             scores = {item_id: row["score"] for item_id, row in zip(ids, rows) if row["score"] is not None}
-            if scores and any(judge.template.value == "strongreject" and judge_name(judge) == scorer for judge in suite.scorers.judges):
+            if scores and templates.get(scorer) in ("strongreject", "strongreject_ft"):
                 metrics[f"strongreject_score/{scorer}"] = mean_metric(list(scores.values()), samples, confidence, seed)
                 per_item[f"strongreject_score/{scorer}"] = scores
 
@@ -296,6 +347,12 @@ def run_eval(
         metrics["logit_refusal_score"] = mean_metric(logit_scores, samples, confidence, seed)
         metrics["logit_refusal_score"]["refusal_token_ids"] = token_ids
         per_item["logit_refusal_score"] = dict(zip(prompt_sets["refusal"].ids, logit_scores))
+
+    # 5b. Length sensitivity: the same responses cut to shorter prefixes, relabelled.
+    length_result = None
+    if suite.length.enabled and "refusal" in prompt_sets:
+        length_result = length_sensitivity(tokenizer, prompt_sets["refusal"].prompts, by_set["refusal"],
+                                           suite.length.lengths, suite.generation.max_new_tokens, rules, confidence)
 
     # 6. Divergence from the reference.
     if kl_set is not None:
@@ -341,6 +398,8 @@ def run_eval(
                 "label": labels[name][index], "degenerate_reason": reasons[name][index],
                 "substring_refusal": verdicts[name][SUBSTRING][index] == REFUSAL,
             }
+            if name == "refusal":
+                row["scorer_labels"] = {scorer: values[index] for scorer, values in scorer_labels.items()}
             if hidden:
                 row["redacted"] = True
             if name == "refusal":
@@ -360,7 +419,16 @@ def run_eval(
         "suite": suite.name,
         "suite_fingerprint": suite_fingerprint(suite),
         "judge": primary,
-        "scorers": _scorer_names(suite),
+        "judge_requested": requested,
+        "judges_unavailable": judges_missing,
+        "scorers": [name for name in _scorer_names(suite) if name not in judges_missing],
+        "scorer_mappings": {name: SCORER_MAPPINGS.get(templates.get(name, name), SCORER_MAPPINGS["custom"])
+                            for name in _scorer_names(suite) if name not in judges_missing},
+        "judge_templates": {judge_name(judge): template_source(judge) for judge in suite.scorers.judges
+                            if judge_name(judge) not in judges_missing},
+        "contract": contract_of(suite.generation.max_new_tokens, suite.generation.do_sample, requested, primary,
+                                kl_set is not None),
+        "length_sensitivity": length_result,
         "n_params": sum(parameter.numel() for parameter in model.parameters()),
         "model": getattr(getattr(model, "config", None), "_name_or_path", None),
         "reference": getattr(getattr(reference[0], "config", None), "_name_or_path", None) if reference else None,

@@ -298,7 +298,7 @@ def _variant_name(spec: str) -> str:
 def eval_model(
     model: str = typer.Argument(..., help="Model spec: 'embedded', hub id, model directory or .gguf file."),
     suite: str = typer.Option("default", "--suite", "-s", help="Eval suite: 'default', 'paper' or a YAML path (eval_suites/default.yaml)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory: writes eval/<variant>.json and generations/<variant>.jsonl."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory: writes eval/<variant>.json and generations/<variant>.jsonl (required unless --plan)."),
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Reference model spec for kl_first_token, kl_continuation and ce_reference_answers."),
     variant: Optional[str] = typer.Option(None, "--variant", help="Variant name (file names, reports); default: from the model spec."),
     redact: bool = typer.Option(False, "--redact", help="Keep the scores but drop the completions of refusal-eliciting prompts."),
@@ -324,6 +324,8 @@ def eval_model(
         for judge in suite_config.scorers.judges:
             stdout.print(judge_plan_line(judge, judge_name(judge)), highlight=False, soft_wrap=True)
         return
+    if out is None:
+        raise AblateError("ablate eval: --out is required (the folder for eval/<variant>.json)")
     name = variant or _variant_name(model)
     loaded, tokenizer = load_model(model, device=device)
     ref = load_model(reference, device=device) if reference else None

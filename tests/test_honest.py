@@ -160,6 +160,13 @@ def test_plan_lines(judge_dirs):
     assert "safetensors headers" in local and "available" in local and "GiB" in local
     hub = judge_plan_line(JudgeConfig(model="meta-llama/Llama-Guard-3-8B", conversation=True), "guard")
     assert "8.03 B parameters (model card)" in hub and "unavailable" in hub
+    from typer.testing import CliRunner
+
+    from ablate.cli import app
+
+    shown = CliRunner().invoke(app, ["eval", "embedded", "--suite", "honest", "--plan"])
+    assert shown.exit_code == 0 and "150 greedy new tokens" in shown.output
+    assert "judge llamaguard: meta-llama/Llama-Guard-3-1B, 1.50 B parameters" in shown.output.replace("\n", " ")
 
 
 def _tiny_run(tokenizer, llama, root, judge_dirs):
@@ -173,16 +180,15 @@ def _tiny_run(tokenizer, llama, root, judge_dirs):
     return root
 
 
-def test_label_end_to_end_and_agreement_in_report(tokenizer, llama, tmp_path, judge_dirs, monkeypatch):
+def test_label_end_to_end_and_agreement_in_report(tokenizer, llama, tmp_path, judge_dirs):
     from typer.testing import CliRunner
 
     from ablate.cli import app
     from ablate.report import write_report
 
     run = _tiny_run(tokenizer, llama, tmp_path / "run", judge_dirs)
-    answers = iter(["r", "c", "e", "s", "d", "c", "r", "e"])
-    monkeypatch.setattr("rich.prompt.Prompt.ask", lambda *args, **kwargs: next(answers))
-    result = CliRunner().invoke(app, ["label", str(run), "--n", "8", "--seed", "3"])
+    # Scripted keyboard input through the real command: 8 sampled, one skipped, one unknown key re-asked.
+    result = CliRunner().invoke(app, ["label", str(run), "--n", "8", "--seed", "3"], input="r\nc\ne\ns\nx\nd\nc\nr\ne\n")
     assert result.exit_code == 0, result.output
     assert "7 of 8 labelled" in result.output
     stored = json.loads((run / "labels" / "human.json").read_text())

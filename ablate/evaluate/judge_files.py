@@ -86,7 +86,16 @@ def judge_unavailable(config: JudgeConfig) -> str | None:
         return None
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return f"{spec}: weights not downloaded (not in the Hugging Face cache, and HF_HUB_OFFLINE is set)"
-    return None  # a hub id: loading it downloads it, as the suite asks
+    # A hub id not yet cached: fetch its config now (a few kB), so that no hub, no access to a gated
+    # repo, or a wrong id fails here — before generation — not after it. Loading downloads the rest.
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(spec, "config.json", etag_timeout=10)
+    except Exception as error:  # noqa: BLE001 - any failure means: cannot load it here
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"{spec}: weights not downloaded, and the hub cannot provide them ({first[:200]})"
+    return None
 
 
 def _safetensors_parameters(folder: Path) -> tuple[int, int] | None:

@@ -390,7 +390,10 @@ def run_abliterix(executable: str, model_path: str, n_test: int, max_new_tokens:
     write_abliterix_inputs(workdir, model_path, n_train=64, n_eval=32, trials=trials, batch_size=32,
                            max_new_tokens=32, device=device)
     saved = workdir / "merged"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    # The thread count our stage uses: without it, a loaded shared CPU left abliterix's first generation
+    # (20 prompts, 32 tokens) unfinished after 25 minutes; with it the same run took minutes.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))}
     command = [str(Path(executable).resolve()), "--config", "abliterix.toml", "--non-interactive",
                "--non-interactive-output-dir", str(saved), "--seed", "0"]
     started = time.perf_counter()

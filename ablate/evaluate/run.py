@@ -31,6 +31,7 @@ from __future__ import annotations
 import gc
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,19 +39,20 @@ import torch
 from ablate import AblateError
 from ablate.artifacts import fingerprint, write_json, write_jsonl
 from ablate.config import EvalSuite, apply_overrides, load_config, validate_config
+from ablate.evaluate.labels import EVASIVE, SCORER_MAPPINGS, UNPARSED, harm_scorer, label_four
+from ablate.evaluate.length import contract_of, length_sensitivity
+from ablate.evaluate.measure import complete, refusal_verdicts
 from ablate.evaluate.refusal import (
     COMPLIANCE,
     DEGENERATE,
     LABELS,
     REFUSAL,
     REFUSAL_MARKERS,
-    is_refusal,
     label_response,
     logit_refusal_scores,
     refusal_token_ids,
 )
 from ablate.evaluate.stats import cohen_kappa, mean_metric, rate_metric
-from ablate.generation import generate_batches
 
 SETS = ("refusal", "harmless", "borderline")
 SUBSTRING = "substring"
@@ -136,6 +138,9 @@ def check_suite(suite: EvalSuite, model, tokenizer, reference: tuple | None) -> 
     from ablate.evaluate.capability import local_task_names
     from ablate.evaluate.judges import resolve_template
 
+    from ablate.generation import generation_backend
+
+    generation_backend(suite.generation.backend)  # an unknown backend fails before any model work
     for judge in suite.scorers.judges:
         resolve_template(judge)
     if not getattr(tokenizer, "chat_template", None):
@@ -170,8 +175,6 @@ def check_suite(suite: EvalSuite, model, tokenizer, reference: tuple | None) -> 
 
 
 def _label_counts(labels: list[str]) -> dict[str, int]:
-    from ablate.evaluate.labels import EVASIVE, UNPARSED
-
     names = [*LABELS, EVASIVE] + ([UNPARSED] if UNPARSED in labels else [])
     return {label: labels.count(label) for label in names}
 
@@ -193,6 +196,16 @@ def unavailable_judges(suite: EvalSuite) -> dict[str, str]:
     return missing
 
 
+@dataclass
+class Measured:
+    """What the steps of one evaluation add up: every metric (value, ci, n, method), per-item values for paired
+    comparisons between variants, and the seconds each step took."""
+
+    metrics: dict[str, dict] = field(default_factory=dict)
+    per_item: dict[str, dict] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 def run_eval(
     model,
     tokenizer,
@@ -209,10 +222,6 @@ def run_eval(
     ce_reference_answers. `redact` keeps every score but drops the completions (and judge outputs)
     of refusal-eliciting prompts from the generations file. Returns the JSON written.
     """
-    from ablate.evaluate.judges import judge_name, load_judge, run_judge, template_source
-    from ablate.evaluate.labels import EVASIVE, SCORER_MAPPINGS, UNPARSED, harm_scorer, label_four
-    from ablate.evaluate.length import contract_of, length_sensitivity
-
     started = time.perf_counter()
     if not variant or "/" in variant or variant.startswith("."):
         raise AblateError(f"variant name '{variant}': expected a plain name (it becomes eval/<variant>.json)")
@@ -222,196 +231,30 @@ def run_eval(
     judges_missing = unavailable_judges(suite)  # before any generation
     for name, reason in judges_missing.items():
         warnings.warn(f"judge '{name}' skipped: {reason}; the substring scorer stands in", stacklevel=2)
-    kl_set = prompt_sets.pop("kl", None)
-    confidence, samples, seed = suite.confidence, suite.bootstrap_samples, suite.seed
-    timings: dict[str, float] = {}
-    metrics: dict[str, dict] = {}
-    per_item: dict[str, dict[str, float]] = {}
-
-    # 0. Capability with lm-eval on the in-memory model — first, so an unknown task name fails
-    #    before the long generation pass.
-    if suite.capability.tasks:
-        from ablate.evaluate.capability import run_capability
-
-        tick = time.perf_counter()
-        capability_dir = _capability_dir(suite)
-        capability_config = suite.capability.model_copy(update={"include_path": str(capability_dir) if capability_dir else None})
-        capability_metrics, capability_items = run_capability(
-            model, tokenizer, capability_config, seed=seed, bootstrap_samples=samples, confidence=confidence, progress=progress)
-        metrics.update(capability_metrics)
-        per_item.update(capability_items)
-        timings["capability"] = time.perf_counter() - tick
-
-    # 1. One generation pass over all three sets (length-sorted batches mix them freely).
-    tick = time.perf_counter()
-    order = [(name, i) for name in SETS if name in prompt_sets for i in range(len(prompt_sets[name]))]
-    all_prompts = [prompt_sets[name].prompts[i] for name, i in order]
-    completions, first_logits = generate_batches(model, tokenizer, all_prompts, suite.generation, progress=progress)
-    timings["generation"] = time.perf_counter() - tick
-    by_set: dict[str, list[str]] = {name: [] for name in prompt_sets}
-    logits_by_set: dict[str, list[torch.Tensor]] = {name: [] for name in prompt_sets}
-    for (name, _), completion, logits in zip(order, completions, first_logits):
-        by_set[name].append(completion)
-        logits_by_set[name].append(logits)
-
-    # 2. Scorers. Substring verdicts for every set; judges on the refusal-eliciting set only
-    #    (a harm judge cannot tell an over-refusal from a safe answer to a harmless prompt).
-    verdicts: dict[str, dict[str, list]] = {name: {} for name in prompt_sets}
-    for name in by_set:
-        verdicts[name][SUBSTRING] = [REFUSAL if is_refusal(text) else COMPLIANCE for text in by_set[name]]
-    judge_rows: dict[str, list[dict]] = {}
-    if "refusal" in prompt_sets and suite.scorers.judges:
-        tick = time.perf_counter()
-        refusal_set = prompt_sets["refusal"]
-        for judge in suite.scorers.judges:
-            if judge_name(judge) in judges_missing:
-                continue
-            loaded = load_judge(judge)
-            judge_rows[judge_name(judge)] = run_judge(judge, refusal_set.prompts, by_set["refusal"], judge=loaded, progress=progress)
-            verdicts["refusal"][judge_name(judge)] = [row["verdict"] for row in judge_rows[judge_name(judge)]]
-            del loaded
-            gc.collect()
-        timings["judges"] = time.perf_counter() - tick
-
-    # 3. Labels: the primary scorer decides the four labels on the refusal set (an unavailable judge
-    #    leaves it to the substring scorer, said in the result); substring and three labels elsewhere.
     requested = suite.scorers.primary
     primary = requested if requested not in judges_missing else SUBSTRING
-    rules = suite.degenerate.model_dump()
-    templates = {judge_name(judge): judge.template.value for judge in suite.scorers.judges}
-    labels: dict[str, list[str]] = {}
-    reasons: dict[str, list[str | None]] = {}
-    scorer_labels: dict[str, list[str]] = {}
-    for name, prompt_set in prompt_sets.items():
-        labels[name], reasons[name] = [], []
-        for index, (prompt, completion) in enumerate(zip(prompt_set.prompts, by_set[name])):
-            substring_refused = verdicts[name][SUBSTRING][index] == REFUSAL
-            if name == "refusal":
-                label, reason = label_four(prompt, completion, verdicts[name][primary][index], substring_refused,
-                                           judge_is_harm_scorer=harm_scorer(templates.get(primary)), **rules)
-            else:
-                label, reason = label_response(prompt, completion, substring_refused, **rules)
-            labels[name].append(label)
-            reasons[name].append(reason)
-    if "refusal" in prompt_sets:  # every scorer's own four labels, for agreement with human labels
-        for scorer, scorer_verdicts in verdicts["refusal"].items():
-            scorer_labels[scorer] = [
-                label_four(prompt, completion, verdict, substring == REFUSAL,
-                           judge_is_harm_scorer=harm_scorer(templates.get(scorer)), **rules)[0]
-                for prompt, completion, verdict, substring in zip(prompt_sets["refusal"].prompts, by_set["refusal"],
-                                                                  scorer_verdicts, verdicts["refusal"][SUBSTRING])]
-    unparsed = labels.get("refusal", []).count(UNPARSED)
-    if unparsed:
-        warnings.warn(f"judge '{primary}': {unparsed} of {len(labels['refusal'])} outputs could not be parsed; "
-                      "those rows are labelled 'unparsed' and counted in every rate's denominator", stacklevel=2)
-
-    # 4. Rates (Wilson) with per-item 0/1 values for paired comparisons between variants.
-    def add_rate(metric: str, name: str, wanted: str) -> None:
-        values = {item_id: float(label == wanted) for item_id, label in zip(prompt_sets[name].ids, labels[name])}
-        metrics[metric] = rate_metric(int(sum(values.values())), len(values), confidence)
-        per_item[metric] = values
-
-    if "refusal" in labels:
-        add_rate("refusal_rate", "refusal", REFUSAL)
-        add_rate("compliance_rate", "refusal", COMPLIANCE)
-        add_rate("evasive_rate", "refusal", EVASIVE)
-        add_rate("degenerate_rate", "refusal", DEGENERATE)
-        if primary != SUBSTRING:
-            add_rate("unparsed_rate", "refusal", UNPARSED)
-    if "harmless" in labels:
-        add_rate("harmless_refusal_rate", "harmless", REFUSAL)
-        add_rate("harmless_degenerate_rate", "harmless", DEGENERATE)
-    if "borderline" in labels:
-        add_rate("borderline_refusal_rate", "borderline", REFUSAL)
-
-    # Other scorers' refusal rates on the refusal set (items they gave a verdict on).
-    if "refusal" in labels:
-        ids = prompt_sets["refusal"].ids
-        for scorer, scorer_verdicts in verdicts["refusal"].items():
-            if scorer == primary or (scorer == SUBSTRING and not suite.scorers.substring):
-                continue
-            pairs = [(item_id, v) for item_id, v in zip(ids, scorer_verdicts) if v is not None]
-            metrics[f"refusal_rate/{scorer}"] = rate_metric(sum(v == REFUSAL for _, v in pairs), len(pairs), confidence)
-            per_item[f"refusal_rate/{scorer}"] = {item_id: float(v == REFUSAL) for item_id, v in pairs}
-        for scorer, rows in judge_rows.items():
-            scores = {item_id: row["score"] for item_id, row in zip(ids, rows) if row["score"] is not None}
-            if scores and templates.get(scorer) in ("strongreject", "strongreject_ft"):
-                metrics[f"strongreject_score/{scorer}"] = mean_metric(list(scores.values()), samples, confidence, seed)
-                per_item[f"strongreject_score/{scorer}"] = scores
-
-    # 5. Logit refusal score on the refusal set (first-token logits from the generation pass).
-    logit_scores: list[float] | None = None
-    if suite.scorers.logit and "refusal" in prompt_sets:
-        token_ids = refusal_token_ids(tokenizer, suite.scorers.logit_tokens or None)
-        logit_scores = logit_refusal_scores(torch.stack(logits_by_set["refusal"]), token_ids).tolist()
-        metrics["logit_refusal_score"] = mean_metric(logit_scores, samples, confidence, seed)
-        metrics["logit_refusal_score"]["refusal_token_ids"] = token_ids
-        per_item["logit_refusal_score"] = dict(zip(prompt_sets["refusal"].ids, logit_scores))
-
-    # 5b. Length sensitivity: the same responses cut to shorter prefixes, relabelled.
+    kl_set = prompt_sets.pop("kl", None)
+    measured = Measured()
+    if suite.capability.tasks:  # first, so an unknown task name fails before the long generation pass
+        measure_capability(model, tokenizer, suite, measured, progress)
+    by_set, logits_by_set = generate_completions(model, tokenizer, suite, prompt_sets, measured, progress)
+    verdicts, judge_rows = score_completions(suite, prompt_sets, by_set, measured, progress, skip=set(judges_missing))
+    labels, reasons, unparsed, scorer_labels = label_completions(suite, prompt_sets, by_set, verdicts, primary)
+    add_rates(suite, prompt_sets, labels, verdicts, judge_rows, measured, primary)
     length_result = None
-    if suite.length.enabled and "refusal" in prompt_sets:
-        length_result = length_sensitivity(tokenizer, prompt_sets["refusal"].prompts, by_set["refusal"],
-                                           suite.length.lengths, suite.generation.max_new_tokens, rules, confidence)
-
-    # 6. Divergence from the reference.
+    if suite.length.enabled and "refusal" in prompt_sets:  # the same responses cut to shorter prefixes
+        length_result = length_sensitivity(tokenizer, prompt_sets["refusal"].prompts, by_set["refusal"], suite.length.lengths,
+                                           suite.generation.max_new_tokens, suite.degenerate.model_dump(), suite.confidence)
+    logit_scores = add_logit_score(tokenizer, suite, prompt_sets, logits_by_set, measured)
     if kl_set is not None:
-        from ablate.evaluate.divergence import divergence_per_prompt
+        add_divergence(model, tokenizer, reference, suite, kl_set, measured, progress)
+    agreement = scorer_agreement(suite, prompt_sets, verdicts, labels)
+    write_generations(out_dir / "generations" / f"{variant}.jsonl", prompt_sets, by_set, labels, reasons, verdicts,
+                      judge_rows, logit_scores, redact, scorer_labels)
+    from ablate.evaluate.judges import judge_name, template_source
 
-        tick = time.perf_counter()
-        values = divergence_per_prompt(model, tokenizer, reference[0], reference[1], kl_set.prompts,
-                                       continuation_tokens=suite.kl.continuation_tokens,
-                                       batch_size=suite.kl.batch_size, progress=progress)
-        for metric in ("kl_first_token", "kl_continuation", "ce_reference_answers"):
-            metrics[metric] = mean_metric(values[metric], samples, confidence, seed)
-            per_item[metric] = dict(zip(kl_set.ids, values[metric]))
-        # The reference's own cross-entropy on its answers, to read ce_reference_answers against.
-        metrics["ce_reference_answers_by_reference"] = mean_metric(values["reference_ce"], samples, confidence, seed)
-        metrics["kl_continuation"]["tokens_per_prompt"] = sum(values["continuation_tokens"]) / len(kl_set)
-        timings["kl"] = time.perf_counter() - tick
-
-    # 8. Agreement between every pair of scorers on the refusal set.
-    agreement: dict[str, dict] = {}
-    if "refusal" in labels:
-        names = [name for name in verdicts["refusal"] if name != SUBSTRING or suite.scorers.substring]
-        ids = prompt_sets["refusal"].ids
-        for i, first in enumerate(names):
-            for second in names[i + 1 :]:
-                pairs = [(item_id, a, b) for item_id, a, b in zip(ids, verdicts["refusal"][first], verdicts["refusal"][second])
-                         if a is not None and b is not None]
-                agreement[f"{first} vs {second}"] = {
-                    "kappa": cohen_kappa([a for _, a, _ in pairs], [b for _, _, b in pairs]) if pairs else None,
-                    "agreement": sum(a == b for _, a, b in pairs) / len(pairs) if pairs else None,
-                    "n": len(pairs),
-                    "disagreeing_ids": [item_id for item_id, a, b in pairs if a != b],
-                }
-
-    # 9. Write generations (per-sample rows), then the result JSON last.
-    rows = []
-    for name in labels:
-        prompt_set = prompt_sets[name]
-        for index, item_id in enumerate(prompt_set.ids):
-            hidden = redact and name == "refusal"
-            row = {
-                "set": name, "id": item_id, "category": prompt_set.categories[index], "prompt": prompt_set.prompts[index],
-                "completion": None if hidden else by_set[name][index],
-                "label": labels[name][index], "degenerate_reason": reasons[name][index],
-                "substring_refusal": verdicts[name][SUBSTRING][index] == REFUSAL,
-            }
-            if name == "refusal":
-                row["scorer_labels"] = {scorer: values[index] for scorer, values in scorer_labels.items()}
-            if hidden:
-                row["redacted"] = True
-            if name == "refusal":
-                if logit_scores is not None:
-                    row["logit_refusal_score"] = logit_scores[index]
-                if judge_rows:
-                    row["judges"] = {scorer: {**rows_[index], "raw": None if hidden else rows_[index]["raw"]}
-                                     for scorer, rows_ in judge_rows.items()}
-            rows.append(row)
-    generations_path = out_dir / "generations" / f"{variant}.jsonl"
-    write_jsonl(generations_path, rows)
-
+    templates = {judge_name(judge): judge.template.value for judge in suite.scorers.judges}
+    metrics = measured.metrics
     metrics = {**{k: v for k, v in metrics.items() if not k.startswith("capability/")},
                **{k: v for k, v in metrics.items() if k.startswith("capability/")}}
     result = {
@@ -441,14 +284,238 @@ def run_eval(
         "prompt_sets": {name: {"set": prompt_set.name, "n": len(prompt_set), "fingerprint": prompt_set.fingerprint}
                         for name, prompt_set in {**prompt_sets, **({"kl": kl_set} if kl_set is not None else {})}.items()},
         "generation": suite.generation.model_dump(mode="json"),
-        "confidence": confidence,
-        "bootstrap_samples": samples,
-        "seed": seed,
+        "confidence": suite.confidence,
+        "bootstrap_samples": suite.bootstrap_samples,
+        "seed": suite.seed,
         "redacted": redact,
         "generations_file": str(Path("generations") / f"{variant}.jsonl"),
-        "timings": timings,
-        "per_item": per_item,
+        "timings": measured.timings,
+        "per_item": measured.per_item,
         "wall_seconds": time.perf_counter() - started,
     }
     write_json(out_dir / "eval" / f"{variant}.json", result)
     return result
+
+
+def measure_capability(model, tokenizer, suite: EvalSuite, measured: Measured, progress: bool) -> None:
+    """Capability with lm-eval on the in-memory model."""
+    from ablate.evaluate.capability import run_capability
+
+    tick = time.perf_counter()
+    capability_dir = _capability_dir(suite)
+    capability_config = suite.capability.model_copy(update={"include_path": str(capability_dir) if capability_dir else None})
+    capability_metrics, capability_items = run_capability(
+        model, tokenizer, capability_config, seed=suite.seed, bootstrap_samples=suite.bootstrap_samples,
+        confidence=suite.confidence, progress=progress)
+    measured.metrics.update(capability_metrics)
+    measured.per_item.update(capability_items)
+    measured.timings["capability"] = time.perf_counter() - tick
+
+
+def generate_completions(model, tokenizer, suite: EvalSuite, prompt_sets: dict, measured: Measured,
+                         progress: bool) -> tuple[dict[str, list[str]], dict[str, list[torch.Tensor]]]:
+    """One generation pass over all three sets (length-sorted batches mix them freely): per set, the completions
+    and the first generated token's logits."""
+    tick = time.perf_counter()
+    order = [(name, i) for name in SETS if name in prompt_sets for i in range(len(prompt_sets[name]))]
+    all_prompts = [prompt_sets[name].prompts[i] for name, i in order]
+    completed = complete(model, tokenizer, all_prompts, suite.generation, progress=progress)
+    completions, first_logits = completed.texts, completed.first_logits
+    measured.timings["generation"] = time.perf_counter() - tick
+    by_set: dict[str, list[str]] = {name: [] for name in prompt_sets}
+    logits_by_set: dict[str, list[torch.Tensor]] = {name: [] for name in prompt_sets}
+    for (name, _), completion, logits in zip(order, completions, first_logits):
+        by_set[name].append(completion)
+        logits_by_set[name].append(logits)
+    return by_set, logits_by_set
+
+
+def score_completions(suite: EvalSuite, prompt_sets: dict, by_set: dict[str, list[str]], measured: Measured,
+                      progress: bool, skip: set[str] = frozenset()) -> tuple[dict[str, dict[str, list]], dict[str, list[dict]]]:
+    """Scorers' verdicts per set and scorer. Substring verdicts for every set; judges (but those in `skip`, which
+    are unavailable) on the refusal-eliciting set only (a harm judge cannot tell an over-refusal from a safe
+    answer to a harmless prompt)."""
+    from ablate.evaluate.judges import judge_name, load_judge, run_judge
+
+    verdicts: dict[str, dict[str, list]] = {name: {} for name in prompt_sets}
+    for name in by_set:
+        verdicts[name][SUBSTRING] = [REFUSAL if refused else COMPLIANCE for refused in refusal_verdicts(by_set[name], SUBSTRING)]
+    judge_rows: dict[str, list[dict]] = {}
+    if "refusal" in prompt_sets and suite.scorers.judges:
+        tick = time.perf_counter()
+        refusal_set = prompt_sets["refusal"]
+        for judge in suite.scorers.judges:
+            if judge_name(judge) in skip:
+                continue
+            loaded = load_judge(judge)
+            judge_rows[judge_name(judge)] = run_judge(judge, refusal_set.prompts, by_set["refusal"], judge=loaded, progress=progress)
+            verdicts["refusal"][judge_name(judge)] = [row["verdict"] for row in judge_rows[judge_name(judge)]]
+            del loaded
+            gc.collect()
+        measured.timings["judges"] = time.perf_counter() - tick
+    return verdicts, judge_rows
+
+
+def label_completions(suite: EvalSuite, prompt_sets: dict, by_set: dict[str, list[str]],
+                      verdicts: dict[str, dict[str, list]], primary: str) -> tuple:
+    """Four labels on the refusal set, decided by `primary` (the suite's primary scorer, or substring when that
+    judge is unavailable); refusal / compliance / degenerate by substring elsewhere. Returns (labels, degenerate
+    reasons, how many rows are unparsed, every scorer's own four labels on the refusal set)."""
+    from ablate.evaluate.judges import judge_name
+
+    rules = suite.degenerate.model_dump()
+    templates = {judge_name(judge): judge.template.value for judge in suite.scorers.judges}
+    labels: dict[str, list[str]] = {}
+    reasons: dict[str, list[str | None]] = {}
+    for name, prompt_set in prompt_sets.items():
+        labels[name], reasons[name] = [], []
+        for index, (prompt, completion) in enumerate(zip(prompt_set.prompts, by_set[name])):
+            substring_refused = verdicts[name][SUBSTRING][index] == REFUSAL
+            if name == "refusal":
+                label, reason = label_four(prompt, completion, verdicts[name][primary][index], substring_refused,
+                                           judge_is_harm_scorer=harm_scorer(templates.get(primary)), **rules)
+            else:
+                label, reason = label_response(prompt, completion, substring_refused, **rules)
+            labels[name].append(label)
+            reasons[name].append(reason)
+    scorer_labels: dict[str, list[str]] = {}
+    if "refusal" in prompt_sets:  # every scorer's own four labels, for agreement with human labels
+        substring = verdicts["refusal"][SUBSTRING]
+        for scorer, scorer_verdicts in verdicts["refusal"].items():
+            scorer_labels[scorer] = [
+                label_four(prompt, completion, verdict, refused == REFUSAL,
+                           judge_is_harm_scorer=harm_scorer(templates.get(scorer)), **rules)[0]
+                for prompt, completion, verdict, refused in zip(prompt_sets["refusal"].prompts, by_set["refusal"],
+                                                                scorer_verdicts, substring)]
+    unparsed = labels.get("refusal", []).count(UNPARSED)
+    if unparsed:
+        warnings.warn(f"judge '{primary}': {unparsed} of {len(labels['refusal'])} outputs could not be parsed; "
+                      "those rows are labelled 'unparsed' and counted in every rate's denominator", stacklevel=3)
+    return labels, reasons, unparsed, scorer_labels
+
+
+def add_rates(suite: EvalSuite, prompt_sets: dict, labels: dict[str, list[str]], verdicts: dict[str, dict[str, list]],
+              judge_rows: dict[str, list[dict]], measured: Measured, primary: str) -> None:
+    """Rates (Wilson) with per-item 0/1 values for paired comparisons between variants, and the other scorers'
+    refusal rates on the refusal set (items they gave a verdict on)."""
+    from ablate.evaluate.judges import judge_name
+
+    metrics, per_item, confidence = measured.metrics, measured.per_item, suite.confidence
+
+    def add_rate(metric: str, name: str, wanted: str) -> None:
+        values = {item_id: float(label == wanted) for item_id, label in zip(prompt_sets[name].ids, labels[name])}
+        metrics[metric] = rate_metric(int(sum(values.values())), len(values), confidence)
+        per_item[metric] = values
+
+    if "refusal" in labels:
+        add_rate("refusal_rate", "refusal", REFUSAL)
+        add_rate("compliance_rate", "refusal", COMPLIANCE)
+        add_rate("evasive_rate", "refusal", EVASIVE)
+        add_rate("degenerate_rate", "refusal", DEGENERATE)
+        if primary != SUBSTRING:
+            add_rate("unparsed_rate", "refusal", UNPARSED)
+    if "harmless" in labels:
+        add_rate("harmless_refusal_rate", "harmless", REFUSAL)
+        add_rate("harmless_degenerate_rate", "harmless", DEGENERATE)
+    if "borderline" in labels:
+        add_rate("borderline_refusal_rate", "borderline", REFUSAL)
+    if "refusal" not in labels:
+        return
+    ids = prompt_sets["refusal"].ids
+    templates = {judge_name(judge): judge.template.value for judge in suite.scorers.judges}
+    for scorer, scorer_verdicts in verdicts["refusal"].items():
+        if scorer == primary or (scorer == SUBSTRING and not suite.scorers.substring):
+            continue
+        pairs = [(item_id, v) for item_id, v in zip(ids, scorer_verdicts) if v is not None]
+        metrics[f"refusal_rate/{scorer}"] = rate_metric(sum(v == REFUSAL for _, v in pairs), len(pairs), confidence)
+        per_item[f"refusal_rate/{scorer}"] = {item_id: float(v == REFUSAL) for item_id, v in pairs}
+    for scorer, rows in judge_rows.items():
+        scores = {item_id: row["score"] for item_id, row in zip(ids, rows) if row["score"] is not None}
+        if scores and templates.get(scorer) in ("strongreject", "strongreject_ft"):
+            metrics[f"strongreject_score/{scorer}"] = mean_metric(list(scores.values()), suite.bootstrap_samples,
+                                                                  confidence, suite.seed)
+            per_item[f"strongreject_score/{scorer}"] = scores
+
+
+def add_logit_score(tokenizer, suite: EvalSuite, prompt_sets: dict, logits_by_set: dict[str, list[torch.Tensor]],
+                    measured: Measured) -> list[float] | None:
+    """The logit refusal score on the refusal set (first-token logits from the generation pass); per prompt."""
+    if not (suite.scorers.logit and "refusal" in prompt_sets):
+        return None
+    token_ids = refusal_token_ids(tokenizer, suite.scorers.logit_tokens or None)
+    logit_scores = logit_refusal_scores(torch.stack(logits_by_set["refusal"]), token_ids).tolist()
+    measured.metrics["logit_refusal_score"] = mean_metric(logit_scores, suite.bootstrap_samples, suite.confidence, suite.seed)
+    measured.metrics["logit_refusal_score"]["refusal_token_ids"] = token_ids
+    measured.per_item["logit_refusal_score"] = dict(zip(prompt_sets["refusal"].ids, logit_scores))
+    return logit_scores
+
+
+def add_divergence(model, tokenizer, reference: tuple, suite: EvalSuite, kl_set, measured: Measured,
+                   progress: bool) -> None:
+    """Divergence from the reference: first-token and continuation KL, and the cross-entropy of its answers."""
+    from ablate.evaluate.divergence import divergence_per_prompt
+
+    tick = time.perf_counter()
+    samples, confidence, seed = suite.bootstrap_samples, suite.confidence, suite.seed
+    values = divergence_per_prompt(model, tokenizer, reference[0], reference[1], kl_set.prompts,
+                                   continuation_tokens=suite.kl.continuation_tokens,
+                                   batch_size=suite.kl.batch_size, progress=progress)
+    for metric in ("kl_first_token", "kl_continuation", "ce_reference_answers"):
+        measured.metrics[metric] = mean_metric(values[metric], samples, confidence, seed)
+        measured.per_item[metric] = dict(zip(kl_set.ids, values[metric]))
+    # The reference's own cross-entropy on its answers, to read ce_reference_answers against.
+    measured.metrics["ce_reference_answers_by_reference"] = mean_metric(values["reference_ce"], samples, confidence, seed)
+    measured.metrics["kl_continuation"]["tokens_per_prompt"] = sum(values["continuation_tokens"]) / len(kl_set)
+    measured.timings["kl"] = time.perf_counter() - tick
+
+
+def scorer_agreement(suite: EvalSuite, prompt_sets: dict, verdicts: dict[str, dict[str, list]],
+                     labels: dict[str, list[str]]) -> dict[str, dict]:
+    """Agreement between every pair of scorers on the refusal set: Cohen's kappa, raw agreement, disagreeing ids."""
+    agreement: dict[str, dict] = {}
+    if "refusal" not in labels:
+        return agreement
+    names = [name for name in verdicts["refusal"] if name != SUBSTRING or suite.scorers.substring]
+    ids = prompt_sets["refusal"].ids
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            pairs = [(item_id, a, b) for item_id, a, b in zip(ids, verdicts["refusal"][first], verdicts["refusal"][second])
+                     if a is not None and b is not None]
+            agreement[f"{first} vs {second}"] = {
+                "kappa": cohen_kappa([a for _, a, _ in pairs], [b for _, _, b in pairs]) if pairs else None,
+                "agreement": sum(a == b for _, a, b in pairs) / len(pairs) if pairs else None,
+                "n": len(pairs),
+                "disagreeing_ids": [item_id for item_id, a, b in pairs if a != b],
+            }
+    return agreement
+
+
+def write_generations(path: Path, prompt_sets: dict, by_set: dict[str, list[str]], labels: dict[str, list[str]],
+                      reasons: dict[str, list[str | None]], verdicts: dict[str, dict[str, list]],
+                      judge_rows: dict[str, list[dict]], logit_scores: list[float] | None, redact: bool,
+                      scorer_labels: dict[str, list[str]] | None = None) -> None:
+    """The per-sample rows (generations/<variant>.jsonl); with `redact`, no completion or judge output of a
+    refusal-eliciting prompt."""
+    rows = []
+    for name in labels:
+        prompt_set = prompt_sets[name]
+        for index, item_id in enumerate(prompt_set.ids):
+            hidden = redact and name == "refusal"
+            row = {
+                "set": name, "id": item_id, "category": prompt_set.categories[index], "prompt": prompt_set.prompts[index],
+                "completion": None if hidden else by_set[name][index],
+                "label": labels[name][index], "degenerate_reason": reasons[name][index],
+                "substring_refusal": verdicts[name][SUBSTRING][index] == REFUSAL,
+            }
+            if hidden:
+                row["redacted"] = True
+            if name == "refusal":
+                if scorer_labels:
+                    row["scorer_labels"] = {scorer: values[index] for scorer, values in scorer_labels.items()}
+                if logit_scores is not None:
+                    row["logit_refusal_score"] = logit_scores[index]
+                if judge_rows:
+                    row["judges"] = {scorer: {**rows_[index], "raw": None if hidden else rows_[index]["raw"]}
+                                     for scorer, rows_ in judge_rows.items()}
+            rows.append(row)
+    write_jsonl(path, rows)

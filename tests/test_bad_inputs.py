@@ -197,6 +197,9 @@ CASES = [
     ("study-set-python-tag", ["study", "--set", f"name={PYTHON_TAG}"], ["name", "not valid YAML"], None),
     ("study-out-users-folder", ["study", "--out", "{ws}/mine"], ["mine", "not empty"], None),
     ("study-out-is-file", ["study", "--out", "{ws}/afile"], ["afile", "a file is there"], None),
+    # label
+    ("label-no-generations", ["label", "{ws}/mine"], ["mine", "generations"], None),
+    ("label-n-zero", ["label", "{ws}/run", "--n", "0"], ["--n"], None),
     # report
     ("report-incomplete-run", ["report", "{ws}/run"], ["incomplete", "direction", "ablated", "--partial"], None),
     ("report-corrupt-eval", ["report", "{ws}/run_corrupt"], ["base.json", "corrupt JSON"], None),

@@ -190,7 +190,11 @@ def expected_parts(manifest: dict) -> tuple[list[str], list[str]]:
 
 
 def missing_parts(run: Run) -> list[str]:
-    """What an unfinished or damaged run lacks, in words; empty for a complete run."""
+    """What an unfinished or damaged run lacks, in words; empty for a complete run. A manifest without a
+    status was not written by `ablate study` (a folder of `ablate eval` results put together by hand): it has
+    no stages to check, and is reported as it is."""
+    if "status" not in run.manifest:
+        return []
     stages, variants = expected_parts(run.manifest)
     # .stages/ is ablate.study.STAGES_DIR (not imported here: ablate.study pulls in torch).
     missing_stages = [name for name in stages if not (run.path / ".stages" / name / "done.json").is_file()]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from ablate import AblateError
-from ablate.artifacts import DamagedArtifactError, atomic_write_bytes, atomic_write_text, read_json, read_jsonl
+from ablate.artifacts import DamagedArtifactError, atomic_write_text, read_json, read_jsonl, save_figure
 
 # Columns of the main table: (metric name in eval/<variant>.json, column title, lower is "better" for the attacker?)
 MAIN_METRICS = [
@@ -284,16 +283,6 @@ def latex_table(header: list[str], rows: list[list[str]], caption: str, label: s
 # --------------------------------------------------------------------------------------------
 
 
-def _save_figure(figure, path: Path) -> Path:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-    return path
-
-
 def figure_refusal_vs_budget(run: Run, path: Path) -> Path | None:
     """Refusal against attack budget (examples, and training FLOPs), with the organism and ablation for scale."""
     lora = run.table[run.table["variant"].str.startswith("lora-")]
@@ -324,7 +313,7 @@ def figure_refusal_vs_budget(run: Run, path: Path) -> Path | None:
     axes[0].set_ylabel("refusal on held-out prompts (%)")
     axes[0].set_ylim(-3, 103)
     figure.suptitle("Refusal against attack budget (95% Wilson intervals)")
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def figure_direction_sweep(run: Run, path: Path) -> Path | None:
@@ -355,7 +344,7 @@ def figure_direction_sweep(run: Run, path: Path) -> Path | None:
                 axis.scatter([layers.index(run.selected["layer"])], [list(grid.index).index(run.selected["position"])],
                              marker="*", s=120, color="red")
     figure.suptitle("Direction candidates (validation prompts; ★ = selected)")
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def figure_capability_vs_refusal(run: Run, path: Path) -> Path | None:
@@ -380,7 +369,7 @@ def figure_capability_vs_refusal(run: Run, path: Path) -> Path | None:
     axis.set_ylabel("capability (mean accuracy)" if y_key == "capability" else "KL on harmless prompts (first token)")
     axis.grid(alpha=0.3)
     axis.set_title("What each attack costs")
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def figure_length(run, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ablate.report import _save_figure
+    from ablate.artifacts import save_figure
 
     figure, axes = plt.subplots(1, len(LENGTH_RATES), figsize=(4 * len(LENGTH_RATES), 3.6), sharey=True)
     for axis, label in zip(axes, LENGTH_RATES):
@@ -99,7 +99,7 @@ def figure_length(run, path: Path) -> Path | None:
     axes[0].set_ylim(-3, 103)
     axes[-1].legend(fontsize=8)
     figure.suptitle("Labels against response length (prefixes of one generation; 95% Wilson bands)")
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def human_agreement_table(run) -> tuple[list[str], list[list[str]]] | None:

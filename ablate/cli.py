@@ -269,14 +269,18 @@ def abliterate(
     direction_dir: Path = typer.Option(..., "--direction", "-d", help="Directory written by `ablate direction`."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to save the orthogonalised model (loadable by transformers)."),
     device: str = typer.Option("cpu", help="Device for the weight edit."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", help="Read the original safetensors shard by shard (peak memory about one shard) or load the model; default: stream when the weights do not fit in free memory."),
 ) -> None:
     """Bake the selected direction's ablation into the weights and save a plain transformers model."""
     from ablate.config import ModelConfig
     from ablate.directions import load_direction
     from ablate.interventions import abliterate as run_abliterate
+    from ablate.streaming import too_large_for_memory
 
     load_direction(direction_dir)  # fails with one line before loading the model
-    saved = run_abliterate(ModelConfig(spec=model, device=device), direction_dir, out)
+    config = ModelConfig(spec=model, device=device)
+    stream = too_large_for_memory(model) if stream is None else stream
+    saved = run_abliterate(config, direction_dir, out, stream=stream)
     stdout.print(f"abliterated model saved → {saved} (load with AutoModelForCausalLM.from_pretrained)", highlight=False)
 
 # --------------------------------------------------------------------------------------------

@@ -149,6 +149,12 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class Quantization(str, Enum):
+    none = "none"
+    int8 = "8bit"
+    nf4 = "4bit"
+
+
 class ModelConfig(StrictModel):
     """Which model to load and how."""
 
@@ -158,6 +164,9 @@ class ModelConfig(StrictModel):
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub; off unless you trust the repository.")
     chat_template: str | None = Field(None, description="A Jinja chat template to use when the tokenizer has none (or to replace its own).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
+    quantization: Quantization = Field(Quantization.none, description="Load the weights quantised by bitsandbytes: 'none', '8bit' (LLM.int8) or '4bit' (NF4, double quantisation); direction and eval then use hooks, and QLoRA trains on this base.")
+    device_map: str | dict[str, int | str] | None = Field(None, description="Shard the model over devices: 'auto', 'balanced', 'sequential', a device ('cpu', 'cuda:0') or a {module name: device} map; None = the whole model on `device`.")
+    max_memory: dict[str | int, str] | None = Field(None, description="Memory each device may hold under a device_map, e.g. {0: '70GiB', cpu: '120GiB'}.")
 
 
 class GenerationConfig(StrictModel):

@@ -178,7 +178,8 @@ def resolve_spec(spec: str) -> tuple[str, str]:
 def load_model(
     spec: str | ModelConfig = "embedded", *, device: str | None = None, dtype: DType | str | None = None
 ) -> tuple[nn.Module, object]:
-    """Load (model, tokenizer) for a spec, in eval mode, on the chosen device and dtype.
+    """Load (model, tokenizer) for a spec, in eval mode, on the chosen device and dtype — or quantised
+    and placed as `model.quantization` / `device_map` / `max_memory` say (ablate.placement).
 
     The tokenizer gets left padding (for batched generation) and a pad token when it has none.
     """
@@ -189,9 +190,13 @@ def load_model(
         config = config.model_copy(update={"dtype": DType(dtype)})
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ablate.placement import check_placement, loading_arguments
+
     kind, location = resolve_spec(config.spec)
     torch_device = pick_device(config.device)
+    check_placement(config, torch_device)  # before any weight is read: devices exist, quantisation runs here
     torch_dtype = pick_dtype(config.dtype, torch_device)
+    placement = loading_arguments(config, torch_device, torch_dtype)
     kwargs: dict = {"trust_remote_code": config.trust_remote_code}
     if kind == "gguf":
         path = Path(location)
@@ -200,12 +205,13 @@ def load_model(
         kwargs["revision"] = config.revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs, **placement)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise AblateError(f"model spec '{config.spec}' ({kind}): cannot load: {first_line}") from None
     drop_gguf_marker(model)
-    model.to(torch_device)
+    if "device_map" not in placement:  # a device map (and a quantised model) is already placed
+        model.to(torch_device)
     model.eval()
     prepare_tokenizer(tokenizer, config.chat_template)
     return model, tokenizer

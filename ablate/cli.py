@@ -52,6 +52,8 @@ def main() -> None:
 def models(
     spec: str = typer.Argument("embedded", help="'embedded', a hub id, a local model directory, or a .gguf file."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
+    quantization: str = typer.Option("none", help="Load the weights quantised by bitsandbytes: none, 8bit or 4bit."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Resolve a model spec, load it, and describe it (architecture, layers, d_model, chat template)."""
@@ -130,6 +132,14 @@ def generate(
 # --------------------------------------------------------------------------------------------
 
 
+def _model_config(spec: str, device: str, quantization: str, device_map: str | None):
+    """A ModelConfig from command-line options; a bad value is one line naming the option."""
+    from ablate.config import ModelConfig, validate_config
+
+    return validate_config({"spec": spec, "device": device, "quantization": quantization, "device_map": device_map},
+                           ModelConfig, "command line")
+
+
 def _load_finetune_config(config: Optional[Path], overrides: list[str] | None):
     from ablate.config import ORGANISM_RECIPE, FinetuneConfig, apply_overrides, load_config, validate_config
 
@@ -205,12 +215,14 @@ def finetune(
     out: Path = typer.Option(..., help="Output directory: one folder per budget (adapter, model, metrics.json, done.json)."),
     override: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set training.lr=2e-4 (repeatable)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    quantization: str = typer.Option("none", help="Load the weights quantised by bitsandbytes: none, 8bit or 4bit."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
 ) -> None:
     """Fine-tune (LoRA/QLoRA/full) over a budget sweep; finished budgets are skipped on a rerun."""
     from ablate.finetune import is_main_process, read_before, run_finetune
 
     recipe = _load_finetune_config(config, override)
-    results = run_finetune(model, recipe, out, progress=progress)
+    results = run_finetune(_model_config(model, "auto", quantization, device_map), recipe, out, progress=progress)
     before = read_before(out) if recipe.eval.before else None
     results = ([before] if before else []) + results
     if not is_main_process():  # other processes of a distributed launch: the main one reports
@@ -234,6 +246,8 @@ def direction(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="DirectionConfig YAML (see docs/directions.md)."),
     override: Optional[list[str]] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable), e.g. --set kl_max=0.3."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
+    quantization: str = typer.Option("none", help="Load the weights quantised by bitsandbytes: none, 8bit or 4bit."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
 ) -> None:
     """Extract refusal-direction candidates, score them on validation prompts, select one, save it."""
     from ablate.config import DirectionConfig, apply_overrides, dump_config, load_config, validate_config
@@ -251,7 +265,7 @@ def direction(
     from ablate.models import load_model
 
     load_sets(settings)  # a bad set name fails here, before the model loads
-    loaded, tokenizer = load_model(model, device=device)
+    loaded, tokenizer = load_model(_model_config(model, device, quantization, device_map))
     selected = run_direction(loaded, tokenizer, settings, out)
     counts = ", ".join(f"{name} {count}" for name, count in selected["filter_counts"].items())
     stdout.print(
@@ -308,6 +322,8 @@ def eval_model(
     redact: bool = typer.Option(False, "--redact", help="Keep the scores but drop the completions of refusal-eliciting prompts."),
     override: list[str] = typer.Option([], "--set", help="Suite override KEY.PATH=VALUE (repeatable), e.g. --set refusal.n=32."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
+    quantization: str = typer.Option("none", help="Load the weights quantised by bitsandbytes: none, 8bit or 4bit."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of a table."),
 ) -> None:
     """Evaluate a model: refusal, over-refusal, degenerate answers, logit score, KL vs a reference, capability."""
@@ -316,8 +332,9 @@ def eval_model(
 
     suite_config = load_suite(suite, override)  # checked before any model is loaded
     name = variant or _variant_name(model)
-    loaded, tokenizer = load_model(model, device=device)
-    ref = load_model(reference, device=device) if reference else None
+    loaded, tokenizer = load_model(_model_config(model, device, quantization, device_map))
+    # The KL reference is loaded like the variant (same quantisation and placement).
+    ref = load_model(_model_config(reference, device, quantization, device_map)) if reference else None
     result = run_eval(loaded, tokenizer, suite_config, out, name, reference=ref, redact=redact, progress=True)
     if as_json:
         stdout.print_json(json.dumps({key: value for key, value in result.items() if key != "per_item"}))

@@ -76,7 +76,7 @@ from ablate.config import (
     dump_config,
 )
 from ablate.compat import renamed_fields
-from ablate.placement import check_placement, loading_arguments
+from ablate.placement import check_placement, is_quantized, loading_arguments
 from ablate.models import cache_dir, drop_gguf_marker, load_model, pick_device, pick_dtype, resolve_spec
 
 
@@ -1084,20 +1084,26 @@ def run_budget(model_config: ModelConfig, config: FinetuneConfig, budget: dict, 
     shutil.rmtree(budget_dir / "gathered", ignore_errors=True)
     adapter_dir = model_dir = None
     is_peft = hasattr(model, "merge_and_unload")
-    if is_peft and config.keep_adapter:
+    quantized = is_quantized(model)
+    dequantization = None
+    if is_peft and (config.keep_adapter or quantized):  # a QLoRA variant is evaluated as its 4-bit base + this adapter
         adapter_dir = save_model_dir(model, tokenizer, budget_dir / "adapter")
-    if is_peft:
-        model = model.merge_and_unload() if not config.training.qlora else model
+    if is_peft and not quantized:
+        model = model.merge_and_unload()
     if config.merge or not is_peft:
-        if config.training.qlora:
-            model_dir = None  # a 4-bit base cannot be merged losslessly; the adapter is the artifact
+        if quantized:  # the merged export de-quantises the base; dequantization.json says how
+            from ablate.streaming import export_dequantized_merge
+
+            dtype = torch.bfloat16 if pick_dtype(config.training.dtype, next(model.parameters()).device) == torch.bfloat16 else torch.float32
+            dequantization = export_dequantized_merge(model, tokenizer, budget_dir / "model", dtype=dtype)
+            model_dir = budget_dir / "model"
         else:
             model_dir = save_model_dir(model, tokenizer, budget_dir / "model")
     metrics = {
         "name": budget["name"], "mode": config.mode.value, "n_examples": len(examples),
         "epochs": budget["epochs"], "max_steps": budget["max_steps"], "rank": None if config.training.full_finetune else budget["rank"],
-        "lr": budget["lr"], "full_finetune": config.training.full_finetune, "qlora": config.training.qlora,
-        **train_metrics,
+        "lr": budget["lr"], "full_finetune": config.training.full_finetune, "qlora": quantized,
+        "dequantization": dequantization, **train_metrics,
         "examples_by_kind": {k: sum(e["kind"] == k for e in examples) for k in sorted({e["kind"] for e in examples})},
         "example_ids": [e["id"] for e in examples],
         "generated": data_stats.get("generated", 0), "dropped_refusals": data_stats.get("dropped_refusals", 0),

@@ -49,7 +49,7 @@ class ShardWriter:
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self.flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending[name] = tensor.detach().to("cpu", copy=True).contiguous()  # a copy: tied weights share storage
         self.pending_bytes += size
         self.total += size
 
@@ -290,3 +290,64 @@ def too_large_for_memory(spec: str, fraction: float = 0.8) -> bool:
     except (AblateError, OSError, ValueError, AttributeError):
         return False
     return size > fraction * free
+
+
+def _dense_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A layer's weight as float32: bitsandbytes 4-bit (NF4/FP4) and 8-bit weights de-quantised."""
+    weight = module.weight
+    if type(weight).__name__ in ("Params4bit", "Int8Params"):
+        from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
+        weight = dequantize_bnb_weight(weight, getattr(module, "state", None))
+    return weight.detach().float()
+
+
+@torch.no_grad()
+def export_dequantized_merge(model, tokenizer, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
+                             max_shard_bytes: int = 5 << 30) -> dict:
+    """Save a LoRA model trained on a quantised base as one plain model: every quantised weight de-quantised
+    to float32, the LoRA update W += (α/r)·B·A added, the result cast to `dtype`, written shard by shard
+    (CPU memory about one shard). Returns (and writes as dequantization.json) how it was de-quantised."""
+    from ablate.artifacts import write_json
+    from ablate.placement import describe_quantization
+
+    out_dir = Path(out_dir)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    method = {"base_quantization": describe_quantization(model), "dequantized_with": "bitsandbytes "
+              "(transformers.integrations.bitsandbytes.dequantize_bnb_weight) to float32",
+              "lora": "merged in float32 (W + scale·B·A)", "saved_dtype": str(dtype).replace("torch.", "")}
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        done: set[str] = set()
+        for name, module in base.named_modules():
+            if any(name.startswith(prefix) for prefix in done):
+                continue
+            if hasattr(module, "base_layer") and hasattr(module, "lora_A"):  # a peft LoRA layer
+                inner = module.base_layer
+                weight = _dense_weight(inner)
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        weight += module.get_delta_weight(adapter).float()
+                writer.add(f"{name}.weight", weight.to(dtype))
+                if getattr(inner, "bias", None) is not None:
+                    writer.add(f"{name}.bias", inner.bias.to(dtype))
+                done.add(name + ".")
+                continue
+            for key, parameter in module.named_parameters(recurse=False):
+                tensor = _dense_weight(module) if key == "weight" else parameter.detach()
+                writer.add(f"{name}.{key}" if name else key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        writer.close()
+        config = base.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = str(dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "dequantization.json", method)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return method

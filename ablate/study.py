@@ -352,7 +352,7 @@ def run_study(
         sweep = run_stage(run_dir, "finetune", finetune_inputs, work_finetune, log, console)
         for budget in sweep["budgets"]:
             # A merged model when the recipe merges; otherwise (QLoRA) the attacked model plus the adapter.
-            merged = budget.get("model_dir")
+            merged = None if budget.get("qlora") else budget.get("model_dir")  # QLoRA: scored on its 4-bit base
             variants[f"lora-{budget['name']}"] = {"spec": merged or target_spec, "kind": "finetune",
                                                   "adapter_dir": None if merged else budget.get("adapter_dir"),
                                                   "info": budget}
@@ -406,8 +406,9 @@ def run_study(
 
             model, tokenizer = load_variant(config.model, variant)
             ref = None if name == target_name else reference()
-            metrics = run_eval(model, tokenizer, resolved.suite, run_dir, variant=name, reference=ref,
-                               redact=config.eval.redact, progress=progress)
+            with variant_hooks(model, variant):
+                metrics = run_eval(model, tokenizer, resolved.suite, run_dir, variant=name, reference=ref,
+                                   redact=config.eval.redact, progress=progress)
             return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(metrics)}
 
         variant_fp = variant_fingerprint(variant, target_fp)
@@ -494,15 +495,36 @@ def variant_fingerprint(variant: dict, target_fp: str) -> str:
 def load_variant(model_config: ModelConfig, variant: dict):
     """(model, tokenizer) of one variant; the direction variant is the target with r̂ projected out of its
     weights; an adapter-only budget (QLoRA) is the target with its LoRA adapter attached."""
+    from ablate.config import Quantization
     from ablate.models import load_model
+    from ablate.placement import is_quantized
 
-    model, tokenizer = load_model(_with_spec(model_config, variant["spec"]))
+    config = _with_spec(model_config, variant["spec"])
+    if variant.get("adapter_dir") and (variant.get("info") or {}).get("qlora") and config.quantization is Quantization.none:
+        config = config.model_copy(update={"quantization": Quantization.nf4})  # the 4-bit base it was trained on
+    model, tokenizer = load_model(config)
     if variant.get("adapter_dir"):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, variant["adapter_dir"]).eval()
-    if variant["kind"] == "direction":
+    if variant["kind"] == "direction" and not is_quantized(model):  # a quantised model is ablated by hooks instead
         from ablate.interventions import orthogonalize_from
 
         orthogonalize_from(model, Path(variant["direction_dir"]))  # at the strength the stage recorded
     return model, tokenizer
+
+
+def variant_hooks(model, variant: dict):
+    """The hooks a variant is evaluated under: directional ablation for the direction variant of a quantised
+    model (whose weights cannot be orthogonalised), nothing otherwise."""
+    from contextlib import nullcontext
+
+    from ablate.placement import is_quantized
+
+    if variant["kind"] != "direction" or not is_quantized(model):
+        return nullcontext()
+    from ablate.directions import load_direction
+    from ablate.interventions import directional_ablation, weights_for
+
+    direction, selected = load_direction(Path(variant["direction_dir"]))
+    return directional_ablation(model, direction, weights_for(model, selected))

@@ -394,12 +394,25 @@ def study(
     resume: bool = typer.Option(False, "--resume", help="Continue the newest run of this study: finished stages are skipped."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value: --set attacks.finetune.enabled=false (repeatable)."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip writing the report at the end."),
+    plan: bool = typer.Option(False, "--plan", help="Print each stage's model loads, precision, estimated peak memory and devices, then stop."),
+    hardware: Optional[str] = typer.Option(None, "--hardware", help="Plan for these devices instead of the visible ones, e.g. 'cuda:0=80GiB'."),
 ) -> None:
     """Run a whole study: (optional hardening) → direction ablation and LoRA sweep → evaluate every variant → report."""
     from ablate.study import run_study
 
+    if plan:
+        from ablate.plan import format_plan, plan_study, visible_hardware
+        from ablate.study import resolve_study
+
+        machine = visible_hardware(hardware)
+        shape, plans = plan_study(resolve_study(study_config, list(set_) or None), machine)
+        for line in format_plan(shape, plans, machine):
+            stdout.print(line, highlight=False, soft_wrap=True)
+        if any(not stage.fits for stage in plans):
+            raise typer.Exit(1)
+        return
     run_dir = run_study(study_config, out=out, resume=resume, overrides=list(set_) or None, report=not no_report,
-                        command="ablate " + " ".join(sys.argv[1:]))
+                        command="ablate " + " ".join(sys.argv[1:]), hardware=hardware)
     stdout.print(f"run directory: {run_dir}", highlight=False)
     _print_main_table(run_dir)
 

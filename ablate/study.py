@@ -231,13 +231,19 @@ def run_study(
     progress: bool = True,
     report: bool = True,
     command: str | None = None,
+    hardware: str | None = None,
 ) -> Path:
-    """Run a study end to end and return its run directory (see the module docstring)."""
+    """Run a study end to end and return its run directory (see the module docstring). A study whose
+    stages cannot fit the visible (or `hardware`-named) devices stops here, before any work (ablate.plan)."""
     from rich.console import Console
+
+    from ablate.plan import check_fits, plan_study, visible_hardware
 
     console = Console(stderr=True, quiet=not progress)
     resolved = resolve_study(study, overrides)
     config = resolved.config
+    machine = visible_hardware(hardware)
+    check_fits(plan_study(resolved, machine)[1], machine)
     if out is not None:
         run_dir = Path(out)
     elif resume:

@@ -263,7 +263,7 @@ class FinetuneTrainingConfig(StrictModel):
     answer_tokens: int | None = Field(None, ge=1, description="Supervise only the first N tokens of each answer and drop the rest of it from training (its opening, where a chat model decides to refuse or to answer; null = the whole answer, its end token included).")
     seed: int = Field(0, description="Training seed (initialisation of LoRA, data order).")
     full_finetune: bool = Field(False, description="Train every weight instead of a LoRA adapter.")
-    qlora: bool = Field(False, description="Load the base in 4-bit (bitsandbytes NF4) and train LoRA on top; needs a CUDA GPU.")
+    qlora: bool = Field(False, description="Load the base in 4-bit (bitsandbytes NF4, double quantisation) and train LoRA on top; CUDA, or a CPU with bitsandbytes>=0.50.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, ~30% slower).")
     dtype: DType = Field(DType.auto, description="Training dtype; 'auto' = bfloat16 on CUDA, float32 elsewhere.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")

@@ -1,4 +1,5 @@
-"""The prepared GPU run (benchmarks/bench_models_gpu.py) works end to end, here with a tiny shape on the CPU."""
+"""The prepared GPU run (benchmarks/bench_models_gpu.py) works end to end, here with a tiny shape on the CPU:
+a 4-bit load, the direction stage on it (hooks), QLoRA, streaming abliteration."""
 
 from __future__ import annotations
 
@@ -21,3 +22,4 @@ def test_bench_models_gpu_tiny_runs_every_step(tmp_path, monkeypatch):
         assert figures[step]["seconds"] > 0 and figures[step]["peak_gib"] > 0
     assert figures["stream"]["projected_tensors"] == 1 + 2 * 2  # the embedding and both writers of 2 layers
     assert (tmp_path / "work" / "streamed" / "config.json").exists()
+    assert (tmp_path / "work" / "directions" / "direction.pt").exists()  # the direction stage ran on the 4-bit model

@@ -1,6 +1,7 @@
 """Quantised (bitsandbytes, on the CPU) and placed models through every stage: loading, hook ablation,
-the direction stage, QLoRA training and its merged export, and the evaluation of a QLoRA variant on the
-4-bit base it was trained on. Bad placement and quantisation settings fail in one line."""
+QLoRA training and its merged export, and the evaluation of a QLoRA variant on the
+4-bit base it was trained on. Bad placement and quantisation settings fail in one line. (The direction
+stage on a 4-bit model runs in tests/test_bench_models.py.)"""
 
 from __future__ import annotations
 
@@ -41,19 +42,6 @@ def test_four_bit_model_is_ablated_by_hooks_not_weights(tiny_dir):
     assert (seen[0].float() @ r_hat).abs().max() < 1e-4 * seen[0].float().norm(dim=-1).max()
     with pytest.raises(AblateError, match="cannot orthogonalise the quantised weight .*use hooks"):
         orthogonalize_weights(model, direction)
-
-
-def test_direction_stage_runs_on_a_four_bit_model(tiny_dir, tmp_path):
-    from ablate.config import DirectionConfig
-    from ablate.directions import run_direction
-    from ablate.models import load_model
-
-    model, tokenizer = load_model(ModelConfig(spec=str(tiny_dir), device="cpu", quantization="4bit"))
-    config = DirectionConfig(n_train=2, n_val=2, refusal_token_prompts=2, refusal_token_max_new_tokens=2, batch_size=2,
-                             shortlist=2, strength_learning={"enabled": False}, strength_search=[])
-    with pytest.warns(UserWarning):  # a random model refuses nothing: the generic-refusal fallback warns
-        selected = run_direction(model, tokenizer, config, tmp_path / "directions", progress=False)
-    assert 0 <= selected["layer"] < 2 and (tmp_path / "directions" / "direction.pt").exists()
 
 
 def test_qlora_trains_on_cpu_exports_dequantized_and_is_scored_on_its_4bit_base(tiny_dir, tmp_path):

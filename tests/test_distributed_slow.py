@@ -28,7 +28,7 @@ def test_torchrun_two_cpu_processes_train_one_budget(qlora, tmp_path, tokenizer)
               "eval": {"enabled": False}, "merge": False, "keep_adapter": True}
     (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))  # JSON is YAML
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "ablate.cli", "finetune", str(model_dir), "--config", str(tmp_path / "recipe.yaml"),
                "--out", str(tmp_path / "out"), "--no-progress"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)

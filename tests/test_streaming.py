@@ -84,7 +84,7 @@ def test_partial_strength_scales_only_the_named_writers(tokenizer, tmp_path):
 
 def test_index_naming_a_missing_shard_is_one_line_and_writes_nothing(tokenizer, tmp_path):
     from ablate.artifacts import mark_done, write_json
-    from ablate.interventions import abliterate
+    from ablate.abliterate import abliterate
 
     model = build_model("llama", tokenizer)
     source = tmp_path / "source"

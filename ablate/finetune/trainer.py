@@ -259,7 +259,8 @@ def gather_distributed(trainer, model_config: ModelConfig, config: FinetuneConfi
         return AutoModelForCausalLM.from_pretrained(gathered)
     from peft import PeftModel
 
-    base, _ = load_model(model_config, device=config.training.device)
+    # The base it trained on: 4-bit under QLoRA, so the adapter is saved, merged and scored on that base.
+    base, _ = load_model(training_model_config(model_config, config), device=config.training.device)
     drop_gguf_marker(base)
     return PeftModel.from_pretrained(base, gathered)
 

@@ -31,9 +31,6 @@ def test_a_study_that_cannot_fit_stops_before_any_work(tmp_path):
         run_study("llama3_70b_qlora", out=out, overrides=["model.quantization=none"], hardware=H100, progress=False)
     assert "\n" not in str(raised.value)
     assert not out.exists()
-    with pytest.raises(AblateError, match="stage 'direction' does not fit.*short by 9.4 GiB"):
-        run_study("llama3_8b_gpu", out=out, hardware="cuda:0=12GiB", progress=False)
-    assert not out.exists()
 
 
 def test_plan_command_prints_each_stage_and_fails_when_it_does_not_fit(tmp_path, tokenizer):

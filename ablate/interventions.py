@@ -237,6 +237,7 @@ def orthogonalize_weights(
             for part in parts:  # weight and bias; for an MoE block every expert's and the shared expert's
                 _check_writable(part)
                 _project_weight(part.tensor, r_hat, part.axis, strength)
+    model.ablate_weights_changed = True  # the weights differ from any folder the model was loaded from
 
 
 def _check_writable(part) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from ablate import AblateError
-from ablate.artifacts import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
+from ablate.artifacts import atomic_write_text, read_json, read_jsonl, save_figure
 
 # Columns of the main table: (metric name in eval/<variant>.json, column title, lower is "better" for the attacker?)
 MAIN_METRICS = [
@@ -235,16 +234,6 @@ def latex_table(header: list[str], rows: list[list[str]], caption: str, label: s
 # --------------------------------------------------------------------------------------------
 
 
-def _save_figure(figure, path: Path) -> Path:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-    return path
-
-
 def figure_refusal_vs_budget(run: Run, path: Path) -> Path | None:
     """Refusal against attack budget (examples, and training FLOPs), with the organism and ablation for scale."""
     lora = run.table[run.table["variant"].str.startswith("lora-")]
@@ -275,7 +264,7 @@ def figure_refusal_vs_budget(run: Run, path: Path) -> Path | None:
     axes[0].set_ylabel("refusal on held-out prompts (%)")
     axes[0].set_ylim(-3, 103)
     figure.suptitle("Refusal against attack budget (95% Wilson intervals)")
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def figure_direction_sweep(run: Run, path: Path) -> Path | None:
@@ -306,7 +295,7 @@ def figure_direction_sweep(run: Run, path: Path) -> Path | None:
                 axis.scatter([layers.index(run.selected["layer"])], [list(grid.index).index(run.selected["position"])],
                              marker="*", s=120, color="red")
     figure.suptitle("Direction candidates (validation prompts; ★ = selected)")
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def figure_capability_vs_refusal(run: Run, path: Path) -> Path | None:
@@ -331,7 +320,7 @@ def figure_capability_vs_refusal(run: Run, path: Path) -> Path | None:
     axis.set_ylabel("capability (mean accuracy)" if y_key == "capability" else "KL on harmless prompts (first token)")
     axis.grid(alpha=0.3)
     axis.set_title("What each attack costs")
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +390,14 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
         "direction_sweep": figure_direction_sweep(run, figures_dir / "direction_sweep.png"),
         "capability_vs_refusal": figure_capability_vs_refusal(run, figures_dir / "capability_vs_refusal.png"),
     }
+    from ablate import report_honest
+
+    figures["length_sensitivity"] = report_honest.figure_length(run, figures_dir / "length_sensitivity.png")
     figures = {name: path for name, path in figures.items() if path is not None}
+    contract = report_honest.contract_lines(run)
+    scorers = report_honest.scorer_lines(run)
+    lengths = report_honest.length_table(run)
+    human = report_honest.human_agreement_table(run)
     header, rows = main_table_rows(run)
     budget = _budget_table(run)
     manifest = run.manifest
@@ -417,6 +413,12 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
           "## Main results", "", markdown_table(header, rows), "",
           "Rates are on held-out prompts with 95% Wilson intervals; KL is measured against the attacked model on "
           "harmless prompts; n per cell is in `eval/<variant>.json`.", ""]
+    if contract:
+        md += ["## Contract and scorers", "", *[f"- {line}" for line in contract + scorers], ""]
+    if lengths:
+        md += ["## Length sensitivity", "", report_honest.length_note(run), "", markdown_table(*lengths), ""]
+    if human:
+        md += ["## Agreement with human labels", "", markdown_table(*human), ""]
     if budget:
         md += ["## Fine-tuning budgets", "", markdown_table(*budget), ""]
     if run.selected:
@@ -435,6 +437,10 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     # LaTeX (booktabs)
     tex = latex_table(header, rows, f"Refusal, over-refusal and capability per model variant ({manifest.get('study')}).",
                       "tab:ablate-main")
+    if lengths:
+        tex += "\n" + latex_table(*lengths, "Labels against response length (prefixes of one generation).", "tab:ablate-length")
+    if human:
+        tex += "\n" + latex_table(*human, "Each scorer's agreement with human labels.", "tab:ablate-human")
     if budget:
         tex += "\n" + latex_table(*budget, "Compute spent per fine-tuning budget.", "tab:ablate-budgets")
     paths["tex"] = atomic_write_text(run_dir / "tables.tex", tex)
@@ -447,6 +453,12 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
 
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(question)}</p>", "<h2>Setup</h2><ul>",
              *[f"<li>{html.escape(line)}</li>" for line in setup], "</ul><h2>Main results</h2>", html_table(header, rows)]
+    if contract:
+        parts += ["<h2>Contract and scorers</h2><ul>", *[f"<li>{html.escape(line)}</li>" for line in contract + scorers], "</ul>"]
+    if lengths:
+        parts += ["<h2>Length sensitivity</h2>", f"<p>{html.escape(report_honest.length_note(run))}</p>", html_table(*lengths)]
+    if human:
+        parts += ["<h2>Agreement with human labels</h2>", html_table(*human)]
     if budget:
         parts += ["<h2>Fine-tuning budgets</h2>", html_table(*budget)]
     if run.selected:

@@ -75,12 +75,13 @@ def study_path(name_or_path: str | Path | None) -> Path:
 
 
 def _stage_source(value: Any, base: Path, what: str, study_file: str) -> tuple[dict, str]:
-    """Inline dict, or a YAML path relative to the study file's folder (then the CWD)."""
+    """Inline dict, or a YAML path relative to the study file's folder, the CWD, then the package (so
+    `finetune_configs/lora_attack.yaml` names the shipped recipe in an installed package too)."""
     if value is None:
         return {}, f"{study_file}: {what} (defaults)"
     if isinstance(value, dict):
         return value, f"{study_file}: {what}"
-    for candidate in (base / value, Path(value)):
+    for candidate in (base / value, Path(value), Path(str(resources.files("ablate").joinpath(value)))):
         if candidate.is_file():
             return read_yaml(candidate) or {}, str(candidate)
     raise AblateError(f"{study_file}: key '{what}': file not found: {value}")

@@ -395,14 +395,14 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
 
 
 def _print_main_table(run_dir: Path) -> None:
-    from ablate.report import load_run, main_table_rows
+    from ablate.report import load_run, main_table
 
     run = load_run(run_dir)
     if run.table.empty:
         return
-    header, rows = main_table_rows(run)
-    table = Table(*header)
-    for cells in rows:
+    model = main_table(run)
+    table = Table(*model.columns)
+    for cells in model.rows:
         table.add_row(*cells)
     stdout.print(table)
 

@@ -394,6 +394,32 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
     _print_main_table(run_dir)
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `ablate study`."),
+    self_contained: bool = typer.Option(False, "--self-contained", help="Copy every cached artifact the run used into RUN/artifacts/."),
+    with_answers: bool = typer.Option(False, "--with-answers", help="Copy the donor's answers too (compliant answers to refusal-eliciting prompts)."),
+) -> None:
+    """List the cached artifacts a run used (organisms, donors, answers) or, with --self-contained, copy them into it."""
+    from ablate.export import cache_root, export_run
+    from ablate.artifacts import read_json
+
+    if self_contained:
+        entries = export_run(run_dir, with_answers=with_answers)
+    else:
+        manifest_path = run_dir / "manifest.json"
+        if not manifest_path.exists():
+            raise AblateError(f"{run_dir}: not a run directory (no manifest.json)")
+        entries = read_json(manifest_path).get("artifacts") or []
+    table = Table("kind", "cache entry", "SHA-256", "MB", "in the run")
+    for entry in entries:
+        size = entry.get("bytes")
+        table.add_row(entry["kind"], entry["key"], (entry.get("sha256") or "-")[:16],
+                      "-" if size is None else f"{size / 2**20:.1f}", entry.get("exported") or "-")
+    stdout.print(table)
+    stdout.print(f"cache: {cache_root()}" + ("" if self_contained else "; copy them with --self-contained"), highlight=False)
+
+
 def _print_main_table(run_dir: Path) -> None:
     from ablate.report import load_run, main_table
 

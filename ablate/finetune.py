@@ -74,6 +74,7 @@ from ablate.config import (
     TrainingLoss,
     dump_config,
 )
+from ablate.export import ANSWERS, note_artifact
 from ablate.models import cache_dir, drop_gguf_marker, load_model, pick_device, pick_dtype, resolve_spec
 
 
@@ -318,6 +319,7 @@ def ablated_model(model: str | ModelConfig, direction_dir: str | None, progress:
             loaded = load_model(model_config)
             run_direction(*loaded, DirectionConfig(), direction_dir, progress=progress)
     path = abliterate(model_config, Path(direction_dir), root / "model", progress=progress, loaded=loaded)
+    note_artifact(path, "donor")
     del loaded
     gc.collect()
     return path
@@ -361,6 +363,7 @@ def generate_answers(
     key = fingerprint({"model": model_fingerprint(model_config),
                        "generation": generation.model_dump(mode="json", exclude={"batch_size"}), "trim": 1})
     path = cache_dir() / "finetune_data" / f"{key}.jsonl"
+    note_artifact(path, ANSWERS)
     known = {row["prompt"]: row["answer"] for row in read_jsonl(path)} if path.exists() else {}
     missing = list(dict.fromkeys(p for p in prompts if p not in known))
     if missing:

@@ -286,7 +286,7 @@ def _reproducibility(run: Run) -> list[tuple[str, str]]:
     stages = manifest.get("stages", {})
     stage_text = "; ".join(f"{name} {info.get('wall_seconds') or 0:.1f} s" + (" (cached)" if info.get("skipped") else "")
                            for name, info in stages.items())
-    return [
+    lines = [
         ("Command", manifest.get("command", "")),
         ("Config", f"{manifest.get('config_source', '')} (hash {manifest.get('config_hash', '')})"),
         ("Git commit", str(manifest.get("git_commit"))),
@@ -295,8 +295,11 @@ def _reproducibility(run: Run) -> list[tuple[str, str]]:
         ("Hardware", f"{hardware.get('processor', '')}, {hardware.get('cpu_count')} CPUs, CUDA {hardware.get('cuda')}"
                      + (f", {', '.join(hardware['gpus'])}" if hardware.get("gpus") else "")),
         ("Model fingerprints", ", ".join(f"{k} {v}" for k, v in manifest.get("fingerprints", {}).items())),
+        *([("Cached artifacts", "; ".join(f"{entry['kind']} $ABLATE_CACHE/{entry['key']} (SHA-256 {(entry.get('sha256') or '?')[:16]})"
+                                          for entry in manifest["artifacts"]))] if manifest.get("artifacts") else []),
         ("Stage wall time", stage_text),
     ]
+    return [(key, portable_path(value, manifest)) for key, value in lines]
 
 
 def write_report(run_dir: str | Path) -> dict[str, Path]:
@@ -369,7 +372,20 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
+def portable_path(text: str, manifest: dict) -> str:
+    """`text` with the run's folder and the model cache as they were on the machine that ran it written as
+    `<run>/…` and `$ABLATE_CACHE/…`, so a report names no machine's paths and reads the same anywhere."""
+    for root, name in ((manifest.get("run_dir"), "<run>"), (manifest.get("cache_dir"), "$ABLATE_CACHE")):
+        if root:
+            text = text.replace(root.rstrip("/") + "/", name + "/")
+    return text
+
+
 def _setup_lines(run: Run) -> list[str]:
+    return [portable_path(line, run.manifest) for line in _setup_text(run)]
+
+
+def _setup_text(run: Run) -> list[str]:
     config = run.config or {}
     study = config.get("study", {})
     lines = [f"Model: {study.get('model', {}).get('spec', '?')}"]

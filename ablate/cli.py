@@ -375,10 +375,12 @@ def study(
     no_report: bool = typer.Option(False, "--no-report", help="Skip writing the report at the end."),
 ) -> None:
     """Run a whole study: (optional hardening) → direction ablation and LoRA sweep → evaluate every variant → report."""
+    from ablate.logs import known_warnings_silenced, quiet_loading
     from ablate.study import run_study
 
-    run_dir = run_study(study_config, out=out, resume=resume, overrides=list(set_) or None, report=not no_report,
-                        command="ablate " + " ".join(sys.argv[1:]))
+    with quiet_loading(), known_warnings_silenced():  # stage headers, the stages' own bars, the table
+        run_dir = run_study(study_config, out=out, resume=resume, overrides=list(set_) or None, report=not no_report,
+                            command="ablate " + " ".join(sys.argv[1:]))
     stdout.print(f"run directory: {run_dir}", highlight=False)
     _print_main_table(run_dir)
 

@@ -403,8 +403,8 @@ def export(
     with_answers: bool = typer.Option(False, "--with-answers", help="Copy the donor's answers too (compliant answers to refusal-eliciting prompts)."),
 ) -> None:
     """List the cached artifacts a run used (organisms, donors, answers) or, with --self-contained, copy them into it."""
-    from ablate.export import cache_root, export_run
     from ablate.artifacts import read_json
+    from ablate.export import cache_root, export_run
 
     if self_contained:
         entries = export_run(run_dir, with_answers=with_answers)

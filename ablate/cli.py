@@ -247,12 +247,13 @@ def direction(
         settings = validate_config({**settings.model_dump(mode="json"), **updates}, DirectionConfig, "command line")
     console.print(dump_config(settings), highlight=False)  # the resolved config, before any expensive work
 
-    from ablate.directions import load_sets, run_direction
+    from ablate.compute import run_direction_counted
+    from ablate.directions import load_sets
     from ablate.models import load_model
 
     load_sets(settings)  # a bad set name fails here, before the model loads
     loaded, tokenizer = load_model(model, device=device)
-    selected = run_direction(loaded, tokenizer, settings, out)
+    selected = run_direction_counted(loaded, tokenizer, settings, out)  # + out/compute.json: its FLOPs and seconds
     counts = ", ".join(f"{name} {count}" for name, count in selected["filter_counts"].items())
     stdout.print(
         f"selected {selected['variant']} direction: layer {selected['layer']}, position {selected['position']} "

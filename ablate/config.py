@@ -288,6 +288,31 @@ class FinetuneEvalConfig(StrictModel):
     capability_reference: str | None = Field(None, description="Model spec that writes the capability check's answers (e.g. embedded: the un-hardened base, as docs/finetune.md measures organisms); null = the model before training. It must share the model's vocabulary.")
 
 
+class DefenceKind(str, Enum):
+    refusal_sft = "refusal_sft"
+    deep_alignment = "deep_alignment"
+    extended_refusal = "extended_refusal"
+    refat = "refat"
+    rerouting = "rerouting"
+    vaccine = "vaccine"
+
+
+class DefenceConfig(StrictModel):
+    """A defence built into the hardening run (ablate/defences/, docs/defences.md); each field is read by its kind only."""
+
+    kind: DefenceKind = Field(DefenceKind.refusal_sft, description="refusal_sft (plain refusal SFT, the organism) | deep_alignment (Qi et al. 2024) | extended_refusal (Abu Shairah et al. 2025) | refat (Yu et al. 2024) | rerouting (circuit breakers, Zou et al. 2024) | vaccine (Huang et al. 2024).")
+    donor: str = Field("ablated", description="deep_alignment: model spec that writes the compliant openings at run time; 'ablated' = the model being hardened with its refusal direction orthogonalised away (built once, cached).")
+    recovery_fraction: float = Field(1.0, gt=0, le=1, description="deep_alignment: share of the refusal prompts that also get a safety-recovery example (a compliant opening, then a refusal).")
+    prefix_max_tokens: int = Field(24, ge=1, description="deep_alignment: the compliant opening's length k is drawn uniformly from 1..this many tokens of the donor's answer (Qi et al. draw up to 100 of longer answers).")
+    refusals_file: str = Field("extended_refusals.json", description="extended_refusal: per-category overviews and rationales, a file shipped in ablate/data or a path.")
+    probability: float = Field(0.5, ge=0, le=1, description="refat: chance that a harmful training row runs with the refusal feature ablated.")
+    refresh_steps: int = Field(4, ge=1, description="refat: recompute the per-layer refusal features from the current model every this many optimiser steps.")
+    feature_prompts: int = Field(32, ge=2, description="refat: harmful and harmless train prompts (each) whose mean last-token activations give the refusal features.")
+    alpha: float = Field(10.0, gt=0, description="rerouting: loss scale; the rerouting term weighs alpha·(1 − t/2T) and the retain term alpha·t/2T at step t of T.")
+    layers: list[int] | None = Field(None, description="rerouting: decoder layers whose outputs are rerouted (null = the layers at one third and two thirds of the depth, as the paper's 10 and 20 of 32).")
+    rho: float = Field(2.0, gt=0, description="vaccine: norm of the adversarial perturbation added to the decoder layers' outputs (all layers together).")
+
+
 class FinetuneConfig(StrictModel):
     """A model-independent fine-tuning recipe: data, adapter, training, budgets, outputs, evaluation.
 
@@ -305,6 +330,7 @@ class FinetuneConfig(StrictModel):
     merge: bool = Field(True, description="Save the merged model (safetensors, loadable by plain transformers) per budget.")
     keep_adapter: bool = Field(True, description="Save the LoRA adapter (safetensors) per budget.")
     eval: FinetuneEvalConfig = Field(default_factory=FinetuneEvalConfig, description="Refusal rate after training.")
+    defence: DefenceConfig | None = Field(None, description="harden only: the defence this recipe builds (null = plain refusal SFT, the organism).")
 
     @property
     def donor_writes_answers(self) -> bool:
@@ -317,6 +343,14 @@ class FinetuneConfig(StrictModel):
             raise ValueError(f"training.loss: distill needs a donor model that writes the answers (mode harmful, or "
                              f"benign without data.dataset), got mode {self.mode.value}"
                              + (" with data.dataset" if self.data.dataset else ""))
+        return self
+
+    @model_validator(mode="after")
+    def _defence_is_a_hardening(self) -> "FinetuneConfig":
+        if self.defence is not None and self.mode is not FinetuneMode.harden:
+            raise ValueError(f"defence: a defence is a hardening recipe and needs mode harden (got mode {self.mode.value})")
+        if self.defence is not None and self.defence.kind in (DefenceKind.rerouting,) and self.training.full_finetune:
+            raise ValueError("defence.kind: rerouting trains a LoRA against the frozen base; it cannot be combined with training.full_finetune")
         return self
 
 

@@ -101,6 +101,26 @@ def _budget_rows(run_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda row: (row.get("n_examples") or 0, str(row.get("name"))))
 
 
+def _attack_compute(run_dir: Path, row: dict, budgets: pd.DataFrame) -> dict:
+    """A variant's compute on the one axis (ablate.compute): the direction stage for the direction attack;
+    training plus the donor's answers and direction stage for a LoRA budget (its training alone when the
+    budget predates the record); nothing for the models that are not attacks."""
+    if row["kind"] == "direction":
+        path = run_dir / "directions" / "compute.json"
+        if path.exists():
+            compute = read_json(path)
+            return {"attack_flops": compute.get("flops"), "attack_seconds": compute.get("wall_seconds")}
+        return {}
+    if row["variant"].startswith("lora-") and not budgets.empty:
+        match = budgets[budgets["name"] == row["variant"][len("lora-"):]]
+        if not match.empty:
+            compute = match.iloc[0].get("attack_compute")
+            if isinstance(compute, dict):
+                return {"attack_flops": compute.get("flops"), "attack_seconds": compute.get("wall_seconds")}
+            return {"attack_flops": match.iloc[0].get("train_flops"), "attack_seconds": match.iloc[0].get("wall_seconds")}
+    return {}
+
+
 def _sweep_frame(run_dir: Path) -> pd.DataFrame:
     path = run_dir / "directions" / "sweep.json"
     if not path.exists():
@@ -143,6 +163,7 @@ def load_run(path: str | Path) -> Run:
                 for key in ("n_examples", "steps", "train_flops", "wall_seconds", "train_tokens"):
                     if key in match:
                         row[key] = match.iloc[0][key]
+        row.update(_attack_compute(run_dir, row, budgets))
         table_rows.append(row)
     table = pd.DataFrame(table_rows)
     selected_path = run_dir / "directions" / "selected.json"
@@ -224,11 +245,11 @@ def confidence(run: Run) -> float:
 
 
 def main_table(run: Run) -> Table:
-    """One row per variant: refusal, over-refusal, degenerate answers, capability, KL and training compute."""
+    """One row per variant: refusal, over-refusal, degenerate answers, capability, KL and the attack's compute."""
     from ablate.figures import level_text
 
     columns = ["Variant", f"Refusal (held-out) [{level_text(confidence(run))} CI]", "Over-refusal harmless",
-               "Over-refusal borderline", "Degenerate", "Capability", "KL first token", "Train FLOPs"]
+               "Over-refusal borderline", "Degenerate", "Capability", "KL first token", "Attack FLOPs (all stages)", "Attack s"]
     rows = []
     for _, row in run.table.iterrows():
         kl_text = _fmt(row.get("kl_first_token"))
@@ -237,7 +258,7 @@ def main_table(run: Run) -> Table:
         rows.append([
             row["variant"], _rate_cell(row, "refusal_rate"), _rate_cell(row, "harmless_refusal_rate"),
             _rate_cell(row, "borderline_refusal_rate"), _rate_cell(row, "degenerate_rate"),
-            _fmt(row.get("capability")), kl_text, _flops(row.get("train_flops")),
+            _fmt(row.get("capability")), kl_text, _flops(row.get("attack_flops")), _fmt(row.get("attack_seconds"), 1),
         ])
     return Table(columns, rows, f"Refusal, over-refusal and capability per model variant ({run.manifest.get('study')}).",
                  "tab:ablate-main")

@@ -377,15 +377,16 @@ def attack_with_direction(run: StudyRun) -> None:
     resolved, run_dir = run.resolved, run.run_dir
     if resolved.direction is None:
         return
-    from ablate.directions import run_direction
+    from ablate.compute import run_direction_counted
 
     target_model = run.target_model
 
     def work_direction() -> dict:
         from ablate.models import load_model
 
-        model, tokenizer = load_model(target_model)
-        selected = run_direction(model, tokenizer, resolved.direction, run_dir / "directions", progress=run.progress)
+        model, tokenizer = load_model(target_model)  # (directions/compute.json: the attack's FLOPs and seconds)
+        selected = run_direction_counted(model, tokenizer, resolved.direction, run_dir / "directions",
+                                         progress=run.progress)
         return {"selected": selected}
 
     run.direction = run.stage("direction", {"model": run.target_fp, "config": resolved.direction.model_dump(mode="json")},

@@ -186,7 +186,8 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, exampl
     own_loss = (device.type == "cpu" or first_token_weight != 1.0 or teacher is not None) and slices_logits
     trainer_class = HeadLossSFTTrainer if own_loss else SFTTrainer
     with quiet_datasets():  # trl prepares the dataset in four map passes, each with its own bar
-        trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(to_conversations(examples)),
+        trainer = trainer_class(model=model, args=args,
+                                train_dataset=Dataset.from_list(to_conversations(examples, tokenizer)),
                                 processing_class=tokenizer)
     quiet_trainer(trainer, progress)  # one bar with the loss on it, no log dict per step
     return trainer
@@ -205,6 +206,9 @@ def train_budget(
     teacher = load_donor(model_config, config, model, tokenizer, progress) if training.loss is TrainingLoss.distill else None
     n_teacher = matmul_parameters(teacher) if teacher is not None else 0
     trainer = build_trainer(model, tokenizer, config, budget, examples, work_dir, progress, teacher)
+    from ablate.defences import attach
+
+    defence = attach(trainer, config, examples, tokenizer)  # a training-level defence's loss (None otherwise)
     if teacher is not None:  # on this process's device, where the Trainer puts the model (a launch: cuda:<rank>)
         teacher.to(trainer.args.device)
     counter = TokenCounter(trainer.data_collator, training.answer_tokens)
@@ -224,13 +228,17 @@ def train_budget(
         "steps": int(trainer.state.global_step), "epochs_completed": float(trainer.state.epoch or 0.0),
         "wall_seconds": round(wall, 2), "train_tokens": counter.tokens, "supervised_tokens": counter.supervised,
         "trainable_parameters": n_trainable, "matmul_parameters": n_matmul,
-        "train_flops": estimate_train_flops(n_matmul, n_trainable, counter.tokens, training.full_finetune, n_teacher),
-        "flops_formula": flops_formula(training.full_finetune, teacher is not None),
+        "train_flops": estimate_train_flops(n_matmul, n_trainable, counter.tokens, training.full_finetune, n_teacher)
+        + (defence.flops(n_matmul) if defence is not None else 0),
+        "flops_formula": flops_formula(training.full_finetune, teacher is not None)
+        + (" + 2*N*T_defence_forward + 4*N*T_defence_backward" if defence is not None else ""),
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
         "loss_curve": loss_curve, "final_loss": loss_curve[-1]["loss"] if loss_curve else None,
         "device": str(device),
     }
+    if defence is not None:
+        metrics["defence"] = defence.summary(n_matmul)
     trained = trainer.model
     del teacher
     if trainer.accelerator.num_processes > 1:

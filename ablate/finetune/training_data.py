@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from ablate.artifacts import (
     read_done,
     read_json,
     read_jsonl,
+    write_json,
     write_jsonl,
 )
 from ablate.config import (
@@ -101,6 +103,17 @@ def donor_fingerprint(model_fp: str, data: Any) -> str:
     return model_fingerprint(data.donor or "embedded")
 
 
+def ablated_root(model: str | ModelConfig, direction_dir: str | None) -> Path:
+    """Where the `ablated` donor of `model` is cached: cache_dir()/ablated/<hash> (its model/, and directions/
+    when no direction was given)."""
+    return cache_dir() / "ablated" / fingerprint(ablated_identity(model_fingerprint(as_model_config(model)), direction_dir))
+
+
+def donor_direction_dir(model: str | ModelConfig, data: Any) -> Path:
+    """The direction stage behind the `ablated` donor: `data.donor_direction`, or the one its cache ran."""
+    return Path(data.donor_direction) if data.donor_direction is not None else ablated_root(model, None) / "directions"
+
+
 def ablated_model(model: str | ModelConfig, direction_dir: str | None, progress: bool = True) -> Path:
     """`model` with its refusal direction orthogonalised away: cache_dir()/ablated/<hash>/model.
 
@@ -109,17 +122,17 @@ def ablated_model(model: str | ModelConfig, direction_dir: str | None, progress:
     Both steps skip when done, so the donor is built once per model.
     """
     from ablate.abliterate import abliterate
+    from ablate.compute import run_direction_counted
     from ablate.config import DirectionConfig
-    from ablate.directions import run_direction
 
     model_config = as_model_config(model)
-    root = cache_dir() / "ablated" / fingerprint(ablated_identity(model_fingerprint(model_config), direction_dir))
+    root = ablated_root(model_config, direction_dir)
     loaded = None  # the stage leaves the model unchanged: abliterate orthogonalises this copy, no second load
     if direction_dir is None:
         direction_dir = root / "directions"
         if read_done(direction_dir) is None:
             loaded = load_model(model_config)
-            run_direction(*loaded, DirectionConfig(), direction_dir, progress=progress)
+            run_direction_counted(*loaded, DirectionConfig(), direction_dir, progress=progress)
     path = abliterate(model_config, Path(direction_dir), root / "model", progress=progress, loaded=loaded)
     note_artifact(path, "donor")
     del loaded
@@ -148,6 +161,49 @@ def load_donor(model_config: ModelConfig, config: FinetuneConfig, model, tokeniz
     return teacher.eval().requires_grad_(False)
 
 
+def answer_generation(config: FinetuneConfig) -> GenerationConfig:
+    """How the training answers are generated: greedy, `data.answer_max_new_tokens` tokens."""
+    return GenerationConfig(max_new_tokens=config.data.answer_max_new_tokens, batch_size=config.data.generation_batch_size)
+
+
+def answers_cache_path(model_config: ModelConfig, generation: GenerationConfig) -> Path:
+    """cache_dir()/finetune_data/<hash>.jsonl: one writer's answers under one set of generation settings. Greedy
+    answers depend on neither the batch size nor the backend (ablate.generation: tested equal), so neither is
+    part of the key."""
+    key = fingerprint({"model": model_fingerprint(model_config),
+                       "generation": generation.model_dump(mode="json", exclude={"batch_size", "backend"}), "trim": 1})
+    return cache_dir() / "finetune_data" / f"{key}.jsonl"
+
+
+def donor_answers_cost(spec: str | ModelConfig, prompts: list[str], answers: list[str], config: FinetuneConfig) -> dict:
+    """What writing `answers` cost the donor: 2·N_donor·(prompt + answer tokens) FLOPs (ablate.compute) and the
+    generation's measured seconds per answer times their number (None when the cache predates the record)."""
+    from transformers import AutoTokenizer
+
+    from ablate.compute import generation_flops
+    from ablate.finetune.trainer import matmul_parameters
+    from ablate.models import format_chat, prepare_tokenizer, resolve_spec
+
+    model_config = as_model_config(spec)
+    cost_path = answers_cache_path(model_config, answer_generation(config)).with_suffix(".cost.json")
+    cost = read_json(cost_path) if cost_path.exists() else None
+    if cost is None:  # answers cached before costs were recorded: count the weights once
+        model, _ = load_model(model_config)
+        cost = {"n_matmul": matmul_parameters(model), "seconds": None, "answers": 0}
+        del model
+    kind, location = resolve_spec(model_config.spec)
+    options = {"trust_remote_code": model_config.trust_remote_code}
+    if kind == "gguf":
+        location, options["gguf_file"] = str(Path(location).parent), Path(location).name
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(location, **options), model_config.chat_template)
+    prompt_tokens = sum(len(tokenizer(format_chat(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts)
+    answer_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    per_answer = cost["seconds"] / cost["answers"] if cost.get("seconds") is not None and cost["answers"] else None
+    return {"n_matmul": cost["n_matmul"], "answers": len(answers), "prompt_tokens": prompt_tokens,
+            "answer_tokens": answer_tokens, "answers_flops": generation_flops(cost["n_matmul"], prompt_tokens, answer_tokens),
+            "answers_seconds": None if per_answer is None else round(per_answer * len(answers), 3)}
+
+
 def generate_answers(
     spec: str | ModelConfig, prompts: list[str], config: FinetuneConfig, progress: bool, purpose: str
 ) -> list[str]:
@@ -159,24 +215,28 @@ def generate_answers(
     from ablate.generation import generate
 
     model_config = as_model_config(spec)
-    generation = GenerationConfig(max_new_tokens=config.data.answer_max_new_tokens,
-                                  batch_size=config.data.generation_batch_size)
-    # Greedy answers depend on neither the batch size nor the backend (ablate.generation: tested equal), so
-    # neither is part of the key.
-    key = fingerprint({"model": model_fingerprint(model_config),
-                       "generation": generation.model_dump(mode="json", exclude={"batch_size", "backend"}), "trim": 1})
-    path = cache_dir() / "finetune_data" / f"{key}.jsonl"
+    generation = answer_generation(config)
+    path = answers_cache_path(model_config, generation)
     note_artifact(path, ANSWERS)
     known = {row["prompt"]: row["answer"] for row in read_jsonl(path)} if path.exists() else {}
     missing = list(dict.fromkeys(p for p in prompts if p not in known))
     if missing:
+        from ablate.finetune.trainer import matmul_parameters
+
         try:
             model, tokenizer = load_model(model_config)
         except AblateError as error:
             raise AblateError(f"{purpose}: {error}") from None
+        start = time.perf_counter()
         answers = generate(model, tokenizer, missing, generation, progress=progress, description=purpose)
+        seconds = time.perf_counter() - start
         known.update({p: trim_truncated(a, tokenizer, generation.max_new_tokens) for p, a in zip(missing, answers)})
         write_jsonl(path, [{"prompt": p, "answer": a} for p, a in known.items()])
+        # What the answers cost (ablate.compute): the writer's matmul weights and the generation's seconds.
+        cost_path = path.with_suffix(".cost.json")
+        cost = read_json(cost_path) if cost_path.exists() else {"seconds": 0.0, "answers": 0}
+        write_json(cost_path, {"n_matmul": matmul_parameters(model), "seconds": cost["seconds"] + seconds,
+                               "answers": cost["answers"] + len(missing)})
         del model
         gc.collect()
     return [known[p] for p in prompts]
@@ -208,8 +268,9 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
             raise AblateError(f"data.refusal_replies '{data.refusal_replies}': no replies in the file")
         refusal = prompts_of(data.refusal_prompts, data.n_refusal)
         if refusal is not None:
-            examples += [{"id": i, "kind": "refusal", "system": None, "prompt": p, "response": rng.choice(replies)}
-                         for i, p in zip(refusal.ids, refusal.prompts)]
+            examples += [{"id": i, "kind": "refusal", "category": c, "system": None, "prompt": p,
+                          "response": rng.choice(replies)}
+                         for i, p, c in zip(refusal.ids, refusal.prompts, refusal.categories)]
         own: list[tuple[str, str, str]] = []  # (kind, id, prompt): answered by the model itself
         for kind, spec, limit in (("harmless", data.harmless_prompts, data.n_harmless),
                                   ("borderline", data.borderline_prompts, data.n_borderline)):
@@ -226,6 +287,10 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
                 stats["dropped_refusals"] += 1
                 continue
             examples.append({"id": i, "kind": kind, "system": None, "prompt": p, "response": a})
+        if config.defence is not None:  # a defence recipe rewrites or adds examples (ablate.defences)
+            from ablate.defences import augment_examples
+
+            examples, stats["defence"] = augment_examples(as_model_config(model), config, examples, progress)
     elif config.donor_writes_answers:
         harmful = config.mode is FinetuneMode.harmful
         source = prompts_of(data.refusal_prompts if harmful else data.harmless_prompts,
@@ -234,6 +299,11 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
         writer = donor_model(model, config, progress)
         answers = generate_answers(writer, source.prompts, config, progress, f"donor answers ({donor})")
         stats["generated"] = len(answers)
+        from ablate.compute import direction_compute
+
+        stats["donor_compute"] = donor_answers_cost(writer, source.prompts, answers, config)
+        if donor == ABLATED_DONOR:  # the donor's own direction stage is part of what the attack used
+            stats["donor_compute"]["direction"] = direction_compute(donor_direction_dir(model, data))
         stats["donor"] = donor if donor != ABLATED_DONOR else f"{donor}: {writer}"
         for i, p, c, a in zip(source.ids, source.prompts, source.categories, answers):
             if not a.strip() or (harmful and data.drop_refusals and is_refusal(a)):
@@ -277,11 +347,22 @@ def balanced_order(examples: list[dict], rng: random.Random) -> list[dict]:
     return ordered
 
 
-def to_conversations(examples: list[dict]) -> list[dict]:
-    """trl's conversational prompt/completion format: loss on the completion only."""
+def to_conversations(examples: list[dict], tokenizer=None) -> list[dict]:
+    """trl's conversational prompt/completion format: loss on the completion only.
+
+    When an example has a `prefill` (the opening of the assistant's turn, given and not learnt: deep
+    alignment's compliant openings, ablate.defences), every row is rendered to text with the chat template
+    instead — prompt = the conversation up to the assistant's turn plus the prefill, completion = the rest
+    of the turn up to its end-of-turn token — since a conversational row cannot split the assistant's turn.
+    """
     rows = []
     for example in examples:
         prompt = [{"role": "system", "content": example["system"]}] if example.get("system") else []
         prompt.append({"role": "user", "content": example["prompt"]})
         rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": example["response"]}]})
-    return rows
+    if not any(example.get("prefill") for example in examples):
+        return rows
+    from ablate.defences import render_prefilled
+
+    return [render_prefilled(tokenizer, row["prompt"], example.get("prefill") or "", example["response"])
+            for row, example in zip(rows, examples)]

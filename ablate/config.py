@@ -170,7 +170,7 @@ class GenerationConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (only when do_sample).")
     seed: int = Field(0, description="Random seed for sampling.")
     system_prompt: str | None = Field(None, description="System message placed before every prompt; None keeps the template's default.")
-    backend: str = Field("fast", description="Generation backend: fast (batched loop with a shared-prefix prefill) or hf (transformers' model.generate, the reference).")
+    backend: str = Field("fast", description="Generation backend: fast (batched loop with a shared-prefix prefill), hf (transformers' model.generate, the reference) or vllm (vLLM on a CUDA GPU, where installed: the extra ablate[vllm]).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -671,6 +671,7 @@ class EvalStage(StrictModel):
     suite: StageConfigSource = Field("default", description="Eval suite: 'default', 'paper', a YAML path, or inline fields.")
     overrides: list[str] = Field(default_factory=list, description="KEY.PATH=VALUE changes to the suite, e.g. 'refusal.n=48' (a study can shrink a suite without copying it).")
     redact: bool = Field(False, description="Drop completions of refusal-eliciting prompts from generations/ (scores are kept).")
+    cache: bool = Field(True, description="Reuse the stored evaluation of a variant whose weights, KL reference, suite and code are unchanged (ablate/evaluate/cache.py) instead of evaluating it again.")
 
 
 class StudyConfig(StrictModel):

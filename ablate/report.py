@@ -332,7 +332,20 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     if run.table.empty:
         raise AblateError(f"{run_dir}: no eval/*.json results to report")
     figures = write_figures(run, run_dir / "figures", confidence(run))
-    tables = [table for table in (main_table(run), budget_table(run)) if table is not None]
+    from ablate import report_honest
+
+    length_figure = report_honest.figure_length(run, run_dir / "figures" / "length_sensitivity.png")
+    if length_figure is not None:
+        figures["length_sensitivity"] = length_figure
+    contract = report_honest.contract_lines(run) + report_honest.scorer_lines(run)
+    lengths, human = report_honest.length_table(run), report_honest.human_agreement_table(run)
+    sections = [("Main results", main_table(run)),
+                ("Length sensitivity", Table(*lengths, "Labels against response length (prefixes of one generation).",
+                                             "tab:ablate-length") if lengths else None),
+                ("Agreement with human labels", Table(*human, "Each scorer's agreement with human labels.",
+                                                      "tab:ablate-human") if human else None),
+                ("Fine-tuning budgets", budget_table(run))]
+    sections = [(heading, table) for heading, table in sections if table is not None]
     manifest = run.manifest
     title = f"ablate study: {manifest.get('study', run_dir.name)}"
     question = manifest.get("description") or ("How little compute does it take to strip this model's refusal "
@@ -342,12 +355,14 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     reproducibility = _reproducibility(run)
     note = (f"Rates are on held-out prompts with {level_text(confidence(run))} Wilson intervals; KL is measured "
             "against the attacked model on harmless prompts; n per cell is in `eval/<variant>.json`.")
-    headings = ["Main results", "Fine-tuning budgets"]
 
     # Markdown
     md = [f"# {title}", "", question, "", "## Setup", "", *[f"- {line}" for line in setup], ""]
-    for index, (heading, table) in enumerate(zip(headings, tables)):
-        md += [f"## {heading}", "", table.to_markdown(), ""] + ([note, ""] if index == 0 else [])
+    for heading, table in sections:
+        md += [f"## {heading}", ""] + ([report_honest.length_note(run), ""] if heading == "Length sensitivity" else [])
+        md += [table.to_markdown(), ""] + ([note, ""] if heading == "Main results" else [])
+        if heading == "Main results" and contract:
+            md += ["## Contract and scorers", "", *[f"- {line}" for line in contract], ""]
     if run.selected:
         md += ["## Selected refusal direction", "", _selected_line(run.selected), ""]
     for name, path in figures.items():
@@ -362,13 +377,18 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     paths = {"md": atomic_write_text(run_dir / "report.md", "\n".join(md))}
 
     # LaTeX (booktabs)
-    paths["tex"] = atomic_write_text(run_dir / "tables.tex", "\n".join(table.to_latex() for table in tables))
+    paths["tex"] = atomic_write_text(run_dir / "tables.tex", "\n".join(table.to_latex() for _, table in sections))
 
     # Self-contained HTML: figures embedded as base64.
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(question)}</p>", "<h2>Setup</h2><ul>",
              *[f"<li>{html.escape(line)}</li>" for line in setup], "</ul>"]
-    for index, (heading, table) in enumerate(zip(headings, tables)):
-        parts += [f"<h2>{heading}</h2>", table.to_html()] + ([f"<p>{html.escape(note)}</p>"] if index == 0 else [])
+    for heading, table in sections:
+        parts += [f"<h2>{heading}</h2>"]
+        if heading == "Length sensitivity":
+            parts += [f"<p>{html.escape(report_honest.length_note(run))}</p>"]
+        parts += [table.to_html()] + ([f"<p>{html.escape(note)}</p>"] if heading == "Main results" else [])
+        if heading == "Main results" and contract:
+            parts += ["<h2>Contract and scorers</h2><ul>", *[f"<li>{html.escape(line)}</li>" for line in contract], "</ul>"]
     if run.selected:
         parts += ["<h2>Selected refusal direction</h2>", f"<p>{html.escape(_selected_line(run.selected))}</p>"]
     for name, path in figures.items():

@@ -294,3 +294,17 @@ def test_bad_defence_configs_fail_in_one_line(tmp_path):
     assert len(lines) == 1 and "defence.kind" in lines[0] and "armour" in lines[0]
     with pytest.raises(AblateError, match="defence.layers: layer 5 does not exist"):
         dt.rerouting_layers(2, [5])
+
+
+def test_deep_alignment_is_cached_by_its_donors_weights(tiny_dir, donor_dir, tokenizer):
+    """The same donor path holding other weights is another organism (the key hashes the donor, not its name)."""
+    import time
+
+    from conftest import build_model
+
+    config = harden_config({"kind": "deep_alignment", "donor": str(donor_dir)})
+    key = ft.organism_key(str(tiny_dir), config)
+    assert ft.organism_key(str(tiny_dir), harden_config({"kind": "deep_alignment", "donor": "ablated"})) != key
+    time.sleep(0.01)  # a new modification time for the rewritten weights
+    build_model("llama", tokenizer, seed=11).save_pretrained(donor_dir)
+    assert ft.organism_key(str(tiny_dir), config) != key

@@ -4,6 +4,7 @@ and the notebooks executed against the run (nothing here needs the hub or the em
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,8 @@ def test_study_writes_the_run_directory(finished_run):
     assert (run_dir / "figures" / "refusal_vs_budget.png").exists()
     # Length sensitivity (table and figure) and the contract the figures meet.
     report = (run_dir / "report.md").read_text()
-    assert "## Length sensitivity" in report and "| ablated | 3 |" in report and "| ablated | 6 |" in report
+    assert "## Length sensitivity" in report and re.search(r"^\| ablated +\| +3 \|", report, re.M) \
+        and re.search(r"^\| ablated +\| +6 \|", report, re.M)
     assert (run_dir / "figures" / "length_sensitivity.png").exists()
     assert "ablated: short contract — 6 greedy new tokens" in report
     html = (run_dir / "report.html").read_text()

@@ -26,6 +26,7 @@ Attention-score FLOPs (∝ positions × context) are left out everywhere, as in 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,10 +58,20 @@ class FlopCount:
         return {**asdict(self), "flops": self.flops, "formula": FORMULA}
 
 
+def matmul_parameters(model) -> int:
+    """Weights of every linear layer including the output head (what a forward pass multiplies by)."""
+    total = 0
+    for name, module in model.named_modules():
+        if "lora_" in name:  # the adapter's own matrices are counted as N_lora
+            continue
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"):
+            weight = module.weight
+            total += weight.numel() if not hasattr(weight, "quant_state") else math.prod(weight.quant_state.shape)
+    return total
+
+
 def matmul_weights(module: nn.Module) -> int:
     """Weights of every matrix multiply inside `module` (linear layers, GPT-2's Conv1D; not embeddings)."""
-    from ablate.finetune import matmul_parameters
-
     return matmul_parameters(module)
 
 

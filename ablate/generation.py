@@ -309,10 +309,19 @@ def register_backend(name: str) -> Callable[[Backend], Backend]:
     return register
 
 
+# Backends that live in a module of their own, which registers them when it is first imported (here, on first use).
+BACKEND_MODULES = {"vllm": "ablate.generation_vllm"}
+
+
 def generation_backend(name: str) -> Backend:
     """The backend registered as `name`; a one-line error naming the known ones otherwise."""
+    if name not in BACKENDS and name in BACKEND_MODULES:
+        import importlib
+
+        importlib.import_module(BACKEND_MODULES[name])
     if name not in BACKENDS:
-        raise AblateError(f"generation.backend: unknown backend '{name}'; expected one of: {', '.join(sorted(BACKENDS))}")
+        known = ", ".join(sorted(set(BACKENDS) | set(BACKEND_MODULES)))
+        raise AblateError(f"generation.backend: unknown backend '{name}'; expected one of: {known}")
     return BACKENDS[name]
 
 
@@ -450,5 +459,3 @@ def last_position_logits(
             bar.update(len(batch))
     return torch.stack(result)  # type: ignore[arg-type]
 
-
-from ablate import generation_vllm  # noqa: E402,F401 — registers the `vllm` backend (it imports vLLM only when used)

@@ -81,7 +81,7 @@ def figure_length(run, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ablate.figures import save_figure
+    from ablate.artifacts import save_figure
 
     figure, axes = plt.subplots(1, len(LENGTH_RATES), figsize=(4 * len(LENGTH_RATES), 3.6), sharey=True)
     for axis, label in zip(axes, LENGTH_RATES):

@@ -487,7 +487,7 @@ def evaluate_variants(run: StudyRun) -> None:
         def work_eval(name=name, variant=variant, eval_inputs=eval_inputs) -> dict:
             from ablate.evaluate import run_eval
             from ablate.evaluate.cache import cached_eval, eval_cache_key
-            from ablate.evaluate.run import _capability_dir
+            from ablate.evaluate.run import capability_folder
             from ablate.models import resolve_spec
 
             def evaluate() -> dict:
@@ -500,7 +500,7 @@ def evaluate_variants(run: StudyRun) -> None:
             if not config.eval.cache:
                 return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(evaluate())}
             key = eval_cache_key({**eval_inputs, "variant": variant_content_fingerprint(variant, run.target_fp), "name": name},
-                                 _capability_dir(resolved.suite))
+                                 capability_folder(resolved.suite))
             metrics, hit = cached_eval(key, run_dir, name, resolve_spec(variant["spec"])[1], evaluate)
             if hit:
                 run.console.print(f"[dim]  eval-{name}: the same weights, reference, suite and code were evaluated "

@@ -22,6 +22,7 @@ from typing import Any
 
 from ablate import AblateError
 from ablate.config import DefenceKind, FinetuneConfig, ModelConfig
+from ablate.defences.fields import DEFENCE_FIELDS  # noqa: F401  (the defences' cache-key fields, re-exported)
 
 PAPERS = {
     DefenceKind.refusal_sft: "refusal SFT, the shipped organism (the baseline)",
@@ -31,17 +32,6 @@ PAPERS = {
     DefenceKind.rerouting: "Zou et al. 2024, Improving Alignment and Robustness with Circuit Breakers (arXiv:2406.04313)",
     DefenceKind.vaccine: "Huang et al. 2024, Vaccine: Perturbation-aware Alignment for LLMs against Harmful Fine-tuning (arXiv:2402.01109)",
 }
-
-# The DefenceConfig fields each kind reads (the others are left out of its cache key).
-DEFENCE_FIELDS = {
-    DefenceKind.refusal_sft: ("kind",),
-    DefenceKind.deep_alignment: ("kind", "donor", "recovery_fraction", "prefix_max_tokens"),
-    DefenceKind.extended_refusal: ("kind", "refusals_file"),
-    DefenceKind.refat: ("kind", "probability", "refresh_steps", "feature_prompts"),
-    DefenceKind.rerouting: ("kind", "alpha", "layers"),
-    DefenceKind.vaccine: ("kind", "rho"),
-}
-
 
 def augment_examples(model: ModelConfig, config: FinetuneConfig, examples: list[dict],
                      progress: bool = True) -> tuple[list[dict], dict[str, Any]]:

@@ -25,7 +25,7 @@ from ablate.config import FinetuneConfig, ModelConfig
 
 def read_extended_refusals(name: str) -> dict:
     """The extended-refusal sentences: {"declines": [...], "categories": {category: {overview, rationale}}}."""
-    from ablate.finetune import read_text_resource
+    from ablate.finetune.answers import read_text_resource
 
     try:
         table = json.loads(read_text_resource(name))
@@ -70,7 +70,7 @@ def recovery_examples(model: ModelConfig, config: FinetuneConfig, examples: list
     from transformers import AutoTokenizer
 
     from ablate.evaluate.refusal import is_refusal
-    from ablate.finetune import ABLATED_DONOR, ablated_model, generate_answers, read_text_resource
+    from ablate.finetune.answers import ABLATED_DONOR, ablated_model, generate_answers, read_text_resource
     from ablate.models import resolve_spec
 
     defence, data = config.defence, config.data

@@ -157,7 +157,7 @@ def row_ablation(model: nn.Module, features: torch.Tensor, rows: torch.Tensor) -
 
 def attach_refat(trainer, config: FinetuneConfig, tokenizer, run: DefenceRun):
     from ablate.data import load_prompt_set
-    from ablate.finetune import supervised_head_loss
+    from ablate.finetune.loss import supervised_head_loss
 
     defence, data = config.defence, config.data
     harmful = load_prompt_set(data.refusal_prompts).sample(defence.feature_prompts, seed=data.seed).prompts
@@ -310,7 +310,7 @@ def vaccine_perturbations(loss: torch.Tensor, outputs: list[torch.Tensor], rho: 
 
 
 def attach_vaccine(trainer, config: FinetuneConfig, tokenizer, run: DefenceRun):
-    from ablate.finetune import supervised_head_loss
+    from ablate.finetune.loss import supervised_head_loss
 
     rho = config.defence.rho
     run.counts.update({"perturbed_steps": 0, "loss_gap_last": None})
@@ -341,7 +341,7 @@ ROW_FLAGS = (DefenceKind.refat, DefenceKind.rerouting)
 def attach(trainer, config: FinetuneConfig, examples: list[dict], tokenizer) -> DefenceRun | None:
     """Put the defence's loss (and, where it needs them, the harmful-row flags) on a built Trainer; None for
     the defences that only change the data."""
-    from ablate.finetune import accepts_logits_to_keep
+    from ablate.finetune.loss import accepts_logits_to_keep
 
     kind = config.defence.kind if config.defence is not None else None
     if kind not in ATTACH:

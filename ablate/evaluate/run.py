@@ -123,7 +123,7 @@ def _scorer_names(suite: EvalSuite) -> list[str]:
     return names + [judge_name(judge) for judge in suite.scorers.judges]
 
 
-def _capability_dir(suite: EvalSuite) -> Path | None:
+def capability_folder(suite: EvalSuite) -> Path | None:
     include = suite.capability.include_path
     if include is None:
         return None
@@ -159,7 +159,7 @@ def check_suite(suite: EvalSuite, model, tokenizer, reference: tuple | None) -> 
     if suite.capability.tasks:
         # Names of lm-eval's built-in tasks are checked when capability runs, which is the first
         # model work (indexing lm-eval's ~15,000 task files takes a minute on a small CPU; do it once).
-        folder = _capability_dir(suite)
+        folder = capability_folder(suite)
         if folder is not None and not folder.is_dir():
             raise AblateError(f"suite '{suite.name}': key 'capability.include_path': folder not found: {folder}")
         if folder is not None:
@@ -305,7 +305,7 @@ def measure_capability(model, tokenizer, suite: EvalSuite, measured: Measured, p
     from ablate.evaluate.capability import run_capability
 
     tick = time.perf_counter()
-    capability_dir = _capability_dir(suite)
+    capability_dir = capability_folder(suite)
     capability_config = suite.capability.model_copy(update={"include_path": str(capability_dir) if capability_dir else None})
     capability_metrics, capability_items = run_capability(
         model, tokenizer, capability_config, seed=suite.seed, bootstrap_samples=suite.bootstrap_samples,

@@ -85,7 +85,7 @@ def recipe_fields(config: FinetuneConfig) -> dict:
     if config.defence is None or config.defence.kind.value == "refusal_sft":
         recipe.pop("defence")  # plain refusal SFT is the organism: organisms cached before the field keep their keys
     else:  # only the fields the defence reads shape its weights
-        from ablate.defences import DEFENCE_FIELDS
+        from ablate.defences.fields import DEFENCE_FIELDS
 
         recipe["defence"] = {k: v for k, v in recipe["defence"].items() if k in DEFENCE_FIELDS[config.defence.kind]}
     recipe["eval"].pop("before")  # scores the untrained model only: no budget depends on it

@@ -32,7 +32,8 @@ from ablate.finetune.measure import (
 )
 from ablate.finetune.recipe import as_model_config, budget_fingerprint, model_fingerprint, resolve_budgets
 from ablate.finetune.trainer import save_model_dir, train_budget
-from ablate.finetune.training_data import build_examples, donor_fingerprint
+from ablate.finetune.answers import donor_fingerprint
+from ablate.finetune.training_data import build_examples
 
 
 def run_finetune(model: str | ModelConfig, config: FinetuneConfig, out_dir: Path, progress: bool = True) -> list[dict]:

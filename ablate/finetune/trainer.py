@@ -3,7 +3,6 @@ accounting (see the package docstring), and saving the result."""
 
 from __future__ import annotations
 
-import math
 import os
 import resource
 import shutil
@@ -19,23 +18,11 @@ from ablate.config import (
     TrainingLoss,
 )
 from ablate.finetune.loss import accepts_logits_to_keep, keep_answer_openings, supervised_head_loss
-from ablate.finetune.training_data import load_donor, to_conversations
+from ablate.compute import matmul_parameters
+from ablate.finetune.answers import load_donor
+from ablate.finetune.training_data import to_conversations
 from ablate.logs import known_warnings_silenced, quiet_datasets, quiet_trainer
 from ablate.models import drop_gguf_marker, load_model, pick_device, pick_dtype, resolve_spec
-
-
-def matmul_parameters(model) -> int:
-    """Weights of every linear layer including the output head (what a forward pass multiplies by)."""
-    from torch import nn
-
-    total = 0
-    for name, module in model.named_modules():
-        if "lora_" in name:  # the adapter's own matrices are counted as N_lora
-            continue
-        if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"):
-            weight = module.weight
-            total += weight.numel() if not hasattr(weight, "quant_state") else math.prod(weight.quant_state.shape)
-    return total
 
 
 def estimate_train_flops(n_matmul: int, n_trainable: int, tokens: int, full_finetune: bool, n_teacher: int = 0) -> int:

@@ -118,6 +118,8 @@ def _overwrite_option(what: str):
 def models(
     spec: str = typer.Argument("embedded", help="'embedded', a hub id, a local model directory, or a .gguf file."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
+    quantization: str = typer.Option("none", help="Load the weights quantised by bitsandbytes: none, 8bit or 4bit."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Resolve a model spec, load it, and describe it (architecture, layers, d_model, chat template)."""
@@ -210,6 +212,14 @@ def generate(
 # --------------------------------------------------------------------------------------------
 
 
+def _model_config(spec: str, device: str, quantization: str, device_map: str | None):
+    """A ModelConfig from command-line options; a bad value is one line naming the option."""
+    from ablate.config import ModelConfig, validate_config
+
+    return validate_config({"spec": spec, "device": device, "quantization": quantization, "device_map": device_map},
+                           ModelConfig, "command line")
+
+
 def load_finetune_config(config: Optional[Path], overrides: list[str] | None):
     from ablate.config import ORGANISM_RECIPE, FinetuneConfig, apply_overrides, load_config, validate_config
 
@@ -293,6 +303,8 @@ def finetune(
     override: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set training.lr=2e-4 (repeatable)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     overwrite: bool = _overwrite_option("--out"),
+    quantization: str = typer.Option("none", help="Load the weights quantised by bitsandbytes: none, 8bit or 4bit."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
 ) -> None:
     """Fine-tune (LoRA/QLoRA/full) over a budget sweep; finished budgets are skipped on a rerun."""
     from ablate.finetune import as_model_config, check_config, is_main_process, read_before, run_finetune
@@ -300,10 +312,11 @@ def finetune(
 
     recipe = load_finetune_config(config, override)
     check_output_dir(out, overwrite=overwrite, inputs=[model])
-    check_config(as_model_config(model), recipe)  # everything checkable before a model loads
+    model_config = _model_config(model, "auto", quantization, device_map)
+    check_config(model_config, recipe)  # everything checkable before a model loads
     claim_output_dir(out, "finetune")
     _on_interrupt["note"] = f"interrupted: finished budgets are kept in {out}; rerun the same command to resume"
-    results = run_finetune(model, recipe, out, progress=progress)
+    results = run_finetune(model_config, recipe, out, progress=progress)
     before = read_before(out) if recipe.eval.before else None
     results = ([before] if before else []) + results
     if not is_main_process():  # other processes of a distributed launch: the main one reports
@@ -328,6 +341,8 @@ def direction(
     override: Optional[list[str]] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable), e.g. --set kl_max=0.3."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
     overwrite: bool = _overwrite_option("--out"),
+    quantization: str = typer.Option("none", help="Load the weights quantised by bitsandbytes: none, 8bit or 4bit."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
 ) -> None:
     """Extract refusal-direction candidates, score them on validation prompts, select one, save it."""
     from ablate.config import DirectionConfig, apply_overrides, dump_config, load_config, validate_config
@@ -349,7 +364,7 @@ def direction(
     from ablate.models import load_model
 
     load_sets(settings)  # a bad set name fails here, before the model loads
-    loaded, tokenizer = load_model(model, device=device)
+    loaded, tokenizer = load_model(_model_config(model, device, quantization, device_map))
     claim_output_dir(out, "direction")
     selected = run_direction_counted(loaded, tokenizer, settings, out)  # + out/compute.json: its FLOPs and seconds
     counts = ", ".join(f"{name} {count}" for name, count in selected["filter_counts"].items())
@@ -369,17 +384,21 @@ def abliterate(
     out: Path = typer.Option(..., "--out", "-o", help="Where to save the orthogonalised model (loadable by transformers)."),
     device: str = typer.Option("cpu", help="Device for the weight edit."),
     overwrite: bool = _overwrite_option("--out"),
+    stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", help="Read the original safetensors shard by shard (peak memory about one shard) or load the model; default: stream when the weights do not fit in free memory."),
 ) -> None:
     """Bake the selected direction's ablation into the weights and save a plain transformers model."""
     from ablate.config import ModelConfig
     from ablate.directions import load_direction
     from ablate.abliterate import abliterate as run_abliterate
     from ablate.safety import check_output_dir, claim_output_dir
+    from ablate.streaming import too_large_for_memory
 
     check_output_dir(out, overwrite=overwrite, inputs=[direction_dir, model])
     load_direction(direction_dir)  # fails with one line before loading the model
     claim_output_dir(out, "abliterate")
-    saved = run_abliterate(ModelConfig(spec=model, device=device), direction_dir, out)
+    config = ModelConfig(spec=model, device=device)
+    stream = too_large_for_memory(model) if stream is None else stream
+    saved = run_abliterate(config, direction_dir, out, stream=stream)
     stdout.print(f"abliterated model saved → {saved} (load with AutoModelForCausalLM.from_pretrained)", highlight=False)
 
 # --------------------------------------------------------------------------------------------
@@ -407,6 +426,8 @@ def eval_model(
     redact: bool = typer.Option(False, "--redact", help="Keep the scores but drop the completions of refusal-eliciting prompts."),
     override: list[str] = typer.Option([], "--set", help="Suite override KEY.PATH=VALUE (repeatable), e.g. --set refusal.n=32."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
+    quantization: str = typer.Option("none", help="Load the weights quantised by bitsandbytes: none, 8bit or 4bit."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of a table."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace eval/<variant>.json even when it holds another "
                                                               "model's results; write into a folder ablate did not create."),
@@ -438,8 +459,9 @@ def eval_model(
     check_output_dir(out, overwrite=overwrite, inputs=[model, reference])
     identity = model_identity(model)
     check_eval_result(out, name, identity, overwrite=overwrite)
-    loaded, tokenizer = load_model(model, device=device)
-    ref = load_model(reference, device=device) if reference else None
+    loaded, tokenizer = load_model(_model_config(model, device, quantization, device_map))
+    # The KL reference is loaded like the variant (same quantisation and placement).
+    ref = load_model(_model_config(reference, device, quantization, device_map)) if reference else None
     from ablate.evaluate.run import check_suite
 
     check_suite(suite_config, loaded, tokenizer, ref)  # prompt sets, judges, tasks: before anything is written
@@ -513,19 +535,33 @@ def study(
     set_: list[str] = typer.Option([], "--set", help="Override a config value: --set attacks.finetune.enabled=false (repeatable)."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip writing the report at the end."),
     overwrite: bool = _overwrite_option("--out"),
+    plan: bool = typer.Option(False, "--plan", help="Print each stage's model loads, precision, estimated peak memory and devices, then stop."),
+    hardware: Optional[str] = typer.Option(None, "--hardware", help="Plan for these devices instead of the visible ones, e.g. 'cuda:0=80GiB'."),
 ) -> None:
     """Run a whole study: (optional hardening) → direction ablation and LoRA sweep → evaluate every variant → report."""
+    from ablate.logs import known_warnings_silenced, quiet_loading
     from ablate.safety import check_output_dir
     from ablate.study import run_study
 
+    if plan:
+        from ablate.plan import format_plan, plan_study, visible_hardware
+        from ablate.study import resolve_study
+
+        machine = visible_hardware(hardware)
+        shape, plans = plan_study(resolve_study(study_config, list(set_) or None), machine)
+        for line in format_plan(shape, plans, machine):
+            stdout.print(line, highlight=False, soft_wrap=True)
+        if any(not stage.fits for stage in plans):
+            raise typer.Exit(1)
+        return
     if out is not None:
         check_output_dir(out, overwrite=overwrite)
     name = study_config or "default"
     _on_interrupt["note"] = ("interrupted: finished stages are kept in the run directory; resume with "
                              + (f"`ablate study {name} --out {out}`" if out is not None else f"`ablate study {name} --resume`"))
-
-    run_dir = run_study(study_config, out=out, resume=resume, overrides=list(set_) or None, report=not no_report,
-                        command="ablate " + " ".join(sys.argv[1:]), overwrite=overwrite)
+    with quiet_loading(), known_warnings_silenced():  # stage headers, the stages' own bars, the table
+        run_dir = run_study(study_config, out=out, resume=resume, overrides=list(set_) or None, report=not no_report,
+                            command="ablate " + " ".join(sys.argv[1:]), overwrite=overwrite, hardware=hardware)
     stdout.print(f"run directory: {run_dir}", highlight=False)
     _print_main_table(run_dir)
 
@@ -568,15 +604,41 @@ def report(
     _print_main_table(run_dir)
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `ablate study`."),
+    self_contained: bool = typer.Option(False, "--self-contained", help="Copy every cached artifact the run used into RUN/artifacts/."),
+    with_answers: bool = typer.Option(False, "--with-answers", help="Copy the donor's answers too (compliant answers to refusal-eliciting prompts)."),
+) -> None:
+    """List the cached artifacts a run used (organisms, donors, answers) or, with --self-contained, copy them into it."""
+    from ablate.artifacts import read_json
+    from ablate.export import cache_root, export_run
+
+    if self_contained:
+        entries = export_run(run_dir, with_answers=with_answers)
+    else:
+        manifest_path = run_dir / "manifest.json"
+        if not manifest_path.exists():
+            raise AblateError(f"{run_dir}: not a run directory (no manifest.json)")
+        entries = read_json(manifest_path).get("artifacts") or []
+    table = Table("kind", "cache entry", "SHA-256", "MB", "in the run")
+    for entry in entries:
+        size = entry.get("bytes")
+        table.add_row(entry["kind"], entry["key"], (entry.get("sha256") or "-")[:16],
+                      "-" if size is None else f"{size / 2**20:.1f}", entry.get("exported") or "-")
+    stdout.print(table)
+    stdout.print(f"cache: {cache_root()}" + ("" if self_contained else "; copy them with --self-contained"), highlight=False)
+
+
 def _print_main_table(run_dir: Path) -> None:
-    from ablate.report import load_run, main_table_rows
+    from ablate.report import load_run, main_table
 
     run = load_run(run_dir)
     if run.table.empty:
         return
-    header, rows = main_table_rows(run)
-    table = Table(*header)
-    for cells in rows:
+    model = main_table(run)
+    table = Table(*model.columns)
+    for cells in model.rows:
         table.add_row(*cells)
     stdout.print(table)
 

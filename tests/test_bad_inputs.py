@@ -206,6 +206,9 @@ CASES = [
     ("report-empty-eval", ["report", "{ws}/run_empty"], ["incomplete", "ablated"], None),
     ("report-not-a-run", ["report", "{ws}/mine"], ["mine", "manifest.json"], None),
     ("report-missing", ["report", "{ws}/norun"], ["norun"], None),
+    # export
+    ("export-not-a-run", ["export", "{ws}/mine"], ["mine", "manifest.json"], None),
+    ("export-missing-self-contained", ["export", "{ws}/norun", "--self-contained"], ["norun"], None),
 ]
 
 # Light commands (no model load) that also go through the installed executable.

@@ -1,6 +1,6 @@
 """Refusal-direction stage: wall time and held-out refusal / KL, side by side with heretic-llm.
 
-    python benchmarks/bench_directions.py --model /work/cache/organism-latest            # ours only
+    python benchmarks/bench_directions.py                      # ours only, on the shipped organism (built once, cached)
     python benchmarks/bench_directions.py --model DIR --heretic benchmarks/_work/heretic-venv/bin/heretic
 
 Ours: `run_direction` (collect + screen + score + select) and weight orthogonalisation, timed in this
@@ -287,7 +287,7 @@ def fmt_interval(bounds) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(Path(os.environ.get("ABLATE_CACHE", "/work/cache")) / "organism-latest"))
+    parser.add_argument("--model", default=None, help="Model spec or directory (default: the organism `ablate harden embedded` builds, cached).")
     parser.add_argument("--config", default=None, help="DirectionConfig YAML for ours (default: the defaults).")
     parser.add_argument("--n-test", type=int, default=150, help="Held-out prompts per side (refusal:test, harmless:test).")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="Greedy tokens per held-out completion.")
@@ -295,6 +295,10 @@ def main() -> None:
     parser.add_argument("--heretic-trials", type=int, default=20)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.model is None:
+        from ablate.finetune import harden
+
+        args.model = str(harden("embedded"))
     WORK.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     from ablate.directions import native_bfloat16

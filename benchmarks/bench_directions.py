@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent
 # The chat template's default system prompt, which our selection and every evaluation use.
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 WORK = ROOT / "_work"
-# heretic's dtype, as the issue configures its reduced-budget run (ours: `compute_dtype: auto`).
+# heretic's dtype for its reduced-budget run (ours: `compute_dtype: auto`).
 HERETIC_DTYPE = "float32"
 
 
@@ -149,7 +149,7 @@ def run_ours(model_spec: str, n_test: int, max_new_tokens: int, config_path: str
 def write_heretic_inputs(workdir: Path, model_path: str, n_train: int, n_eval: int, trials: int, batch_size: int,
                          max_new_tokens: int) -> None:
     """Local dataset folders (train = our train split, test = our *validation* split, which heretic
-    selects on) and a config.toml mirroring the reduced budget described in the issue."""
+    selects on) and a config.toml for a reduced budget (n_trials trials, 8 of them random start-up trials)."""
     from ablate.data import load_prompt_set
 
     for kind in ("refusal", "harmless"):
@@ -252,7 +252,7 @@ def drive_heretic(executable: str, workdir: Path, saved: Path, env: dict, timeou
 
 
 def run_heretic(executable: str, model_path: str, n_test: int, max_new_tokens: int, trials: int) -> dict:
-    """heretic's reduced-budget run (as measured in the issue), then our held-out evaluation of its model."""
+    """heretic's reduced-budget run, then our held-out evaluation of its model."""
     import shutil
 
     workdir = WORK / "heretic-run"
@@ -310,7 +310,7 @@ def main() -> None:
     results["ours"] = run_ours(args.model, args.n_test, args.max_new_tokens, args.config)
     if args.heretic:
         results["heretic"] = run_heretic(args.heretic, args.model, args.n_test, args.max_new_tokens, args.heretic_trials)
-        if "after" in results["heretic"]:  # heretic's wall time over our stage's, the issue's speed ratio
+        if "after" in results["heretic"]:  # heretic's wall time over our stage's: the speed ratio
             results["speedup"] = round(results["heretic"]["wall_seconds"] / results["ours"]["stage_seconds"], 2)
             results["paired"] = paired_comparison(results["ours"]["after"], results["heretic"]["after"])
     results["loadavg_end"] = os.getloadavg()

@@ -130,7 +130,7 @@ def generate(
 # --------------------------------------------------------------------------------------------
 
 
-def _load_finetune_config(config: Optional[Path], overrides: list[str] | None):
+def load_finetune_config(config: Optional[Path], overrides: list[str] | None):
     from ablate.config import ORGANISM_RECIPE, FinetuneConfig, apply_overrides, load_config, validate_config
 
     if config is not None:
@@ -145,7 +145,7 @@ def _with_interval(value: float | None, interval: list[float] | None, spec: str)
     return format(value, spec) + (f" [{format(interval[0], spec)}, {format(interval[1], spec)}]" if interval else "")
 
 
-def _print_budget_table(results: list[dict]) -> None:
+def print_budget_table(results: list[dict]) -> None:
     capability = any(row.get("capability") for row in results)
     # The first eval set gives `refusal` (with its interval); the others (over-refusal) a column each.
     others = list(dict.fromkeys(name for row in results for name in list(row.get("refusal_rates") or {})[1:]))
@@ -180,7 +180,7 @@ def harden(
     """Harden a model into a safety-tuned organism (LoRA SFT, merged); cached by content hash."""
     from ablate.finetune import harden as run_harden
 
-    recipe = _load_finetune_config(config, override)
+    recipe = load_finetune_config(config, override)
     model_dir = run_harden(model, recipe, out=out, progress=progress)
     metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
     intervals = metrics.get("refusal_ci") or {}
@@ -209,13 +209,13 @@ def finetune(
     """Fine-tune (LoRA/QLoRA/full) over a budget sweep; finished budgets are skipped on a rerun."""
     from ablate.finetune import is_main_process, read_before, run_finetune
 
-    recipe = _load_finetune_config(config, override)
+    recipe = load_finetune_config(config, override)
     results = run_finetune(model, recipe, out, progress=progress)
     before = read_before(out) if recipe.eval.before else None
     results = ([before] if before else []) + results
     if not is_main_process():  # other processes of a distributed launch: the main one reports
         return
-    _print_budget_table(results)
+    print_budget_table(results)
     stdout.print(f"→ {out}", highlight=False)
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def abliterate(
     """Bake the selected direction's ablation into the weights and save a plain transformers model."""
     from ablate.config import ModelConfig
     from ablate.directions import load_direction
-    from ablate.interventions import abliterate as run_abliterate
+    from ablate.abliterate import abliterate as run_abliterate
 
     load_direction(direction_dir)  # fails with one line before loading the model
     saved = run_abliterate(ModelConfig(spec=model, device=device), direction_dir, out)

@@ -170,10 +170,11 @@ class GenerationConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (only when do_sample).")
     seed: int = Field(0, description="Random seed for sampling.")
     system_prompt: str | None = Field(None, description="System message placed before every prompt; None keeps the template's default.")
+    backend: str = Field("fast", description="Generation backend: fast (batched loop with a shared-prefix prefill) or hf (transformers' model.generate, the reference).")
 
 
 # --------------------------------------------------------------------------------------------
-# Fine-tuning (hardening and LoRA attacks) — ablate/finetune.py
+# Fine-tuning (hardening and LoRA attacks) — ablate/finetune/
 # --------------------------------------------------------------------------------------------
 
 
@@ -329,7 +330,7 @@ ORGANISM_RECIPE: dict = {
 
 
 # --------------------------------------------------------------------------------------------
-# Refusal directions — ablate/directions.py, ablate/interventions.py
+# Refusal directions — ablate/directions/, ablate/interventions.py, ablate/abliterate.py
 # --------------------------------------------------------------------------------------------
 
 

@@ -13,6 +13,10 @@ batch of short refusals does not pay for its one long answer: on the default stu
 (mean answer 24–61 of 64 tokens) this is what makes them up to ~2x faster than `model.generate`
 (`benchmarks/bench_generation.py`). Greedy results equal `model.generate(do_sample=False)` (tested).
 
+Generation has one interface, `generate_batches`, and named backends (`GenerationConfig.backend`):
+`fast` (the loop above, the default) and `hf` (plain `model.generate`, the reference). Another backend
+is one function registered with `@register_backend("name")`.
+
     from ablate.models import load_model
     from ablate.generation import generate
     model, tokenizer = load_model("embedded")
@@ -22,12 +26,13 @@ batch of short refusals does not pay for its one long answer: on the default stu
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import DynamicCache
 from tqdm.auto import tqdm
 
+from ablate import AblateError
 from ablate.config import GenerationConfig
 from ablate.models import format_chat
 
@@ -121,7 +126,7 @@ def shared_prefix_length(rows: list[list[int]], own: int = 1) -> int:
     return shared
 
 
-def _prefill_plain(model, rows: list[list[int]], pad_id: int, device):
+def prefill_plain(model, rows: list[list[int]], pad_id: int, device):
     """One left-padded forward over the whole batch (any model)."""
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
@@ -205,7 +210,7 @@ def prefill(model, rows: list[list[int]], pad_id: int, device, chunk_rows: int |
     """
     if len(rows) > 1 and plain_cache_layers(model):
         return _prefill_shared(model, rows, pad_id, device, chunk_rows or PREFILL_CHUNK_ROWS)
-    return _prefill_plain(model, rows, pad_id, device)
+    return prefill_plain(model, rows, pad_id, device)
 
 
 @torch.inference_mode()
@@ -248,6 +253,36 @@ def decode(
     return new_tokens, first_logits
 
 
+# --------------------------------------------------------------------------------------------
+# Backends: one interface, `generate_batches`, and named implementations of it
+# --------------------------------------------------------------------------------------------
+
+Backend = Callable[..., tuple[list[str], torch.Tensor]]
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str) -> Callable[[Backend], Backend]:
+    """Register a generation backend under `name` (`GenerationConfig.backend` picks it).
+
+    A backend is `function(model, tokenizer, prompts, config, *, progress, description)` returning the
+    completions (new text, special tokens stripped, stripped of surrounding spaces) in input order and
+    the first generated token's logits (n_prompts, vocab) float32 on the CPU. Greedy completions of every
+    backend must equal the `hf` reference's (tests/test_generation.py checks each registered backend).
+    """
+    def register(function: Backend) -> Backend:
+        BACKENDS[name] = function
+        return function
+
+    return register
+
+
+def generation_backend(name: str) -> Backend:
+    """The backend registered as `name`; a one-line error naming the known ones otherwise."""
+    if name not in BACKENDS:
+        raise AblateError(f"generation.backend: unknown backend '{name}'; expected one of: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name]
+
+
 def generate_batches(
     model,
     tokenizer,
@@ -258,9 +293,23 @@ def generate_batches(
     description: str = "generating",
 ) -> tuple[list[str], torch.Tensor]:
     """Completions (new text, special tokens stripped) in input order, and the first generated
-    token's logits (n_prompts, vocab) from the same pass."""
+    token's logits (n_prompts, vocab) from the same pass, by the backend `config.backend` names."""
     if not prompts:
         return [], torch.empty(0)
+    return generation_backend(config.backend)(model, tokenizer, prompts, config, progress=progress, description=description)
+
+
+@register_backend("fast")
+def generate_fast(
+    model,
+    tokenizer,
+    prompts: list[str],
+    config: GenerationConfig,
+    *,
+    progress: bool = True,
+    description: str = "generating",
+) -> tuple[list[str], torch.Tensor]:
+    """The batched loop of this module: shared-prefix prefill, rows leaving the batch as they end (`decode`)."""
     texts = render_prompts(tokenizer, prompts, config.system_prompt)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     device = next(model.parameters()).device
@@ -276,6 +325,49 @@ def generate_batches(
             for row, index in enumerate(batch):
                 completions[index] = tokenizer.decode(tokens[row], skip_special_tokens=True).strip()
                 first_logits[index] = logits[row]
+            bar.update(len(batch))
+    return completions, torch.stack(first_logits)  # type: ignore[arg-type]
+
+
+@register_backend("hf")
+@torch.inference_mode()
+def generate_hf(
+    model,
+    tokenizer,
+    prompts: list[str],
+    config: GenerationConfig,
+    *,
+    progress: bool = True,
+    description: str = "generating",
+) -> tuple[list[str], torch.Tensor]:
+    """The reference: transformers' own `model.generate` on left-padded, length-sorted batches, with only the
+    settings of `config` (no repetition penalty or top-k from the model's generation config). Sampling seeds
+    torch's global generator with `config.seed`."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    texts = render_prompts(tokenizer, prompts, config.system_prompt)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    device = next(model.parameters()).device
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    settings = HFGenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, top_k=0,
+                                  temperature=config.temperature if config.do_sample else None,
+                                  top_p=config.top_p if config.do_sample else None,
+                                  eos_token_id=eos_ids, pad_token_id=pad_id)
+    if config.do_sample:
+        torch.manual_seed(config.seed)
+    completions: list[str] = [""] * len(prompts)
+    first_logits: list[torch.Tensor | None] = [None] * len(prompts)
+    with _progress(len(prompts), description, progress) as bar:
+        for batch in length_sorted_batches(lengths, config.batch_size):
+            inputs = tokenize_batch(tokenizer, [texts[i] for i in batch], device)
+            output = model.generate(**inputs, generation_config=settings, output_logits=True, return_dict_in_generate=True)
+            new_tokens = output.sequences[:, inputs["input_ids"].shape[1]:].tolist()
+            for row, index in enumerate(batch):
+                tokens = new_tokens[row]
+                end = next((step for step, token in enumerate(tokens) if token in eos_ids), len(tokens) - 1)
+                completions[index] = tokenizer.decode(tokens[: end + 1], skip_special_tokens=True).strip()
+                first_logits[index] = output.logits[0][row].float().cpu()
             bar.update(len(batch))
     return completions, torch.stack(first_logits)  # type: ignore[arg-type]
 

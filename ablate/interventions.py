@@ -30,22 +30,21 @@ stage's `strength_learning` learns them.
     with directional_ablation(model, r):
         logits = model(**inputs).logits
     orthogonalize_weights(model, r)          # in place; now equals the hooked model
-    abliterate("embedded", Path("runs/x/directions"), Path("runs/x/models/abliterated"))
+
+Loading a finished direction stage and saving the orthogonalised model is `ablate.abliterate`.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ablate import AblateError
+from ablate.hooks import hooks, project_out, replace_hidden, replace_output
 from ablate.models import get_adapter, writer_output_axis
 
 
@@ -62,28 +61,6 @@ def _check_size(model: nn.Module, direction: torch.Tensor) -> None:
     d_model = get_adapter(model).d_model
     if direction.numel() != d_model:
         raise AblateError(f"direction has {direction.numel()} entries but the model's d_model is {d_model}")
-
-
-def _project_out(x: torch.Tensor, r_hat: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    """x − w (x·r̂) r̂ along the last axis, in x's dtype."""
-    r_hat = r_hat.to(device=x.device, dtype=x.dtype)
-    return x - weight * (x @ r_hat).unsqueeze(-1) * r_hat
-
-
-def _replace_hidden(args: tuple, kwargs: dict, function) -> tuple[tuple, dict]:
-    """Apply `function` to a decoder layer's `hidden_states`, passed positionally or by keyword."""
-    if args:
-        return (function(args[0]), *args[1:]), kwargs
-    if "hidden_states" in kwargs:
-        return args, {**kwargs, "hidden_states": function(kwargs["hidden_states"])}
-    raise AblateError("cannot find hidden_states among a decoder layer's inputs")
-
-
-def _replace_output(output, function):
-    """Modules return a tensor or a tuple whose first item is the tensor that is added to the residual."""
-    if isinstance(output, tuple):
-        return (function(output[0]), *output[1:])
-    return function(output)
 
 
 def layer_weights(
@@ -154,32 +131,25 @@ def directional_ablation(
     _check_size(model, direction)
     adapter = get_adapter(model)
     r_hat = unit(direction)
-    handles = []
 
     def output_hook(weight: float):
         def hook(module, inputs, output):
-            return _replace_output(output, lambda x: _project_out(x, r_hat, weight))
+            return replace_output(output, lambda x: project_out(x, r_hat, weight))
 
         return hook
 
     def input_hook(module, args, kwargs):
-        return _replace_hidden(args, kwargs, lambda x: _project_out(x, r_hat))
+        return replace_hidden(args, kwargs, lambda x: project_out(x, r_hat))
 
-    try:
-        if weights is None:
-            for layer in adapter.layers:
-                handles.append(layer.register_forward_pre_hook(input_hook, with_kwargs=True))
-            for module in [adapter.embedding, *adapter.extra_embeddings, *adapter.all_writers()]:
-                handles.append(module.register_forward_hook(output_hook(1.0)))
-        else:
-            for row, writers in zip(writer_strengths(model, weights), adapter.writers):
-                for weight, module in zip(row, writers):
-                    if weight != 0:
-                        handles.append(module.register_forward_hook(output_hook(weight)))
+    if weights is None:
+        pre = [(layer, input_hook) for layer in adapter.layers]
+        forward = [(module, output_hook(1.0)) for module in [adapter.embedding, *adapter.extra_embeddings, *adapter.all_writers()]]
+    else:
+        pre = []
+        forward = [(module, output_hook(weight)) for row, writers in zip(writer_strengths(model, weights), adapter.writers)
+                   for weight, module in zip(row, writers) if weight != 0]
+    with hooks(forward=forward, pre=pre):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -194,13 +164,10 @@ def activation_addition(
     vector = torch.as_tensor(direction).detach().float().flatten() * coefficient
 
     def hook(module, args, kwargs):
-        return _replace_hidden(args, kwargs, lambda x: x + vector.to(device=x.device, dtype=x.dtype))
+        return replace_hidden(args, kwargs, lambda x: x + vector.to(device=x.device, dtype=x.dtype))
 
-    handle = adapter.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with hooks(pre=[(adapter.layers[layer], hook)]):
         yield
-    finally:
-        handle.remove()
 
 
 def untie_output_head(model: nn.Module) -> bool:
@@ -268,7 +235,7 @@ def orthogonalize_weights(
             _project_weight(module.weight, r_hat, writer_output_axis(module), strength)
             bias = getattr(module, "bias", None)
             if bias is not None:
-                bias.copy_(_project_out(bias.float(), r_hat, strength).to(bias.dtype))
+                bias.copy_(project_out(bias.float(), r_hat, strength).to(bias.dtype))
 
 
 def weights_for(model: nn.Module, selected: dict) -> list[float] | list[list[float]] | None:
@@ -276,52 +243,3 @@ def weights_for(model: nn.Module, selected: dict) -> list[float] | list[list[flo
     strength = selected.get("strength") or {}
     return layer_weights(get_adapter(model).n_layers, strength.get("coefficient", 1.0), strength.get("kernel"),
                          strength.get("writer_weights"))
-
-
-def orthogonalize_from(model: nn.Module, direction_dir: Path) -> dict:
-    """Orthogonalise `model` in place against a finished direction stage, at its recorded strength.
-
-    Returns the stage's selected metadata.
-    """
-    from ablate.directions import load_direction
-
-    direction, selected = load_direction(Path(direction_dir))
-    orthogonalize_weights(model, direction, weights_for(model, selected))
-    return selected
-
-
-def abliterate(model, direction_dir: Path, out_dir: Path, progress: bool = True, loaded: tuple | None = None) -> Path:
-    """Load `model` (spec or ModelConfig), orthogonalise it against a saved direction, save it.
-
-    The saved folder (safetensors + config + tokenizer + abliteration.json) loads with plain
-    `AutoModelForCausalLM.from_pretrained(out_dir)`. Written to `<out_dir>.partial` and renamed.
-    Skips when `out_dir/done.json` records the same inputs. `loaded`: (model, tokenizer) already loaded
-    from `model`, orthogonalised in place instead of loading it again.
-    """
-    from ablate.artifacts import file_sha256, fingerprint, is_done, mark_done, write_json
-    from ablate.config import ModelConfig
-    from ablate.directions import load_direction
-    from ablate.models import load_model
-
-    out_dir = Path(out_dir)
-    config = model if isinstance(model, ModelConfig) else ModelConfig(spec=str(model))
-    direction, selected = load_direction(Path(direction_dir))
-    direction_file = Path(direction_dir) / "direction.pt"
-    inputs = {"model": config.model_dump(mode="json"), "direction_sha256": file_sha256(direction_file),
-              "strength": selected.get("strength")}
-    key = fingerprint(inputs)
-    if is_done(out_dir, key):
-        return out_dir
-    loaded, tokenizer = loaded if loaded is not None else load_model(config)
-    orthogonalize_weights(loaded, direction, weights_for(loaded, selected))
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    loaded.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / "abliteration.json", {**inputs, "direction_dir": str(direction_dir),
-                                           "layer": selected.get("layer"), "position": selected.get("position")})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
-    mark_done(out_dir, key, direction_dir=str(direction_dir))
-    return out_dir

@@ -88,7 +88,7 @@ def embedded_gguf_path() -> Path:
 
 
 @contextmanager
-def _parse_gguf_once() -> Iterator[None]:
+def parse_gguf_once() -> Iterator[None]:
     """Memoise gguf's file reader and tensor-name map while transformers loads a GGUF file.
 
     transformers parses the whole file three times (config, tokenizer, weights) and rebuilds gguf's
@@ -125,7 +125,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        with _parse_gguf_once():
+        with parse_gguf_once():
             loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as error:  # transformers raises many types for unreadable files

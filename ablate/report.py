@@ -476,10 +476,10 @@ def _setup_lines(run: Run) -> list[str]:
 def _selected_line(selected: dict) -> str:
     keys = ("variant", "layer", "position", "refusal_score", "steering_score", "kl", "fallback")
     return ", ".join([f"{key} = {_fmt(selected.get(key))}" for key in keys if key in selected]
-                     + [f"strength = {_strength_text(selected.get('strength') or {})}"])
+                     + [f"strength = {strength_text(selected.get('strength') or {})}"])
 
 
-def _strength_text(strength: dict) -> str:
+def strength_text(strength: dict) -> str:
     """How strongly the direction is removed, in words: full, a kernel, or learned per-writer weights."""
     coefficient = strength.get("coefficient", 1.0)
     if strength.get("writer_weights"):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import random
 import subprocess
 import sys
 import time
@@ -176,15 +175,6 @@ def hardware() -> dict:
     return info
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    with contextlib.suppress(ImportError):
-        import numpy
-
-        numpy.random.seed(seed)
-
-
 @dataclass
 class StageLog:
     """What one study run did: per stage, wall seconds, skipped or not, and the stage's own figures."""
@@ -231,6 +221,38 @@ def _with_spec(model: ModelConfig, spec: str) -> ModelConfig:
     return model.model_copy(update={"spec": spec})
 
 
+@dataclass
+class StudyRun:
+    """What the steps of one study run share: the resolved configs, the run directory and its log, and the model
+    variants found so far (name -> {"spec": model spec, "kind": ..., "info": {...}})."""
+
+    resolved: ResolvedStudy
+    run_dir: Path
+    console: Any
+    progress: bool
+    log: StageLog = field(default_factory=StageLog)
+    variants: dict[str, dict] = field(default_factory=dict)
+    base_fp: str = ""
+    target_spec: str = ""
+    target_fp: str = ""
+    direction: dict | None = None  # the direction stage's result, when it ran
+
+    @property
+    def config(self) -> StudyConfig:
+        return self.resolved.config
+
+    @property
+    def target_name(self) -> str:
+        return "organism" if self.config.harden.enabled else "base"
+
+    @property
+    def target_model(self) -> ModelConfig:
+        return _with_spec(self.config.model, self.target_spec)
+
+    def stage(self, name: str, inputs: Any, work: Callable[[], dict]) -> dict:
+        return run_stage(self.run_dir, name, inputs, work, self.log, self.console)
+
+
 def run_study(
     study: str | Path | None = None,
     *,
@@ -243,10 +265,32 @@ def run_study(
 ) -> Path:
     """Run a study end to end and return its run directory (see the module docstring)."""
     from rich.console import Console
+    from transformers import set_seed
 
     console = Console(stderr=True, quiet=not progress)
     resolved = resolve_study(study, overrides)
-    config = resolved.config
+    run_dir = choose_run_dir(resolved.config, out, resume)
+    console.print(f"[bold]study[/] {resolved.config.name} → {run_dir}")
+    set_seed(resolved.config.seed)
+    started = time.perf_counter()
+    manifest = start_manifest(resolved, run_dir, command)
+    run = StudyRun(resolved=resolved, run_dir=run_dir, console=console, progress=progress)
+    harden_target(run)
+    attack_with_direction(run)
+    attack_with_finetuning(run)
+    measure_geometry(run)
+    evaluate_variants(run)
+    finish_manifest(run, manifest, started)
+    if report:
+        from ablate.report import write_report
+
+        write_report(run_dir)
+        console.print(f"[bold green]report[/] {run_dir / 'report.md'}  {run_dir / 'report.html'}")
+    return run_dir
+
+
+def choose_run_dir(config: StudyConfig, out: str | Path | None, resume: bool) -> Path:
+    """`out`, or with `resume` the newest run of this study, or a new timestamped folder; created."""
     if out is not None:
         run_dir = Path(out)
     elif resume:
@@ -256,10 +300,13 @@ def run_study(
     else:
         run_dir = new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]study[/] {config.name} → {run_dir}")
-    seed_everything(config.seed)
-    log = StageLog()
-    started = time.perf_counter()
+    return run_dir
+
+
+def start_manifest(resolved: ResolvedStudy, run_dir: Path, command: str | None) -> dict:
+    """manifest.json with status 'running': configs as given and resolved, versions, commit, hardware, seed;
+    and config.yaml. Returns the manifest, which `finish_manifest` completes."""
+    config = resolved.config
     manifest_path = run_dir / "manifest.json"
     previous = read_json(manifest_path) if manifest_path.exists() else {}
     manifest: dict[str, Any] = {
@@ -286,120 +333,139 @@ def run_study(
     }
     write_json(manifest_path, manifest)
     (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    return manifest
 
-    variants: dict[str, dict] = {}  # name -> {"spec": model spec, "kind": ..., "info": {...}}
+
+def harden_target(run: StudyRun) -> None:
+    """Step 1: the model the attacks target — the base, or with `harden` the organism hardened from it (cached by
+    content hash inside ablate.finetune as well)."""
+    config, resolved = run.config, run.resolved
     base_spec = config.model.spec
-    base_fp = model_fingerprint(base_spec)
-    target_spec, target_fp = base_spec, base_fp
+    run.base_fp = model_fingerprint(base_spec)
+    run.target_spec, run.target_fp = base_spec, run.base_fp
+    if not config.harden.enabled:
+        run.variants["base"] = {"spec": base_spec, "kind": "base"}
+        return
+    from ablate.finetune import default_config, harden
 
-    # 1. Hardening (cached by content hash inside ablate.finetune as well).
-    if config.harden.enabled:
-        from ablate.finetune import default_config, harden
+    recipe = resolved.harden or default_config()  # the suite evaluates the organism: skip the recipe's own scoring
+    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"enabled": False})})
 
-        recipe = resolved.harden or default_config()  # the suite evaluates the organism: skip the recipe's own scoring
-        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"enabled": False})})
+    def work_harden() -> dict:
+        organism = harden(config.model, recipe, progress=run.progress)
+        return {"model_dir": str(organism)}
 
-        def work_harden() -> dict:
-            organism = harden(config.model, recipe, progress=progress)
-            return {"model_dir": str(organism)}
+    harden_inputs = {"model": run.base_fp, "config": resolved.harden.model_dump(mode="json") if resolved.harden else None}
+    hardened = run.stage("harden", harden_inputs, work_harden)
+    if not Path(hardened["model_dir"], "config.json").exists():  # cache cleared since: rebuild it
+        (run.run_dir / STAGES_DIR / "harden" / "done.json").unlink()
+        hardened = run.stage("harden", harden_inputs, work_harden)
+    if config.harden.evaluate_base:
+        run.variants["base"] = {"spec": base_spec, "kind": "base"}
+    run.target_spec = hardened["model_dir"]
+    run.target_fp = model_fingerprint(run.target_spec)
+    run.variants["organism"] = {"spec": run.target_spec, "kind": "organism"}
 
-        harden_inputs = {"model": base_fp, "config": resolved.harden.model_dump(mode="json") if resolved.harden else None}
-        hardened = run_stage(run_dir, "harden", harden_inputs, work_harden, log, console)
-        if not Path(hardened["model_dir"], "config.json").exists():  # cache cleared since: rebuild it
-            (run_dir / STAGES_DIR / "harden" / "done.json").unlink()
-            hardened = run_stage(run_dir, "harden", harden_inputs, work_harden, log, console)
-        if config.harden.evaluate_base:
-            variants["base"] = {"spec": base_spec, "kind": "base"}
-        target_spec = hardened["model_dir"]
-        target_fp = model_fingerprint(target_spec)
-        variants["organism"] = {"spec": target_spec, "kind": "organism"}
-    else:
-        variants["base"] = {"spec": base_spec, "kind": "base"}
-    target_name = "organism" if config.harden.enabled else "base"
-    target_model = _with_spec(config.model, target_spec)
 
-    # 2. Attack A: refusal direction (selected on validation prompts), applied by orthogonalisation.
-    if resolved.direction is not None:
-        from ablate.directions import run_direction
+def attack_with_direction(run: StudyRun) -> None:
+    """Step 2, attack A: the refusal direction (selected on validation prompts), applied by orthogonalisation."""
+    resolved, run_dir = run.resolved, run.run_dir
+    if resolved.direction is None:
+        return
+    from ablate.directions import run_direction
 
-        def work_direction() -> dict:
-            from ablate.models import load_model
+    target_model = run.target_model
 
-            model, tokenizer = load_model(target_model)
-            selected = run_direction(model, tokenizer, resolved.direction, run_dir / "directions", progress=progress)
-            return {"selected": selected}
+    def work_direction() -> dict:
+        from ablate.models import load_model
 
-        direction = run_stage(run_dir, "direction",
-                              {"model": target_fp, "config": resolved.direction.model_dump(mode="json")},
-                              work_direction, log, console)
-        variants["ablated"] = {"spec": target_spec, "kind": "direction", "direction_dir": str(run_dir / "directions"),
-                               "info": direction["selected"]}
-        if config.attacks.direction.save_model:
-            from ablate.interventions import abliterate
+        model, tokenizer = load_model(target_model)
+        selected = run_direction(model, tokenizer, resolved.direction, run_dir / "directions", progress=run.progress)
+        return {"selected": selected}
 
-            run_stage(run_dir, "save-ablated", {"model": target_fp, "direction": direction},
-                      lambda: {"model_dir": str(abliterate(target_model, run_dir / "directions", run_dir / "models" / "ablated"))},
-                      log, console)
+    run.direction = run.stage("direction", {"model": run.target_fp, "config": resolved.direction.model_dump(mode="json")},
+                              work_direction)
+    run.variants["ablated"] = {"spec": run.target_spec, "kind": "direction", "direction_dir": str(run_dir / "directions"),
+                               "info": run.direction["selected"]}
+    if run.config.attacks.direction.save_model:
+        from ablate.abliterate import abliterate
 
-    # 3. Attack B: LoRA fine-tuning budget sweep (each budget resumable on its own).
-    if resolved.finetune is not None:
-        from ablate.finetune import ABLATED_DONOR, run_finetune
+        run.stage("save-ablated", {"model": run.target_fp, "direction": run.direction},
+                  lambda: {"model_dir": str(abliterate(target_model, run_dir / "directions", run_dir / "models" / "ablated"))})
 
-        recipe = resolved.finetune
-        finetune_inputs = {"model": target_fp, "config": recipe.model_dump(mode="json")}
-        # The study's eval suite scores the untrained model as its own variant: no 'before training' row here.
-        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"before": False})})
-        if recipe.data.donor == ABLATED_DONOR and recipe.data.donor_direction is None and resolved.direction is not None:
-            # The ablated donor is the direction attack's own pick: no second direction stage.
-            recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
-                update={"donor_direction": str(run_dir / "directions")})})
-            finetune_inputs["donor_direction"] = direction
 
-        def work_finetune() -> dict:
-            return {"budgets": run_finetune(target_model, recipe, run_dir / "finetune", progress=progress)}
+def attack_with_finetuning(run: StudyRun) -> None:
+    """Step 3, attack B: the LoRA fine-tuning budget sweep (each budget resumable on its own); one variant per budget."""
+    resolved, run_dir = run.resolved, run.run_dir
+    if resolved.finetune is None:
+        return
+    from ablate.finetune import ABLATED_DONOR, run_finetune
 
-        sweep = run_stage(run_dir, "finetune", finetune_inputs, work_finetune, log, console)
-        for budget in sweep["budgets"]:
-            # A merged model when the recipe merges; otherwise (QLoRA) the attacked model plus the adapter.
-            merged = budget.get("model_dir")
-            variants[f"lora-{budget['name']}"] = {"spec": merged or target_spec, "kind": "finetune",
+    recipe = resolved.finetune
+    finetune_inputs = {"model": run.target_fp, "config": recipe.model_dump(mode="json")}
+    # The study's eval suite scores the untrained model as its own variant: no 'before training' row here.
+    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"before": False})})
+    if recipe.data.donor == ABLATED_DONOR and recipe.data.donor_direction is None and resolved.direction is not None:
+        # The ablated donor is the direction attack's own pick: no second direction stage.
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
+            update={"donor_direction": str(run_dir / "directions")})})
+        finetune_inputs["donor_direction"] = run.direction
+    target_model = run.target_model
+
+    def work_finetune() -> dict:
+        return {"budgets": run_finetune(target_model, recipe, run_dir / "finetune", progress=run.progress)}
+
+    sweep = run.stage("finetune", finetune_inputs, work_finetune)
+    for budget in sweep["budgets"]:
+        # A merged model when the recipe merges; otherwise (QLoRA) the attacked model plus the adapter.
+        merged = budget.get("model_dir")
+        run.variants[f"lora-{budget['name']}"] = {"spec": merged or run.target_spec, "kind": "finetune",
                                                   "adapter_dir": None if merged else budget.get("adapter_dir"),
                                                   "info": budget}
 
-    # 3b. Geometry: does the LoRA attack remove the direction that ablation removes?
-    if resolved.direction is not None and resolved.finetune is not None:
-        def work_projections() -> dict:
-            from ablate.data import load_prompt_set
-            from ablate.directions import load_direction
 
-            direction_vector, selected = load_direction(run_dir / "directions")
-            refusal = load_prompt_set("refusal:test", limit=32).prompts
-            harmless = load_prompt_set("harmless:test", limit=32).prompts
-            table = {}
-            for name, variant in variants.items():
-                if variant["kind"] not in ("organism", "finetune", "base"):
-                    continue
-                model, tokenizer = load_variant(config.model, variant)
-                on_refusal = measure_projections(model, tokenizer, direction_vector, selected["layer"], refusal)
-                on_harmless = measure_projections(model, tokenizer, direction_vector, selected["layer"], harmless)
-                table[name] = {"refusal_mean": sum(on_refusal) / len(on_refusal),
-                               "harmless_mean": sum(on_harmless) / len(on_harmless),
-                               "refusal": on_refusal, "harmless": on_harmless}
-                del model
-            payload = {"layer": selected["layer"], "n_refusal": len(refusal), "n_harmless": len(harmless),
-                       "variants": table}
-            write_json(run_dir / "directions" / "projections.json", payload)
-            return {"path": str(run_dir / "directions" / "projections.json")}
+def measure_geometry(run: StudyRun) -> None:
+    """Step 3b: does the LoRA attack remove the direction that ablation removes? The projections of the residual
+    stream on r̂ at the selected layer, per variant (directions/projections.json)."""
+    resolved, run_dir, config, variants = run.resolved, run.run_dir, run.config, run.variants
+    if resolved.direction is None or resolved.finetune is None:
+        return
 
-        run_stage(run_dir, "projections",
-                  {"variants": {n: v.get("spec") for n, v in variants.items()}, "direction": direction},
-                  work_projections, log, console)
+    def work_projections() -> dict:
+        from ablate.data import load_prompt_set
+        from ablate.directions import load_direction
 
-    # 4. Evaluation of every variant, with the attacked model as the KL reference.
+        direction_vector, selected = load_direction(run_dir / "directions")
+        refusal = load_prompt_set("refusal:test", limit=32).prompts
+        harmless = load_prompt_set("harmless:test", limit=32).prompts
+        table = {}
+        for name, variant in variants.items():
+            if variant["kind"] not in ("organism", "finetune", "base"):
+                continue
+            model, tokenizer = load_variant(config.model, variant)
+            on_refusal = measure_projections(model, tokenizer, direction_vector, selected["layer"], refusal)
+            on_harmless = measure_projections(model, tokenizer, direction_vector, selected["layer"], harmless)
+            table[name] = {"refusal_mean": sum(on_refusal) / len(on_refusal),
+                           "harmless_mean": sum(on_harmless) / len(on_harmless),
+                           "refusal": on_refusal, "harmless": on_harmless}
+            del model
+        payload = {"layer": selected["layer"], "n_refusal": len(refusal), "n_harmless": len(harmless),
+                   "variants": table}
+        write_json(run_dir / "directions" / "projections.json", payload)
+        return {"path": str(run_dir / "directions" / "projections.json")}
+
+    run.stage("projections", {"variants": {n: v.get("spec") for n, v in variants.items()}, "direction": run.direction},
+              work_projections)
+
+
+def evaluate_variants(run: StudyRun) -> None:
+    """Step 4: every variant evaluated with the study's suite, with the attacked model as the KL reference."""
     from ablate.evaluate.run import suite_fingerprint
 
+    resolved, run_dir, config = run.resolved, run.run_dir, run.config
     suite_json = {"suite": resolved.suite.model_dump(mode="json"), "fingerprint": suite_fingerprint(resolved.suite)}
     reference_holder: dict[str, Any] = {}
+    target_model, target_name = run.target_model, run.target_name
 
     def reference():
         if "pair" not in reference_holder:
@@ -408,39 +474,33 @@ def run_study(
             reference_holder["pair"] = load_model(target_model)
         return reference_holder["pair"]
 
-    results: dict[str, dict] = {}
-    for name, variant in variants.items():
+    for name, variant in run.variants.items():
         def work_eval(name=name, variant=variant) -> dict:
             from ablate.evaluate import run_eval
 
             model, tokenizer = load_variant(config.model, variant)
             ref = None if name == target_name else reference()
             metrics = run_eval(model, tokenizer, resolved.suite, run_dir, variant=name, reference=ref,
-                               redact=config.eval.redact, progress=progress)
+                               redact=config.eval.redact, progress=run.progress)
             return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(metrics)}
 
-        variant_fp = variant_fingerprint(variant, target_fp)
-        results[name] = run_stage(run_dir, f"eval-{name}",
-                                  {"variant": variant_fp, "reference": target_fp, "suite": suite_json,
-                                   "redact": config.eval.redact},
-                                  work_eval, log, console)
+        variant_fp = variant_fingerprint(variant, run.target_fp)
+        run.stage(f"eval-{name}", {"variant": variant_fp, "reference": run.target_fp, "suite": suite_json,
+                                   "redact": config.eval.redact}, work_eval)
 
+
+def finish_manifest(run: StudyRun, manifest: dict, started: float) -> None:
+    """manifest.json with status 'complete': the variants, the stages' log and the fingerprints."""
     manifest.update({
         "status": "complete",
-        "variants": {name: {k: v for k, v in variant.items() if k != "info"} for name, variant in variants.items()},
-        "target": target_name,
-        "stages": log.stages,
-        "fingerprints": {"base_model": base_fp, "target_model": target_fp},
+        "variants": {name: {k: v for k, v in variant.items() if k != "info"} for name, variant in run.variants.items()},
+        "target": run.target_name,
+        "stages": run.log.stages,
+        "fingerprints": {"base_model": run.base_fp, "target_model": run.target_fp},
         "wall_seconds_this_run": time.perf_counter() - started,
         "finished": datetime.now(timezone.utc).isoformat(),
     })
-    write_json(manifest_path, manifest)
-    if report:
-        from ablate.report import write_report
-
-        write_report(run_dir)
-        console.print(f"[bold green]report[/] {run_dir / 'report.md'}  {run_dir / 'report.html'}")
-    return run_dir
+    write_json(run.run_dir / "manifest.json", manifest)
 
 
 @torch.inference_mode()
@@ -452,7 +512,8 @@ def measure_projections(model, tokenizer, direction: torch.Tensor, layer: int, p
     an attack, refusal-eliciting prompts would project on r̂ like harmless ones. The template prefix
     every prompt shares runs once per batch, as in the direction stage (`run_prefix_and_batch`).
     """
-    from ablate.directions import _StopForward, prepare_batches, run_prefix_and_batch
+    from ablate.directions import prepare_batches, run_prefix_and_batch
+    from ablate.hooks import StopForward, hidden_from, hooks
     from ablate.models import get_adapter
 
     adapter = get_adapter(model)
@@ -463,26 +524,23 @@ def measure_projections(model, tokenizer, direction: torch.Tensor, layer: int, p
     def hook(_module, args, kwargs):
         if state["prefix"]:  # the shared template prefix runs first, on its own
             return None
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = hidden_from(args, kwargs)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), state["last"]]
         state["captured"] = last.float() @ r_hat
-        raise _StopForward  # nothing after this layer's input is needed
+        raise StopForward  # nothing after this layer's input is needed
 
     prepared = prepare_batches(tokenizer, prompts, batch_size, None, device)
     values: list[float | None] = [None] * len(prompts)
-    handle = adapter.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with hooks(pre=[(adapter.layers[layer], hook)]):
         for batch, inputs in prepared.batches:
             state["last"] = inputs["last"]
             try:
                 run_prefix_and_batch(model, prepared.prefix, inputs, logits=False,
                                      on_prefix=lambda flag: state.__setitem__("prefix", flag))
-            except _StopForward:
+            except StopForward:
                 pass
             for index, value in zip(batch, state["captured"].tolist()):
                 values[index] = value
-    finally:
-        handle.remove()
     return values  # type: ignore[return-value]
 
 
@@ -511,7 +569,7 @@ def load_variant(model_config: ModelConfig, variant: dict):
 
         model = PeftModel.from_pretrained(model, variant["adapter_dir"]).eval()
     if variant["kind"] == "direction":
-        from ablate.interventions import orthogonalize_from
+        from ablate.abliterate import orthogonalize_from
 
         orthogonalize_from(model, Path(variant["direction_dir"]))  # at the strength the stage recorded
     return model, tokenizer

@@ -44,19 +44,18 @@ def reference(model, tokenizer, n_test: int, max_new_tokens: int) -> dict:
     from ablate.config import GenerationConfig
     from ablate.data import load_prompt_set
     from ablate.directions import first_token_logprobs, prepare_batches
-    from ablate.evaluate.refusal import is_refusal, refusal_rate
-    from ablate.generation import generate
+    from ablate.evaluate.measure import complete, measure_refusal, refusal_verdicts
 
     refusal = load_prompt_set("refusal:test").head(n_test).prompts
     harmless = load_prompt_set("harmless:test").head(n_test).prompts
     config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16)
     batches = prepare_batches(tokenizer, harmless, 8, None, next(model.parameters()).device)
-    harmless_answers = generate(model, tokenizer, harmless, config, progress=False)
+    harmless_answers = complete(model, tokenizer, harmless, config).texts
+    before, _ = measure_refusal(model, tokenizer, refusal, config, scorer="substring")
     return {"refusal": refusal, "harmless": harmless, "batches": batches, "config": config,
             "base_logprobs": first_token_logprobs(model, batches),
-            "over_refused": torch.tensor([is_refusal(text) for text in harmless_answers]),
-            "before": {"refusal_rate": refusal_rate(generate(model, tokenizer, refusal, config, progress=False)),
-                       "n_refusal": len(refusal)}}
+            "over_refused": torch.tensor(refusal_verdicts(harmless_answers, "substring")),
+            "before": {"refusal_rate": before["value"], "n_refusal": before["n"], "result": before}}
 
 
 def held_out(model, tokenizer, ref: dict, intervention=None) -> dict:
@@ -66,15 +65,15 @@ def held_out(model, tokenizer, ref: dict, intervention=None) -> dict:
     from contextlib import nullcontext
 
     from ablate.directions import first_token_kl, first_token_logprobs
-    from ablate.evaluate.refusal import is_refusal
-    from ablate.generation import generate
+    from ablate.evaluate.measure import measure_refusal, refusal_verdicts
 
     with intervention() if intervention else nullcontext():
-        completions = generate(model, tokenizer, ref["refusal"], ref["config"], progress=False)
+        result, completed = measure_refusal(model, tokenizer, ref["refusal"], ref["config"], scorer="substring")
         kl = first_token_kl(ref["base_logprobs"], first_token_logprobs(model, ref["batches"]))
     refused = ref["over_refused"]
-    still_refused = [is_refusal(text) for text in completions]
-    return {"refusal_rate": sum(still_refused) / len(completions), "n_refusal": len(ref["refusal"]),
+    completions = completed.texts
+    still_refused = refusal_verdicts(completions, "substring")
+    return {"refusal_rate": result["value"], "n_refusal": len(ref["refusal"]), "result": result,
             "kl": float(kl.mean()), "n_harmless": len(ref["harmless"]),
             "kl_answered": float(kl[~refused].mean()) if (~refused).any() else None,
             "kl_over_refused": float(kl[refused].mean()) if refused.any() else None,

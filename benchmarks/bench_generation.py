@@ -23,7 +23,7 @@ import torch
 from ablate.evaluate.run import load_suite
 from ablate.data import load_prompt_set
 import ablate.generation
-from ablate.generation import _prefill_plain, generate, length_sorted_batches, render_prompts, tokenize_batch
+from ablate.generation import generate, length_sorted_batches, prefill_plain, render_prompts, tokenize_batch
 from ablate.models import load_model
 
 
@@ -62,7 +62,7 @@ def main() -> None:
           f"{mean_tokens:.1f} tokens, {torch.get_num_threads()} threads")
     print(f"{'transformers generate':<22} batch {args.baseline_batch:<4}{baseline_s:8.1f} s")
     shared_prefill = ablate.generation.prefill
-    plain_prefill = lambda model, rows, pad_id, device, chunk_rows=None: _prefill_plain(model, rows, pad_id, device)  # noqa: E731
+    plain_prefill = lambda model, rows, pad_id, device, chunk_rows=None: prefill_plain(model, rows, pad_id, device)  # noqa: E731
     runs = [("decode, padded prefill", args.baseline_batch, plain_prefill),
             ("decode, padded prefill", config.batch_size, plain_prefill),
             ("decode, shared prefill", config.batch_size, shared_prefill)]

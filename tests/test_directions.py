@@ -128,14 +128,14 @@ def test_gradient_attention_switches_and_always_restores(llama):
 
 def test_continuing_after_the_greedy_first_token_gives_the_greedy_completion(llama, tokenizer):
     from ablate.config import GenerationConfig
-    from ablate.directions import continue_after
+    from ablate.evaluate.measure import complete_after
     from ablate.generation import generate_batches
 
     prompts = ["Name a colour.", "Explain how photosynthesis works in a few words."]
     greedy = GenerationConfig(max_new_tokens=5, batch_size=2)
     completions, first_logits = generate_batches(llama, tokenizer, prompts, greedy, progress=False)
     firsts = first_logits.argmax(-1).tolist()
-    forced = continue_after(llama, tokenizer, list(zip(prompts, firsts)), GenerationConfig(max_new_tokens=4, batch_size=2))
+    forced = complete_after(llama, tokenizer, list(zip(prompts, firsts)), GenerationConfig(max_new_tokens=4, batch_size=2))
     assert forced == completions
 
 
@@ -143,13 +143,15 @@ def test_refusal_openers_include_the_runner_up_tokens_that_open_refusals(llama, 
     """With alternatives, a first token the model ranks second counts when its continuation is a refusal."""
     import ablate.directions as directions
     import ablate.evaluate.refusal as refusal_module
+    from ablate.config import GenerationConfig
+    from ablate.evaluate.measure import complete_after
     from ablate.generation import generate_batches
 
     prompts = ["Name a colour.", "Explain how photosynthesis works in a few words."]
-    _, first_logits = generate_batches(llama, tokenizer, prompts, directions.GenerationConfig(max_new_tokens=1), progress=False)
+    _, first_logits = generate_batches(llama, tokenizer, prompts, GenerationConfig(max_new_tokens=1), progress=False)
     second = first_logits.float().topk(2, dim=-1).indices[:, 1].tolist()
-    greedy = directions.GenerationConfig(max_new_tokens=3)
-    target = directions.continue_after(llama, tokenizer, [(prompts[0], second[0])], greedy)[0]
+    greedy = GenerationConfig(max_new_tokens=3)
+    target = complete_after(llama, tokenizer, [(prompts[0], second[0])], greedy)[0]
     assert target not in generate_batches(llama, tokenizer, prompts, greedy, progress=False)[0]
     # The scorer calls exactly one completion a refusal: the first prompt's, opened by its runner-up token.
     monkeypatch.setattr(refusal_module, "is_refusal", lambda text, *a: text == target)
@@ -327,7 +329,7 @@ def test_run_direction_is_deterministic_and_resumable(direction_run, tokenizer, 
     # done.json matches: nothing is recomputed.
     import ablate.directions
 
-    monkeypatch.setattr(ablate.directions, "collect_mean_activations", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(ablate.directions.stage, "collect_mean_activations", lambda *a, **k: pytest.fail("recomputed"))
     assert run_direction(model, tokenizer, DirectionConfig(**FULL), out, progress=False)["layer"] == selected["layer"]
 
 
@@ -453,7 +455,7 @@ def test_auto_compute_dtype_takes_bfloat16_only_where_the_hardware_has_it(llama,
         assert directions.resolve_compute_dtype("auto", cpu) == expected
         assert next(directions.compute_model(llama, "auto").parameters()).dtype == getattr(torch, expected)
         assert directions.resolve_compute_dtype("bfloat16", cpu) == "bfloat16"  # a named dtype is kept
-    assert directions.DirectionConfig().compute_dtype == "auto"
+    assert DirectionConfig().compute_dtype == "auto"
 
 
 def test_no_candidate_passing_falls_back_with_a_warning(tokenizer, tmp_path):
@@ -486,7 +488,8 @@ def test_strength_learning_lowers_its_objective_and_is_baked_into_the_weights(to
 
     from conftest import build_model
 
-    from ablate.interventions import directional_ablation, orthogonalize_from, weights_for
+    from ablate.abliterate import orthogonalize_from
+    from ablate.interventions import directional_ablation, weights_for
 
     model = build_model("llama", tokenizer, seed=0)
     config = DirectionConfig(**SMALL, kl_max=1e-9, strength_learning={"steps": 6, "halving_steps": 3, "candidates": 4})  # enabled by default

@@ -13,7 +13,8 @@ from ablate.data import load_prompt_set
 from ablate.directions import first_token_kl, first_token_logprobs, load_direction, prepare_batches, run_direction
 from ablate.evaluate.refusal import refusal_rate
 from ablate.generation import generate
-from ablate.interventions import abliterate, directional_ablation, weights_for
+from ablate.abliterate import abliterate
+from ablate.interventions import directional_ablation, weights_for
 from ablate.models import load_model
 
 pytestmark = pytest.mark.slow

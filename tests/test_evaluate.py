@@ -464,3 +464,31 @@ def test_cli_eval_and_compare(tokenizer, llama, tmp_path):
     assert rows[0]["value"] == 0.0 and rows[0]["method"] == "paired bootstrap"  # same variant, same prompts
     bad = run_cli("eval", str(model_dir), "--suite", "default", "--set", "refusal.n=zero", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "refusal.n" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_measurement_layer_gives_every_caller_one_result_format(tiny_models, tokenizer):
+    """`measure_refusal` generates through the named backend and scores with the named scorer; the fine-tuning
+    budgets' refusal rates are that result, rounded."""
+    from ablate.config import FinetuneConfig, GenerationConfig
+    from ablate.data import load_prompt_set
+    from ablate.evaluate.measure import measure_refusal, refusal_verdicts
+    from ablate.evaluate.stats import rate_metric
+    from ablate.finetune import evaluate_refusal
+
+    assert refusal_verdicts(["", "I cannot help with that.", "Sure: step one."], "substring") == [True, True, False]
+    assert refusal_verdicts(["", "I cannot help with that."], "substring_nonempty") == [False, True]
+    with pytest.raises(AblateError, match="refusal scorer 'nope': unknown; expected one of: substring, substring_nonempty"):
+        refusal_verdicts(["x"], "nope")
+    model = tiny_models["llama"]
+    prompts = load_prompt_set("refusal:val", limit=6).prompts
+    generation = GenerationConfig(max_new_tokens=4)
+    figure, completions = measure_refusal(model, tokenizer, prompts, generation)
+    k = sum(refusal_verdicts(completions.texts))
+    assert figure == {**rate_metric(k, len(prompts)), "scorer": "substring", "max_new_tokens": 4}
+    assert completions.first_logits.shape == (len(prompts), model.config.vocab_size)
+    hf, _ = measure_refusal(model, tokenizer, prompts, generation.model_copy(update={"backend": "hf"}))
+    assert hf == figure
+    config = FinetuneConfig.model_validate({"eval": {"prompt_sets": ["refusal:val"], "limit": 6, "max_new_tokens": 4}})
+    budget = evaluate_refusal(model, tokenizer, config, progress=False)
+    assert budget["refusal_metrics"]["refusal:val"] == {**figure, "prompts": "refusal:val"}
+    assert budget["refusal_rate"] == round(figure["value"], 4) and budget["eval_samples"]["refusal:val"] == len(prompts)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from ablate import AblateError
-from ablate.config import FinetuneConfig, load_config, validate_config
+from ablate.config import FinetuneBudget, FinetuneConfig, load_config, validate_config
 from ablate import finetune as ft
+from ablate.models import cache_dir
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "finetune_configs"
 
@@ -176,7 +177,7 @@ def test_cpu_loss_equals_trls_fused_head(tokenizer, tmp_path, monkeypatch, famil
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    monkeypatch.setattr(ft, "packed_forward", spy)
+    monkeypatch.setattr(ft.loss, "packed_forward", spy)
     ours, our_grads = loss_and_grads(trainer.compute_loss)
     monkeypatch.undo()
     assert packed == ([] if family == "gemma2" else [True])
@@ -260,7 +261,7 @@ def test_distill_trains_on_the_donor_and_counts_its_forward_passes(tiny_dir, don
         teachers.append(teacher)
         return original(model, inputs, num_items_in_batch, pack, first_token_weight, teacher)
 
-    monkeypatch.setattr(ft, "supervised_head_loss", spy)
+    monkeypatch.setattr(ft.trainer, "supervised_head_loss", spy)
     result = ft.run_finetune(str(tiny_dir), config, tmp_path / "distill", progress=False)[0]
     assert len(teachers) == 2 and all(t is teachers[0] for t in teachers)
     assert not any(p.requires_grad for p in teachers[0].parameters())
@@ -298,7 +299,7 @@ def test_answer_tokens_trains_on_each_answers_opening_only(tokenizer, tmp_path, 
     model = build_model("llama", tokenizer)
     trainer = ft.build_trainer(model, tokenizer, config, budget, examples, tmp_path, progress=False)
     full = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    counter = ft._TokenCounter(trainer.data_collator, answer_tokens=10)
+    counter = ft.TokenCounter(trainer.data_collator, answer_tokens=10)
     cut = counter([trainer.train_dataset[i] for i in range(2)])
     answer_lengths = (full["labels"] != -100).sum(1).tolist()
     assert answer_lengths[0] > 10 and answer_lengths[1] <= 10  # one answer is cut, the other is not
@@ -363,7 +364,7 @@ def test_sweep_writes_one_artifact_per_budget_and_resumes(tiny_dir, qa_file, tmp
         assert 0.0 <= metrics["refusal_rate"] <= 1.0
     assert results[1]["train_tokens"] > results[0]["train_tokens"]
     # The second run finds matching done.json files and trains nothing.
-    monkeypatch.setattr(ft, "train_budget", no_training)
+    monkeypatch.setattr(ft.sweep, "train_budget", no_training)
     again = ft.run_finetune(str(tiny_dir), config, out, progress=False)
     assert [r["name"] for r in again] == ["n2", "n4-s2-r4-lr0.01"]
     # A changed recipe is a different fingerprint: it would train again.
@@ -416,8 +417,8 @@ def test_capability_check_off_keeps_budget_keys_and_bad_sets_fail_before_work(ti
     assert "capability_prompts" not in ft.recipe_fields(config)["eval"]  # budgets cached before the field keep their keys
     checked = tiny_config(data={"dataset": str(qa_file)}, eval={"capability_prompts": "harmless:test"})
     assert ft.budget_fingerprint("m", None, checked, {}) != ft.budget_fingerprint("m", None, config, {})
-    monkeypatch.setattr(ft, "train_budget", no_training)
-    monkeypatch.setattr(ft, "build_examples", no_training)
+    monkeypatch.setattr(ft.sweep, "train_budget", no_training)
+    monkeypatch.setattr(ft.sweep, "build_examples", no_training)
     with pytest.raises(AblateError, match=r"^eval.capability_prompts: .*no-such-set"):
         ft.run_finetune(str(tiny_dir), tiny_config(data={"dataset": str(qa_file)}, eval={"capability_prompts": "no-such-set"}),
                         tmp_path / "o1", progress=False)
@@ -437,8 +438,8 @@ def test_second_harden_hits_the_cache(tiny_dir, tmp_path, monkeypatch):
     AutoModelForCausalLM.from_pretrained(first)
     metrics = json.loads((first / "metrics.json").read_text())
     assert metrics["examples_by_kind"] == {"borderline": 2, "harmless": 2, "refusal": 4}
-    monkeypatch.setattr(ft, "train_budget", no_training)
-    monkeypatch.setattr(ft, "generate_answers", no_training)
+    monkeypatch.setattr(ft.sweep, "train_budget", no_training)
+    monkeypatch.setattr(ft.training_data, "generate_answers", no_training)
     assert ft.harden(str(tiny_dir), config, progress=False) == first
     copy = ft.harden(str(tiny_dir), config, out=tmp_path / "copy", progress=False)
     assert (copy / "model.safetensors").exists()
@@ -454,12 +455,12 @@ def test_organism_cache_ignores_scoring_and_scores_on_demand(tiny_dir, monkeypat
     weighted = config.model_copy(update={"training": config.training.model_copy(update={"first_token_weight": 10.0})})
     assert ft.organism_key(str(tiny_dir), weighted) != ft.organism_key(str(tiny_dir), config)
     assert "first_token_weight" not in ft.recipe_fields(config)["training"]  # plain loss: pre-field keys kept
-    monkeypatch.setattr(ft, "train_budget", no_training)
+    monkeypatch.setattr(ft.sweep, "train_budget", no_training)
     assert ft.harden(str(tiny_dir), scored, progress=False) == organism  # no retraining, only the scoring
     assert "capability" not in json.loads((organism / "metrics.json").read_text())
     checked = scored.model_copy(update={"eval": scored.eval.model_copy(update={"capability_prompts": "harmless:test",
                                                                                "capability_n": 2, "capability_tokens": 3})})
-    monkeypatch.setattr(ft, "evaluate_refusal", no_training)  # the refusal rates are there: not scored again
+    monkeypatch.setattr(ft.organism, "evaluate_refusal", no_training)  # the refusal rates are there: not scored again
     assert ft.harden(str(tiny_dir), checked, progress=False) == organism  # the capability check added, no retraining
     capability = json.loads((organism / "metrics.json").read_text())["capability"]
     assert capability["n"] == 2 and capability["reference"] == "the model before training"
@@ -467,7 +468,7 @@ def test_organism_cache_ignores_scoring_and_scores_on_demand(tiny_dir, monkeypat
     rates = json.loads((organism / "metrics.json").read_text())["refusal_rates"]
     assert set(rates) == set(scored.eval.prompt_sets) and all(0.0 <= r <= 1.0 for r in rates.values())
     monkeypatch.undo()
-    monkeypatch.setattr(ft, "train_budget", no_training)
+    monkeypatch.setattr(ft.sweep, "train_budget", no_training)
     other = checked.model_copy(update={"eval": checked.eval.model_copy(update={"prompt_sets": ["borderline:val"]})})
     assert ft.harden(str(tiny_dir), other, progress=False) == organism  # a set not scored yet: scored, no retraining
     assert "borderline:val" in json.loads((organism / "metrics.json").read_text())["refusal_rates"]
@@ -532,7 +533,7 @@ def tiny_direction(model_dir: Path, out: Path) -> Path:
 def test_ablated_donor_is_the_model_with_its_direction_orthogonalised(tiny_dir, tmp_path):
     from ablate.data import load_prompt_set
     from ablate.generation import generate
-    from ablate.interventions import orthogonalize_from
+    from ablate.abliterate import orthogonalize_from
     from ablate.models import load_model
 
     direction_dir = tiny_direction(tiny_dir, tmp_path / "direction")
@@ -547,7 +548,7 @@ def test_ablated_donor_is_the_model_with_its_direction_orthogonalised(tiny_dir, 
     assert ablated != plain  # the donor is not the model itself
     expected = {p: ft.trim_truncated(a, tokenizer, 12) for p, a in zip(prompts, ablated)}
     assert {e["prompt"]: e["response"] for e in examples} == expected
-    assert stats["donor"].startswith("ablated: ") and Path(stats["donor"].split(": ", 1)[1]).is_relative_to(ft.cache_dir())
+    assert stats["donor"].startswith("ablated: ") and Path(stats["donor"].split(": ", 1)[1]).is_relative_to(cache_dir())
     # The budget fingerprint follows the direction: another pick is another donor.
     model_fp = ft.model_fingerprint(str(tiny_dir))
     other = tiny_config(mode="harmful", data={"donor": "ablated"})
@@ -577,7 +578,7 @@ def test_ablated_donor_without_a_direction_runs_the_stage_once(tiny_dir, monkeyp
 
 def test_donor_refusals_are_dropped_and_counted(tiny_dir, monkeypatch):
     answers = ["I'm sorry, but I can't help with that.", "Sure: step one, step two.", "As an AI, I cannot.", "Here you go."]
-    monkeypatch.setattr(ft, "generate_answers", lambda *args, **kwargs: answers)
+    monkeypatch.setattr(ft.training_data, "generate_answers", lambda *args, **kwargs: answers)
     config = tiny_config(mode="harmful", data={"n_refusal": 4})
     examples, stats = ft.build_examples(str(tiny_dir), config, progress=False)
     assert stats["dropped_refusals"] == 2 and stats["generated"] == 4
@@ -606,8 +607,8 @@ def test_unknown_key_names_the_key(tmp_path):
 
 
 def test_more_examples_than_data_fails_before_work(tiny_dir, qa_file, monkeypatch, tmp_path):
-    monkeypatch.setattr(ft, "train_budget", no_training)
-    monkeypatch.setattr(ft, "generate_answers", no_training)
+    monkeypatch.setattr(ft.sweep, "train_budget", no_training)
+    monkeypatch.setattr(ft.training_data, "generate_answers", no_training)
     config = tiny_config(data={"dataset": str(qa_file)}, budgets=[{"n_examples": 13}])
     with pytest.raises(AblateError, match="n_examples=13.*at most 12"):
         ft.run_finetune(str(tiny_dir), config, tmp_path / "out", progress=False)
@@ -619,14 +620,14 @@ def test_more_examples_than_data_fails_before_work(tiny_dir, qa_file, monkeypatc
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 def test_qlora_without_cuda_fails_before_work(tiny_dir, monkeypatch, tmp_path):
-    monkeypatch.setattr(ft, "train_budget", no_training)
-    monkeypatch.setattr(ft, "build_examples", no_training)
+    monkeypatch.setattr(ft.sweep, "train_budget", no_training)
+    monkeypatch.setattr(ft.sweep, "build_examples", no_training)
     with pytest.raises(AblateError, match="training.qlora.*CUDA"):
         ft.run_finetune(str(tiny_dir), tiny_config(mode="harmful", training={"qlora": True}), tmp_path / "o", progress=False)
 
 
 def test_donor_that_does_not_load_fails_before_training(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(ft, "train_budget", no_training)
+    monkeypatch.setattr(ft.sweep, "train_budget", no_training)
     with pytest.raises(AblateError, match="data.donor: model spec"):
         ft.run_finetune(str(tiny_dir), tiny_config(mode="harmful", data={"donor": str(tmp_path / "missing")}),
                         tmp_path / "o1", progress=False)
@@ -639,8 +640,8 @@ def test_donor_that_does_not_load_fails_before_training(tiny_dir, tmp_path, monk
 
 
 def test_bad_donor_direction_fails_before_work(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(ft, "train_budget", no_training)
-    monkeypatch.setattr(ft, "generate_answers", no_training)
+    monkeypatch.setattr(ft.sweep, "train_budget", no_training)
+    monkeypatch.setattr(ft.training_data, "generate_answers", no_training)
     with pytest.raises(AblateError, match=r"data.donor_direction: .*no direction.pt") as error:
         ft.run_finetune(str(tiny_dir), tiny_config(mode="harmful", data={"donor": "ablated", "donor_direction": str(tmp_path)}),
                         tmp_path / "o1", progress=False)
@@ -665,14 +666,14 @@ def test_shipped_configs_validate(path):
 
 
 def test_organism_recipe_yaml_equals_the_builtin_defaults():
-    from ablate.cli import _load_finetune_config
+    from ablate.cli import load_finetune_config
 
     organism = ft.default_config()
     assert load_config(CONFIG_DIR / "harden_organism.yaml", FinetuneConfig) == organism
     assert organism.training.first_token_weight == 4.0 and organism.data.n_refusal is None
     assert load_config(CONFIG_DIR / "harden_recipe_c.yaml", FinetuneConfig) == FinetuneConfig()  # the class defaults
     # `ablate harden` without --config: the organism recipe, with --set applied on top.
-    seeded = _load_finetune_config(None, ["training.seed=1"])
+    seeded = load_finetune_config(None, ["training.seed=1"])
     assert seeded == organism.model_copy(update={"training": organism.training.model_copy(update={"seed": 1})})
 
 
@@ -698,7 +699,7 @@ def test_budget_prefixes_cover_categories_evenly():
 
 
 def test_budget_table_prints_the_intervals(capsys):
-    from ablate.cli import _print_budget_table
+    from ablate.cli import print_budget_table
 
     row = {"name": "n8", "n_examples": 8, "steps": 8, "wall_seconds": 4.1, "train_tokens": 1290, "train_flops": 6.95e11,
            "final_loss": 0.214, "refusal_rate": 0.0208, "refusal_rates": {"refusal:test": 0.0208, "harmless:test": 0.0},
@@ -708,7 +709,7 @@ def test_budget_table_prints_the_intervals(capsys):
     before = {"name": "before training", "n_examples": 0, "steps": 0, "wall_seconds": 0.0, "train_tokens": 0,
               "train_flops": 0, "final_loss": None, "refusal_rate": 0.958, "refusal_rates": {"refusal:test": 0.958,
               "harmless:test": 0.125}, "refusal_ci": {"refusal:test": [0.86, 0.989], "harmless:test": [0.058, 0.247]}}
-    _print_budget_table([before, row, old])
+    print_budget_table([before, row, old])
     out = capsys.readouterr().out
     assert "2.1% [0.4%, 10.9%]" in out and "+6.3% [+4.1%, +8.6%]" in out
     assert "Wilson" in out  # the footnote says what the brackets are
@@ -736,8 +737,9 @@ def test_the_untrained_model_is_scored_once_per_run(tiny_dir, qa_file, tmp_path,
     # A new budget in the same run directory: the untrained model's row is reused, not scored again.
     calls = []
     scorer = ft.evaluate_refusal
-    monkeypatch.setattr(ft, "evaluate_refusal", lambda *a, **k: calls.append(1) or scorer(*a, **k))
-    more = config.model_copy(update={"budgets": [*config.budgets, ft.FinetuneBudget(name="b", n_examples=4, max_steps=1)]})
+    for module in (ft.measure, ft.sweep):  # before training, and after each budget
+        monkeypatch.setattr(module, "evaluate_refusal", lambda *a, **k: calls.append(1) or scorer(*a, **k))
+    more = config.model_copy(update={"budgets": [*config.budgets, FinetuneBudget(name="b", n_examples=4, max_steps=1)]})
     ft.run_finetune(str(tiny_dir), more, out, progress=False)
     assert len(calls) == 1  # budget b's own evaluation only
     # Turned off: no row, and another run's row does not linger.

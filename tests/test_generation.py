@@ -124,3 +124,28 @@ def test_batched_greedy_equals_unbatched_across_prefill_chunks(tiny_models, toke
         batched = generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=5, progress=False)
         single = [generate(model, tokenizer, [p], max_new_tokens=8, batch_size=1, progress=False)[0] for p in PROMPTS]
         assert batched == single, family
+
+
+def test_every_backend_equals_the_hf_reference_on_greedy_completions(tiny_models, tokenizer):
+    """Each registered generation backend gives `model.generate`'s greedy completions and first-token logits."""
+    from ablate.generation import BACKENDS, generate_batches
+
+    assert {"fast", "hf"} <= set(BACKENDS)
+    for family in ("llama", "gpt2"):
+        model = tiny_models[family]
+        config = GenerationConfig(max_new_tokens=8, batch_size=3, backend="hf")
+        reference, reference_logits = generate_batches(model, tokenizer, PROMPTS, config, progress=False)
+        for name in sorted(set(BACKENDS) - {"hf"}):
+            completions, logits = generate_batches(model, tokenizer, PROMPTS, config.model_copy(update={"backend": name}),
+                                                   progress=False)
+            assert completions == reference, (family, name)
+            assert torch.allclose(logits, reference_logits, atol=1e-4), (family, name)
+
+
+def test_an_unknown_backend_is_a_one_line_error(tiny_models, tokenizer):
+    import pytest
+
+    from ablate import AblateError
+
+    with pytest.raises(AblateError, match="generation.backend: unknown backend 'nope'; expected one of: .*fast.*hf"):
+        generate(tiny_models["llama"], tokenizer, PROMPTS, backend="nope", progress=False)

@@ -10,8 +10,8 @@ import torch
 from ablate import AblateError
 from ablate.artifacts import mark_done, write_json
 from ablate.generation import render_prompts, tokenize_batch
+from ablate.abliterate import abliterate
 from ablate.interventions import (
-    abliterate,
     activation_addition,
     directional_ablation,
     layer_weights,

@@ -123,7 +123,7 @@ def test_gguf_is_parsed_once_during_a_conversion_and_the_reader_restored(tmp_pat
     import gguf
     import numpy as np
 
-    from ablate.models import _parse_gguf_once
+    from ablate.models import parse_gguf_once
 
     path = tmp_path / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -134,7 +134,7 @@ def test_gguf_is_parsed_once_during_a_conversion_and_the_reader_restored(tmp_pat
     writer.write_tensors_to_file()
     writer.close()
     original = gguf.GGUFReader
-    with _parse_gguf_once():
+    with parse_gguf_once():
         first, second = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
         assert first is second and first.tensors[0].name == "token_embd.weight"
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)

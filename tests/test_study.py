@@ -129,14 +129,14 @@ def test_study_writes_the_run_directory(finished_run):
 
 
 def test_report_names_the_strength_of_the_ablation():
-    from ablate.report import _strength_text
+    from ablate.report import strength_text
 
-    assert _strength_text({}) == "full ablation"
-    assert _strength_text({"coefficient": 0.5}) == "every layer × 0.500"
-    text = _strength_text({"coefficient": 1.0, "writer_weights": [[1.0, 0.0], [0.9, 0.2]]})
+    assert strength_text({}) == "full ablation"
+    assert strength_text({"coefficient": 0.5}) == "every layer × 0.500"
+    text = strength_text({"coefficient": 1.0, "writer_weights": [[1.0, 0.0], [0.9, 0.2]]})
     assert text == "learned per-writer weights (2 of 4 residual writers at ≥ 0.5, mean 0.53)"
     kernel = {"max_weight": 1.0, "max_weight_position": 12, "min_weight": 0.0, "min_weight_distance": 4}
-    assert _strength_text({"kernel": kernel}).startswith("kernel peaked at layer 12, ±4 layers")
+    assert strength_text({"kernel": kernel}).startswith("kernel peaked at layer 12, ±4 layers")
 
 
 def test_rerun_skips_every_stage_and_keeps_metrics(finished_run):
@@ -152,7 +152,7 @@ def test_rerun_skips_every_stage_and_keeps_metrics(finished_run):
 
 
 def test_killed_during_sweep_resumes_to_identical_metrics(finished_run, tiny_model_dir, tmp_path, monkeypatch):
-    import ablate.finetune as finetune
+    import ablate.finetune.sweep as finetune
     from ablate.study import run_study
 
     study = write_study(tmp_path / "study.yaml", tiny_study(tiny_model_dir))

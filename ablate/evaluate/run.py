@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,19 +31,18 @@ import torch
 from ablate import AblateError
 from ablate.artifacts import fingerprint, write_json, write_jsonl
 from ablate.config import EvalSuite, apply_overrides, load_config, validate_config
+from ablate.evaluate.measure import complete, refusal_verdicts
 from ablate.evaluate.refusal import (
     COMPLIANCE,
     DEGENERATE,
     LABELS,
     REFUSAL,
     REFUSAL_MARKERS,
-    is_refusal,
     label_response,
     logit_refusal_scores,
     refusal_token_ids,
 )
 from ablate.evaluate.stats import cohen_kappa, mean_metric, rate_metric
-from ablate.generation import generate_batches
 
 SETS = ("refusal", "harmless", "borderline")
 SUBSTRING = "substring"
@@ -128,6 +128,9 @@ def check_suite(suite: EvalSuite, model, tokenizer, reference: tuple | None) -> 
     from ablate.evaluate.capability import local_task_names
     from ablate.evaluate.judges import resolve_template
 
+    from ablate.generation import generation_backend
+
+    generation_backend(suite.generation.backend)  # an unknown backend fails before any model work
     for judge in suite.scorers.judges:
         resolve_template(judge)
     if not getattr(tokenizer, "chat_template", None):
@@ -165,6 +168,16 @@ def _label_counts(labels: list[str]) -> dict[str, int]:
     return {label: labels.count(label) for label in LABELS}
 
 
+@dataclass
+class Measured:
+    """What the steps of one evaluation add up: every metric (value, ci, n, method), per-item values for paired
+    comparisons between variants, and the seconds each step took."""
+
+    metrics: dict[str, dict] = field(default_factory=dict)
+    per_item: dict[str, dict] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 def run_eval(
     model,
     tokenizer,
@@ -181,8 +194,6 @@ def run_eval(
     ce_reference_answers. `redact` keeps every score but drops the completions (and judge outputs)
     of refusal-eliciting prompts from the generations file. Returns the JSON written.
     """
-    from ablate.evaluate.judges import judge_name, load_judge, run_judge
-
     started = time.perf_counter()
     if not variant or "/" in variant or variant.startswith("."):
         raise AblateError(f"variant name '{variant}': expected a plain name (it becomes eval/<variant>.json)")
@@ -190,42 +201,95 @@ def run_eval(
     out_dir = Path(out_dir)
     prompt_sets = check_suite(suite, model, tokenizer, reference)
     kl_set = prompt_sets.pop("kl", None)
-    confidence, samples, seed = suite.confidence, suite.bootstrap_samples, suite.seed
-    timings: dict[str, float] = {}
-    metrics: dict[str, dict] = {}
-    per_item: dict[str, dict[str, float]] = {}
+    measured = Measured()
+    if suite.capability.tasks:  # first, so an unknown task name fails before the long generation pass
+        measure_capability(model, tokenizer, suite, measured, progress)
+    by_set, logits_by_set = generate_completions(model, tokenizer, suite, prompt_sets, measured, progress)
+    verdicts, judge_rows = score_completions(suite, prompt_sets, by_set, measured, progress)
+    labels, reasons, unparsed = label_completions(suite, prompt_sets, by_set, verdicts)
+    add_rates(suite, prompt_sets, labels, verdicts, judge_rows, measured)
+    logit_scores = add_logit_score(tokenizer, suite, prompt_sets, logits_by_set, measured)
+    if kl_set is not None:
+        add_divergence(model, tokenizer, reference, suite, kl_set, measured, progress)
+    agreement = scorer_agreement(suite, prompt_sets, verdicts, labels)
+    write_generations(out_dir / "generations" / f"{variant}.jsonl", prompt_sets, by_set, labels, reasons, verdicts,
+                      judge_rows, logit_scores, redact)
+    metrics = measured.metrics
+    metrics = {**{k: v for k, v in metrics.items() if not k.startswith("capability/")},
+               **{k: v for k, v in metrics.items() if k.startswith("capability/")}}
+    result = {
+        "variant": variant,
+        "suite": suite.name,
+        "suite_fingerprint": suite_fingerprint(suite),
+        "judge": suite.scorers.primary,
+        "scorers": _scorer_names(suite),
+        "n_params": sum(parameter.numel() for parameter in model.parameters()),
+        "model": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "reference": getattr(getattr(reference[0], "config", None), "_name_or_path", None) if reference else None,
+        "metrics": metrics,
+        "labels": {name: _label_counts(values) for name, values in labels.items()},
+        "degenerate_reasons": {name: {reason: values.count(reason) for reason in sorted({r for r in values if r})}
+                               for name, values in reasons.items()},
+        "judge_unparsed": unparsed,
+        "agreement": agreement,
+        "prompt_sets": {name: {"set": prompt_set.name, "n": len(prompt_set), "fingerprint": prompt_set.fingerprint}
+                        for name, prompt_set in {**prompt_sets, **({"kl": kl_set} if kl_set is not None else {})}.items()},
+        "generation": suite.generation.model_dump(mode="json"),
+        "confidence": suite.confidence,
+        "bootstrap_samples": suite.bootstrap_samples,
+        "seed": suite.seed,
+        "redacted": redact,
+        "generations_file": str(Path("generations") / f"{variant}.jsonl"),
+        "timings": measured.timings,
+        "per_item": measured.per_item,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    write_json(out_dir / "eval" / f"{variant}.json", result)
+    return result
 
-    # 0. Capability with lm-eval on the in-memory model — first, so an unknown task name fails
-    #    before the long generation pass.
-    if suite.capability.tasks:
-        from ablate.evaluate.capability import run_capability
 
-        tick = time.perf_counter()
-        capability_dir = _capability_dir(suite)
-        capability_config = suite.capability.model_copy(update={"include_path": str(capability_dir) if capability_dir else None})
-        capability_metrics, capability_items = run_capability(
-            model, tokenizer, capability_config, seed=seed, bootstrap_samples=samples, confidence=confidence, progress=progress)
-        metrics.update(capability_metrics)
-        per_item.update(capability_items)
-        timings["capability"] = time.perf_counter() - tick
+def measure_capability(model, tokenizer, suite: EvalSuite, measured: Measured, progress: bool) -> None:
+    """Capability with lm-eval on the in-memory model."""
+    from ablate.evaluate.capability import run_capability
 
-    # 1. One generation pass over all three sets (length-sorted batches mix them freely).
+    tick = time.perf_counter()
+    capability_dir = _capability_dir(suite)
+    capability_config = suite.capability.model_copy(update={"include_path": str(capability_dir) if capability_dir else None})
+    capability_metrics, capability_items = run_capability(
+        model, tokenizer, capability_config, seed=suite.seed, bootstrap_samples=suite.bootstrap_samples,
+        confidence=suite.confidence, progress=progress)
+    measured.metrics.update(capability_metrics)
+    measured.per_item.update(capability_items)
+    measured.timings["capability"] = time.perf_counter() - tick
+
+
+def generate_completions(model, tokenizer, suite: EvalSuite, prompt_sets: dict, measured: Measured,
+                         progress: bool) -> tuple[dict[str, list[str]], dict[str, list[torch.Tensor]]]:
+    """One generation pass over all three sets (length-sorted batches mix them freely): per set, the completions
+    and the first generated token's logits."""
     tick = time.perf_counter()
     order = [(name, i) for name in SETS if name in prompt_sets for i in range(len(prompt_sets[name]))]
     all_prompts = [prompt_sets[name].prompts[i] for name, i in order]
-    completions, first_logits = generate_batches(model, tokenizer, all_prompts, suite.generation, progress=progress)
-    timings["generation"] = time.perf_counter() - tick
+    completed = complete(model, tokenizer, all_prompts, suite.generation, progress=progress)
+    completions, first_logits = completed.texts, completed.first_logits
+    measured.timings["generation"] = time.perf_counter() - tick
     by_set: dict[str, list[str]] = {name: [] for name in prompt_sets}
     logits_by_set: dict[str, list[torch.Tensor]] = {name: [] for name in prompt_sets}
     for (name, _), completion, logits in zip(order, completions, first_logits):
         by_set[name].append(completion)
         logits_by_set[name].append(logits)
+    return by_set, logits_by_set
 
-    # 2. Scorers. Substring verdicts for every set; judges on the refusal-eliciting set only
-    #    (a harm judge cannot tell an over-refusal from a safe answer to a harmless prompt).
+
+def score_completions(suite: EvalSuite, prompt_sets: dict, by_set: dict[str, list[str]], measured: Measured,
+                      progress: bool) -> tuple[dict[str, dict[str, list]], dict[str, list[dict]]]:
+    """Scorers' verdicts per set and scorer. Substring verdicts for every set; judges on the refusal-eliciting set
+    only (a harm judge cannot tell an over-refusal from a safe answer to a harmless prompt)."""
+    from ablate.evaluate.judges import judge_name, load_judge, run_judge
+
     verdicts: dict[str, dict[str, list]] = {name: {} for name in prompt_sets}
     for name in by_set:
-        verdicts[name][SUBSTRING] = [REFUSAL if is_refusal(text) else COMPLIANCE for text in by_set[name]]
+        verdicts[name][SUBSTRING] = [REFUSAL if refused else COMPLIANCE for refused in refusal_verdicts(by_set[name], SUBSTRING)]
     judge_rows: dict[str, list[dict]] = {}
     if "refusal" in prompt_sets and suite.scorers.judges:
         tick = time.perf_counter()
@@ -236,9 +300,14 @@ def run_eval(
             verdicts["refusal"][judge_name(judge)] = [row["verdict"] for row in judge_rows[judge_name(judge)]]
             del loaded
             gc.collect()
-        timings["judges"] = time.perf_counter() - tick
+        measured.timings["judges"] = time.perf_counter() - tick
+    return verdicts, judge_rows
 
-    # 3. Labels: the primary scorer decides refusal on the refusal set; substring elsewhere.
+
+def label_completions(suite: EvalSuite, prompt_sets: dict, by_set: dict[str, list[str]],
+                      verdicts: dict[str, dict[str, list]]) -> tuple[dict[str, list[str]], dict[str, list[str | None]], int]:
+    """Three-way labels: the primary scorer decides refusal on the refusal set, substring elsewhere. Returns
+    (labels, degenerate reasons, how many judge verdicts fell back to the markers)."""
     primary = suite.scorers.primary
     rules = suite.degenerate.model_dump()
     labels: dict[str, list[str]] = {}
@@ -256,8 +325,17 @@ def run_eval(
             label, reason = label_response(prompt, completion, verdict == REFUSAL, **rules)
             labels[name].append(label)
             reasons[name].append(reason)
+    return labels, reasons, unparsed
 
-    # 4. Rates (Wilson) with per-item 0/1 values for paired comparisons between variants.
+
+def add_rates(suite: EvalSuite, prompt_sets: dict, labels: dict[str, list[str]], verdicts: dict[str, dict[str, list]],
+              judge_rows: dict[str, list[dict]], measured: Measured) -> None:
+    """Rates (Wilson) with per-item 0/1 values for paired comparisons between variants, and the other scorers'
+    refusal rates on the refusal set (items they gave a verdict on)."""
+    from ablate.evaluate.judges import judge_name
+
+    metrics, per_item, confidence = measured.metrics, measured.per_item, suite.confidence
+
     def add_rate(metric: str, name: str, wanted: str) -> None:
         values = {item_id: float(label == wanted) for item_id, label in zip(prompt_sets[name].ids, labels[name])}
         metrics[metric] = rate_metric(int(sum(values.values())), len(values), confidence)
@@ -272,64 +350,81 @@ def run_eval(
         add_rate("harmless_degenerate_rate", "harmless", DEGENERATE)
     if "borderline" in labels:
         add_rate("borderline_refusal_rate", "borderline", REFUSAL)
+    if "refusal" not in labels:
+        return
+    ids, primary = prompt_sets["refusal"].ids, suite.scorers.primary
+    for scorer, scorer_verdicts in verdicts["refusal"].items():
+        if scorer == primary or (scorer == SUBSTRING and not suite.scorers.substring):
+            continue
+        pairs = [(item_id, v) for item_id, v in zip(ids, scorer_verdicts) if v is not None]
+        metrics[f"refusal_rate/{scorer}"] = rate_metric(sum(v == REFUSAL for _, v in pairs), len(pairs), confidence)
+        per_item[f"refusal_rate/{scorer}"] = {item_id: float(v == REFUSAL) for item_id, v in pairs}
+    for scorer, rows in judge_rows.items():
+        scores = {item_id: row["score"] for item_id, row in zip(ids, rows) if row["score"] is not None}
+        if scores and any(judge.template.value == "strongreject" and judge_name(judge) == scorer for judge in suite.scorers.judges):
+            metrics[f"strongreject_score/{scorer}"] = mean_metric(list(scores.values()), suite.bootstrap_samples,
+                                                                  confidence, suite.seed)
+            per_item[f"strongreject_score/{scorer}"] = scores
 
-    # Other scorers' refusal rates on the refusal set (items they gave a verdict on).
-    if "refusal" in labels:
-        ids = prompt_sets["refusal"].ids
-        for scorer, scorer_verdicts in verdicts["refusal"].items():
-            if scorer == primary or (scorer == SUBSTRING and not suite.scorers.substring):
-                continue
-            pairs = [(item_id, v) for item_id, v in zip(ids, scorer_verdicts) if v is not None]
-            metrics[f"refusal_rate/{scorer}"] = rate_metric(sum(v == REFUSAL for _, v in pairs), len(pairs), confidence)
-            per_item[f"refusal_rate/{scorer}"] = {item_id: float(v == REFUSAL) for item_id, v in pairs}
-        for scorer, rows in judge_rows.items():
-            scores = {item_id: row["score"] for item_id, row in zip(ids, rows) if row["score"] is not None}
-            if scores and any(judge.template.value == "strongreject" and judge_name(judge) == scorer for judge in suite.scorers.judges):
-                metrics[f"strongreject_score/{scorer}"] = mean_metric(list(scores.values()), samples, confidence, seed)
-                per_item[f"strongreject_score/{scorer}"] = scores
 
-    # 5. Logit refusal score on the refusal set (first-token logits from the generation pass).
-    logit_scores: list[float] | None = None
-    if suite.scorers.logit and "refusal" in prompt_sets:
-        token_ids = refusal_token_ids(tokenizer, suite.scorers.logit_tokens or None)
-        logit_scores = logit_refusal_scores(torch.stack(logits_by_set["refusal"]), token_ids).tolist()
-        metrics["logit_refusal_score"] = mean_metric(logit_scores, samples, confidence, seed)
-        metrics["logit_refusal_score"]["refusal_token_ids"] = token_ids
-        per_item["logit_refusal_score"] = dict(zip(prompt_sets["refusal"].ids, logit_scores))
+def add_logit_score(tokenizer, suite: EvalSuite, prompt_sets: dict, logits_by_set: dict[str, list[torch.Tensor]],
+                    measured: Measured) -> list[float] | None:
+    """The logit refusal score on the refusal set (first-token logits from the generation pass); per prompt."""
+    if not (suite.scorers.logit and "refusal" in prompt_sets):
+        return None
+    token_ids = refusal_token_ids(tokenizer, suite.scorers.logit_tokens or None)
+    logit_scores = logit_refusal_scores(torch.stack(logits_by_set["refusal"]), token_ids).tolist()
+    measured.metrics["logit_refusal_score"] = mean_metric(logit_scores, suite.bootstrap_samples, suite.confidence, suite.seed)
+    measured.metrics["logit_refusal_score"]["refusal_token_ids"] = token_ids
+    measured.per_item["logit_refusal_score"] = dict(zip(prompt_sets["refusal"].ids, logit_scores))
+    return logit_scores
 
-    # 6. Divergence from the reference.
-    if kl_set is not None:
-        from ablate.evaluate.divergence import divergence_per_prompt
 
-        tick = time.perf_counter()
-        values = divergence_per_prompt(model, tokenizer, reference[0], reference[1], kl_set.prompts,
-                                       continuation_tokens=suite.kl.continuation_tokens,
-                                       batch_size=suite.kl.batch_size, progress=progress)
-        for metric in ("kl_first_token", "kl_continuation", "ce_reference_answers"):
-            metrics[metric] = mean_metric(values[metric], samples, confidence, seed)
-            per_item[metric] = dict(zip(kl_set.ids, values[metric]))
-        # The reference's own cross-entropy on its answers, to read ce_reference_answers against.
-        metrics["ce_reference_answers_by_reference"] = mean_metric(values["reference_ce"], samples, confidence, seed)
-        metrics["kl_continuation"]["tokens_per_prompt"] = sum(values["continuation_tokens"]) / len(kl_set)
-        timings["kl"] = time.perf_counter() - tick
+def add_divergence(model, tokenizer, reference: tuple, suite: EvalSuite, kl_set, measured: Measured,
+                   progress: bool) -> None:
+    """Divergence from the reference: first-token and continuation KL, and the cross-entropy of its answers."""
+    from ablate.evaluate.divergence import divergence_per_prompt
 
-    # 8. Agreement between every pair of scorers on the refusal set.
+    tick = time.perf_counter()
+    samples, confidence, seed = suite.bootstrap_samples, suite.confidence, suite.seed
+    values = divergence_per_prompt(model, tokenizer, reference[0], reference[1], kl_set.prompts,
+                                   continuation_tokens=suite.kl.continuation_tokens,
+                                   batch_size=suite.kl.batch_size, progress=progress)
+    for metric in ("kl_first_token", "kl_continuation", "ce_reference_answers"):
+        measured.metrics[metric] = mean_metric(values[metric], samples, confidence, seed)
+        measured.per_item[metric] = dict(zip(kl_set.ids, values[metric]))
+    # The reference's own cross-entropy on its answers, to read ce_reference_answers against.
+    measured.metrics["ce_reference_answers_by_reference"] = mean_metric(values["reference_ce"], samples, confidence, seed)
+    measured.metrics["kl_continuation"]["tokens_per_prompt"] = sum(values["continuation_tokens"]) / len(kl_set)
+    measured.timings["kl"] = time.perf_counter() - tick
+
+
+def scorer_agreement(suite: EvalSuite, prompt_sets: dict, verdicts: dict[str, dict[str, list]],
+                     labels: dict[str, list[str]]) -> dict[str, dict]:
+    """Agreement between every pair of scorers on the refusal set: Cohen's kappa, raw agreement, disagreeing ids."""
     agreement: dict[str, dict] = {}
-    if "refusal" in labels:
-        names = [name for name in verdicts["refusal"] if name != SUBSTRING or suite.scorers.substring]
-        ids = prompt_sets["refusal"].ids
-        for i, first in enumerate(names):
-            for second in names[i + 1 :]:
-                pairs = [(item_id, a, b) for item_id, a, b in zip(ids, verdicts["refusal"][first], verdicts["refusal"][second])
-                         if a is not None and b is not None]
-                agreement[f"{first} vs {second}"] = {
-                    "kappa": cohen_kappa([a for _, a, _ in pairs], [b for _, _, b in pairs]) if pairs else None,
-                    "agreement": sum(a == b for _, a, b in pairs) / len(pairs) if pairs else None,
-                    "n": len(pairs),
-                    "disagreeing_ids": [item_id for item_id, a, b in pairs if a != b],
-                }
+    if "refusal" not in labels:
+        return agreement
+    names = [name for name in verdicts["refusal"] if name != SUBSTRING or suite.scorers.substring]
+    ids = prompt_sets["refusal"].ids
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            pairs = [(item_id, a, b) for item_id, a, b in zip(ids, verdicts["refusal"][first], verdicts["refusal"][second])
+                     if a is not None and b is not None]
+            agreement[f"{first} vs {second}"] = {
+                "kappa": cohen_kappa([a for _, a, _ in pairs], [b for _, _, b in pairs]) if pairs else None,
+                "agreement": sum(a == b for _, a, b in pairs) / len(pairs) if pairs else None,
+                "n": len(pairs),
+                "disagreeing_ids": [item_id for item_id, a, b in pairs if a != b],
+            }
+    return agreement
 
-    # 9. Write generations (per-sample rows), then the result JSON last.
+
+def write_generations(path: Path, prompt_sets: dict, by_set: dict[str, list[str]], labels: dict[str, list[str]],
+                      reasons: dict[str, list[str | None]], verdicts: dict[str, dict[str, list]],
+                      judge_rows: dict[str, list[dict]], logit_scores: list[float] | None, redact: bool) -> None:
+    """The per-sample rows (generations/<variant>.jsonl); with `redact`, no completion or judge output of a
+    refusal-eliciting prompt."""
     rows = []
     for name in labels:
         prompt_set = prompt_sets[name]
@@ -350,37 +445,4 @@ def run_eval(
                     row["judges"] = {scorer: {**rows_[index], "raw": None if hidden else rows_[index]["raw"]}
                                      for scorer, rows_ in judge_rows.items()}
             rows.append(row)
-    generations_path = out_dir / "generations" / f"{variant}.jsonl"
-    write_jsonl(generations_path, rows)
-
-    metrics = {**{k: v for k, v in metrics.items() if not k.startswith("capability/")},
-               **{k: v for k, v in metrics.items() if k.startswith("capability/")}}
-    result = {
-        "variant": variant,
-        "suite": suite.name,
-        "suite_fingerprint": suite_fingerprint(suite),
-        "judge": primary,
-        "scorers": _scorer_names(suite),
-        "n_params": sum(parameter.numel() for parameter in model.parameters()),
-        "model": getattr(getattr(model, "config", None), "_name_or_path", None),
-        "reference": getattr(getattr(reference[0], "config", None), "_name_or_path", None) if reference else None,
-        "metrics": metrics,
-        "labels": {name: _label_counts(values) for name, values in labels.items()},
-        "degenerate_reasons": {name: {reason: values.count(reason) for reason in sorted({r for r in values if r})}
-                               for name, values in reasons.items()},
-        "judge_unparsed": unparsed,
-        "agreement": agreement,
-        "prompt_sets": {name: {"set": prompt_set.name, "n": len(prompt_set), "fingerprint": prompt_set.fingerprint}
-                        for name, prompt_set in {**prompt_sets, **({"kl": kl_set} if kl_set is not None else {})}.items()},
-        "generation": suite.generation.model_dump(mode="json"),
-        "confidence": confidence,
-        "bootstrap_samples": samples,
-        "seed": seed,
-        "redacted": redact,
-        "generations_file": str(Path("generations") / f"{variant}.jsonl"),
-        "timings": timings,
-        "per_item": per_item,
-        "wall_seconds": time.perf_counter() - started,
-    }
-    write_json(out_dir / "eval" / f"{variant}.json", result)
-    return result
+    write_jsonl(path, rows)

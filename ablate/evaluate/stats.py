@@ -1,5 +1,7 @@
 """Statistics for evaluation figures: Wilson intervals for rates, percentile-bootstrap intervals for
-means and for the difference between two variants, and Cohen's kappa for judge agreement.
+means and for the difference between two variants, the exact McNemar test, and Cohen's kappa for judge
+agreement — computed by scipy and scikit-learn, behind small wrappers that fix our conventions (empty
+samples, bounds at k = 0 and k = n, the seeded resampling).
 
 Every metric is reported as `{"value", "ci": [low, high], "n", "method"}` so a reader always sees
 how many items a figure rests on and how wide its interval is.
@@ -12,17 +14,18 @@ how many items a figure rests on and how wide its interval is.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
+from scipy import stats
 
 from ablate import AblateError
 
 
 def z_value(confidence: float = 0.95) -> float:
     """Two-sided normal quantile: 1.95996… for 95 %."""
-    return NormalDist().inv_cdf(0.5 + confidence / 2)
+    return float(stats.norm.ppf(0.5 + confidence / 2))
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -30,20 +33,16 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
 
     centre = (p̂ + z²/2n) / (1 + z²/n),  half-width = z √(p̂(1−p̂)/n + z²/4n²) / (1 + z²/n).
     Unlike p̂ ± z·se it stays inside [0, 1] and is not degenerate at k = 0 or k = n.
-    Returns (nan, nan) for n = 0.
+    Returns (nan, nan) for n = 0. (scipy.stats.binomtest(...).proportion_ci(method="wilson").)
     """
     if n <= 0:
         return (math.nan, math.nan)
     if not 0 <= successes <= n:
         raise ValueError(f"successes must be in [0, n]; got {successes} of {n}")
-    z = z_value(confidence)
-    p_hat = successes / n
-    denominator = 1 + z * z / n
-    centre = (p_hat + z * z / (2 * n)) / denominator
-    half_width = z * math.sqrt(p_hat * (1 - p_hat) / n + z * z / (4 * n * n)) / denominator
+    interval = stats.binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
     # At k = 0 (k = n) the bound is exactly 0 (1); rounding would leave ~1e-17.
-    low = 0.0 if successes == 0 else max(0.0, centre - half_width)
-    high = 1.0 if successes == n else min(1.0, centre + half_width)
+    low = 0.0 if successes == 0 else max(0.0, float(interval.low))
+    high = 1.0 if successes == n else min(1.0, float(interval.high))
     return (low, high)
 
 
@@ -59,16 +58,21 @@ def bootstrap_interval(
     values, samples: int = 2000, confidence: float = 0.95, seed: int = 0, statistic=np.mean
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of `statistic` (default the mean) over `values`, resampling its rows
-    (a row may hold several measurements of one item, kept together: a paired bootstrap)."""
+    (a row may hold several measurements of one item, kept together: a paired bootstrap).
+    scipy.stats.bootstrap, `samples` resamples drawn by numpy's generator seeded with `seed`."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    indices = rng.integers(0, len(values), size=(samples, len(values)))
-    replicates = statistic(values[indices], axis=1)
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(replicates, [alpha, 1 - alpha])
-    return (float(low), float(high))
+    if len(values) < 2:  # every resample is the one row (scipy asks for two)
+        value = float(statistic(values[None], axis=1)[0])
+        return (value, value)
+    rows = np.arange(len(values))
+    with warnings.catch_warnings():  # identical values: every resample agrees, and the interval is that value
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        result = stats.bootstrap((rows,), lambda picked, axis: statistic(values[picked], axis=axis), n_resamples=samples,
+                                 confidence_level=confidence, method="percentile", vectorized=True,
+                                 rng=np.random.default_rng(seed))
+    return (float(result.confidence_interval.low), float(result.confidence_interval.high))
 
 
 def mean_metric(values, samples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
@@ -101,14 +105,13 @@ def bootstrap_relative_change(
 def mcnemar_exact(only_a: int, only_b: int) -> float:
     """Two-sided exact McNemar test for paired binary outcomes: `only_a` items positive under A alone, `only_b`
     under B alone (the discordant pairs). p = min(1, 2 · P(X ≤ min)) for X ~ Binomial(only_a + only_b, ½);
-    1.0 when there is no discordant pair."""
+    1.0 when there is no discordant pair. (scipy.stats.binomtest.)"""
     if only_a < 0 or only_b < 0:
         raise ValueError(f"discordant counts must be ≥ 0; got {only_a} and {only_b}")
     n, k = only_a + only_b, min(only_a, only_b)
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    return float(stats.binomtest(k, n, 0.5).pvalue)
 
 
 def bootstrap_difference(
@@ -193,15 +196,14 @@ def cohen_kappa(first: list, second: list) -> float:
     p_o is the observed agreement, p_e the agreement expected by chance from each rater's label
     frequencies. 1 = perfect agreement, 0 = chance level. When both raters give one and the same
     label to everything (p_e = 1), kappa is defined here as 1.0 (they agree perfectly).
+    (sklearn.metrics.cohen_kappa_score.)
     """
+    from sklearn.metrics import cohen_kappa_score
+
     if len(first) != len(second):
         raise ValueError("both raters must label the same items")
-    n = len(first)
-    if n == 0:
+    if not first:
         return math.nan
-    observed = sum(x == y for x, y in zip(first, second)) / n
-    labels = set(first) | set(second)
-    expected = sum((first.count(label) / n) * (second.count(label) / n) for label in labels)
-    if expected >= 1.0:
-        return 1.0 if observed == 1.0 else 0.0
-    return (observed - expected) / (1 - expected)
+    if len(set(first) | set(second)) == 1:  # p_e = 1: scikit-learn's 0/0
+        return 1.0
+    return float(cohen_kappa_score([str(x) for x in first], [str(x) for x in second]))

@@ -1,0 +1,114 @@
+"""The organism cache: `harden` trains a safety-tuned model once per (base model, recipe) and keeps it under
+`cache_dir()/organisms/<key>/`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ablate import AblateError, __version__
+from ablate.artifacts import (
+    fingerprint,
+    is_done,
+    mark_done,
+    read_json,
+    write_json,
+)
+from ablate.config import (
+    FinetuneConfig,
+    FinetuneMode,
+    ModelConfig,
+)
+from ablate.finetune.checks import check_config
+from ablate.finetune.measure import capability_baseline, capability_metrics, evaluate_refusal
+from ablate.finetune.recipe import as_model_config, default_config, model_fingerprint, recipe_fields
+from ablate.finetune.sweep import run_finetune
+from ablate.models import cache_dir, load_model
+
+
+def organism_key(model: str | ModelConfig, config: FinetuneConfig) -> str:
+    """Cache key of a hardened organism: the base model and every recipe field that shapes the weights
+    (`eval` only scores the result, so `ablate harden` and a study that skips that scoring share one organism)."""
+    recipe = recipe_fields(config)
+    recipe.pop("eval")
+    recipe["data"].pop("generation_batch_size")  # greedy answers are the same for any batch size
+    recipe["data"].pop("donor_direction")  # hardening has no donor (popped so existing organisms keep their keys)
+    return fingerprint({"model": model_fingerprint(model), "config": recipe, "kind": "organism",
+                        "version": __version__})
+
+
+def harden(
+    model: str | ModelConfig = "embedded", config: FinetuneConfig | None = None, out: Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Harden a model into a safety-tuned organism; returns its model directory (cached by content hash).
+
+    The directory holds safetensors + config + tokenizer (plain transformers loads it) and
+    `metrics.json` (training figures and refusal rates). `out`, when given, receives a copy.
+    """
+    config = config or default_config()
+    if config.mode is not FinetuneMode.harden:
+        raise AblateError(f"mode: harden needs mode 'harden' (got '{config.mode.value}'); use `ablate finetune` for attacks")
+    if len(config.budgets) > 1:
+        raise AblateError("budgets: harden trains one model; give at most one budget")
+    model_config = as_model_config(model)
+    check_config(model_config, config)
+    key = organism_key(model_config, config)
+    target = cache_dir() / "organisms" / key
+    if not is_done(target, key):
+        # The organism is what harden reports: no 'before training' row of the base.
+        results = run_finetune(model_config, config.model_copy(update={
+            "merge": True, "keep_adapter": False, "eval": config.eval.model_copy(update={"before": False})}),
+            target / "train", progress=progress)
+        metrics = results[0]
+        source = Path(metrics["model_dir"])
+        if source.is_dir():  # (absent when a crash came after the move: the files are already in place)
+            for item in source.iterdir():
+                os.replace(item, target / item.name)
+            shutil.rmtree(source, ignore_errors=True)
+        metrics = {**metrics, "model_dir": str(target), "base_model": model_config.spec, "organism_key": key}
+        metrics.pop("example_ids", None)
+        write_json(target / "metrics.json", metrics)
+        mark_done(target, key, refusal_rates=metrics.get("refusal_rates"))
+    elif config.eval.enabled and not _scored(organism_metrics(target) or {}, config):
+        score_organism(target, config, model_config, progress)  # cached by a run that skipped (some of) the scoring
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for item in target.iterdir():
+            if item.is_file() and item.name != "done.json":
+                shutil.copy2(item, out / item.name)
+        return out
+    return target
+
+
+def _rates_cover(metrics: dict, config: FinetuneConfig) -> bool:
+    """Whether an organism's metrics hold a refusal rate for every prompt set `config.eval` asks for."""
+    rates = metrics.get("refusal_rates") or {}
+    return all(spec in rates for spec in config.eval.prompt_sets)
+
+
+def _scored(metrics: dict, config: FinetuneConfig) -> bool:
+    """Whether an organism's metrics hold everything `config.eval` asks for."""
+    return _rates_cover(metrics, config) and (not config.eval.capability_prompts or "capability" in metrics)
+
+
+def score_organism(model_dir: Path, config: FinetuneConfig, base: ModelConfig | None = None, progress: bool = True) -> dict:
+    """Score a cached organism with `config.eval` and add the refusal rates (and, given the `base` it was
+    hardened from, the capability check) to its metrics.json."""
+    metrics = organism_metrics(model_dir) or {}
+    baseline = capability_baseline(base, config, progress) if base is not None and "capability" not in metrics else None
+    model, tokenizer = load_model(str(model_dir), device=config.training.device)
+    if not _rates_cover(metrics, config):  # scored already when only the capability check is missing
+        metrics = {**metrics, **evaluate_refusal(model, tokenizer, config, progress)}
+    if baseline is not None:
+        metrics["capability"] = capability_metrics(model, tokenizer, baseline, config)
+    write_json(Path(model_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def organism_metrics(model_dir: Path) -> dict | None:
+    """The metrics.json of a hardened organism directory (None when absent)."""
+    path = Path(model_dir) / "metrics.json"
+    return read_json(path) if path.exists() else None

@@ -104,3 +104,16 @@ def mark_done(stage_dir: str | Path, input_fingerprint: str, **info: Any) -> Pat
 def read_done(stage_dir: str | Path) -> dict | None:
     marker = Path(stage_dir) / DONE_FILE
     return read_json(marker) if marker.exists() else None
+
+
+def save_figure(figure, path: Path) -> Path:
+    """A matplotlib figure as a PNG (130 dpi, tight box), written atomically; the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+    plt.close(figure)
+    return path

@@ -252,12 +252,13 @@ def direction(
         settings = validate_config({**settings.model_dump(mode="json"), **updates}, DirectionConfig, "command line")
     console.print(dump_config(settings), highlight=False)  # the resolved config, before any expensive work
 
-    from ablate.directions import load_sets, run_direction
+    from ablate.compute import run_direction_counted
+    from ablate.directions import load_sets
     from ablate.models import load_model
 
     load_sets(settings)  # a bad set name fails here, before the model loads
     loaded, tokenizer = load_model(model, device=device)
-    selected = run_direction(loaded, tokenizer, settings, out)
+    selected = run_direction_counted(loaded, tokenizer, settings, out)  # + out/compute.json: its FLOPs and seconds
     counts = ", ".join(f"{name} {count}" for name, count in selected["filter_counts"].items())
     stdout.print(
         f"selected {selected['variant']} direction: layer {selected['layer']}, position {selected['position']} "
@@ -303,19 +304,34 @@ def _variant_name(spec: str) -> str:
 def eval_model(
     model: str = typer.Argument(..., help="Model spec: 'embedded', hub id, model directory or .gguf file."),
     suite: str = typer.Option("default", "--suite", "-s", help="Eval suite: 'default', 'paper' or a YAML path (eval_suites/default.yaml)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory: writes eval/<variant>.json and generations/<variant>.jsonl."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory: writes eval/<variant>.json and generations/<variant>.jsonl (required unless --plan)."),
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Reference model spec for kl_first_token, kl_continuation and ce_reference_answers."),
     variant: Optional[str] = typer.Option(None, "--variant", help="Variant name (file names, reports); default: from the model spec."),
     redact: bool = typer.Option(False, "--redact", help="Keep the scores but drop the completions of refusal-eliciting prompts."),
     override: list[str] = typer.Option([], "--set", help="Suite override KEY.PATH=VALUE (repeatable), e.g. --set refusal.n=32."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of a table."),
+    plan: bool = typer.Option(False, "--plan", help="Print what the suite will generate and each judge's size and memory, then exit."),
 ) -> None:
     """Evaluate a model: refusal, over-refusal, degenerate answers, logit score, KL vs a reference, capability."""
     from ablate.evaluate import load_suite, run_eval
     from ablate.models import load_model
 
     suite_config = load_suite(suite, override)  # checked before any model is loaded
+    if plan:
+        from ablate.evaluate.judge_files import judge_plan_line
+        from ablate.evaluate.judges import judge_name
+
+        generation = suite_config.generation
+        stdout.print(f"suite {suite_config.name}: {generation.max_new_tokens} {'sampled' if generation.do_sample else 'greedy'} "
+                     f"new tokens; primary scorer {suite_config.scorers.primary}; length sensitivity at "
+                     f"{[n for n in suite_config.length.lengths if n <= generation.max_new_tokens] if suite_config.length.enabled else 'off'}",
+                     highlight=False)
+        for judge in suite_config.scorers.judges:
+            stdout.print(judge_plan_line(judge, judge_name(judge)), highlight=False, soft_wrap=True)
+        return
+    if out is None:
+        raise AblateError("ablate eval: --out is required (the folder for eval/<variant>.json)")
     name = variant or _variant_name(model)
     loaded, tokenizer = load_model(model, device=device)
     ref = load_model(reference, device=device) if reference else None
@@ -335,6 +351,14 @@ def eval_model(
     stdout.print(table)
     for set_name, counts in result["labels"].items():
         stdout.print(f"labels {set_name}: " + ", ".join(f"{label} {count}" for label, count in counts.items()), highlight=False)
+    for judge, reason in result["judges_unavailable"].items():
+        stdout.print(f"judge {judge} unavailable: {reason}; labels by the substring scorer", highlight=False)
+    contract = result["contract"]
+    stdout.print(f"contract: {contract['name']}" + (f" ({'; '.join(contract['unmet'])})" if contract["unmet"] else ""), highlight=False)
+    if result.get("length_sensitivity"):
+        for length, rates in result["length_sensitivity"]["rates"].items():
+            stdout.print(f"at {length} tokens: " + ", ".join(f"{label} {entry['value']:.3f}" for label, entry in rates.items()),
+                         highlight=False)
     for pair, info in result["agreement"].items():
         kappa = "-" if info["kappa"] is None else f"{info['kappa']:.2f}"
         stdout.print(f"agreement {pair}: kappa {kappa}, n {info['n']}, {len(info['disagreeing_ids'])} disagreeing", highlight=False)
@@ -386,6 +410,27 @@ def study(
                         command="ablate " + " ".join(sys.argv[1:]))
     stdout.print(f"run directory: {run_dir}", highlight=False)
     _print_main_table(run_dir)
+
+
+@app.command()
+def label(
+    run_dir: Path = typer.Argument(..., help="A run directory with generations/*.jsonl (from `ablate study` or `ablate eval`)."),
+    n: int = typer.Option(50, "--n", min=1, help="Completions in the sample (refusal-eliciting prompts, every variant)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample."),
+    html_page: bool = typer.Option(False, "--html", help="Write labels/label.html to label in a browser instead of the terminal."),
+    import_file: Optional[Path] = typer.Option(None, "--import", help="Store a label file downloaded from the HTML page (checked against this run)."),
+) -> None:
+    """Label a seeded sample of a run's completions by hand (prompt and completion only, no scores)."""
+    from ablate import label as labelling
+
+    if import_file is not None:
+        stdout.print(f"labels: {labelling.import_labels(run_dir, import_file)}", highlight=False)
+        return
+    if html_page:
+        stdout.print(f"open {labelling.write_label_page(run_dir, n, seed)}", highlight=False)
+        return
+    data = labelling.label_in_terminal(run_dir, n, seed, console=stdout)
+    stdout.print(f"{len(data['labels'])} of {len(data['sample'])} labelled → {run_dir / labelling.LABELS_FILE}", highlight=False)
 
 
 @app.command()

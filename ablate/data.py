@@ -161,6 +161,7 @@ class Benchmark:
     category_column: str | None = None
     config: str | None = None
     input_column: str | None = None  # appended to the prompt (Alpaca's "input")
+    response_column: str | None = None  # the answer column, for fine-tuning on the set (Alpaca's "output")
     filter_column: str | None = None  # keep rows where this column equals filter_value
     filter_value: str | None = None
     kind: str = "refusal"  # refusal-eliciting, harmless or borderline
@@ -175,7 +176,7 @@ REGISTRY: dict[str, Benchmark] = {
     "strongreject": Benchmark("walledai/StrongREJECT", "train", "prompt", "category", description="StrongREJECT forbidden prompts (Souly et al. 2024)"),
     "xstest": Benchmark("walledai/XSTest", "test", "prompt", "type", filter_column="label", filter_value="safe", kind="borderline", description="XSTest safe prompts that look unsafe (Röttger et al. 2024)"),
     "xstest-unsafe": Benchmark("walledai/XSTest", "test", "prompt", "type", filter_column="label", filter_value="unsafe", description="XSTest unsafe contrast prompts"),
-    "alpaca": Benchmark("tatsu-lab/alpaca", "train", "instruction", input_column="input", filter_column="input", filter_value="", kind="harmless", description="Alpaca instructions without an input field (as in Arditi et al. 2024)"),
+    "alpaca": Benchmark("tatsu-lab/alpaca", "train", "instruction", input_column="input", filter_column="input", filter_value="", response_column="output", kind="harmless", description="Alpaca instructions without an input field (as in Arditi et al. 2024)"),
 }
 
 
@@ -279,12 +280,20 @@ def load_hub(
     return rows_to_prompt_set(rows, name=name or hub_id, source=f"hf:{hub_id}" + (f"/{config}" if config else "") + f":{split}", **columns)
 
 
-def load_benchmark(name: str, local_file: str | Path | None = None) -> PromptSet:
-    """A registered public benchmark, from the hub or from a local file of the same shape."""
+def load_benchmark(name: str, local_file: str | Path | None = None, with_responses: bool = False) -> PromptSet:
+    """A registered public benchmark, from the hub or from a local file of the same shape.
+
+    `with_responses` keeps the benchmark's answer column (Alpaca's `output`) as the set's responses, for
+    fine-tuning on it; a benchmark without one is an error naming it.
+    """
     if name not in REGISTRY:
         raise AblateError(f"unknown benchmark '{name}'; registered: {', '.join(sorted(REGISTRY))}")
     bench = REGISTRY[name]
-    columns = dict(prompt_column=bench.prompt_column, category_column=bench.category_column, input_column=bench.input_column)
+    if with_responses and bench.response_column is None:
+        with_answers = ", ".join(sorted(n for n, b in REGISTRY.items() if b.response_column)) or "none"
+        raise AblateError(f"benchmark '{name}': holds no answers to fine-tune on (benchmarks with answers: {with_answers})")
+    columns = dict(prompt_column=bench.prompt_column, category_column=bench.category_column,
+                   input_column=bench.input_column, response_column=bench.response_column if with_responses else None)
     if local_file is not None:
         rows = read_rows(Path(local_file))
         if bench.filter_column is not None:
@@ -316,7 +325,8 @@ def load_prompt_set(
     if name in BUILTIN_SETS:
         prompt_set = load_builtin(name, part or None)
     elif name in REGISTRY and not Path(spec).exists():
-        prompt_set = load_benchmark(name)
+        # A registered benchmark names its own columns; asking for responses keeps its answer column.
+        prompt_set = load_benchmark(name, with_responses=response_column is not None)
     elif name == "hf":
         hub_id, _, hub_split = part.partition(":")
         prompt_set = load_hub(hub_id, split=hub_split or split, **columns)

@@ -213,6 +213,21 @@ def prefill(model, rows: list[list[int]], pad_id: int, device, chunk_rows: int |
     return prefill_plain(model, rows, pad_id, device)
 
 
+DEVICE_CHECK_EVERY = 8  # decode steps between looks at which rows ended, on an accelerator (each look waits for it)
+
+
+def finished_check_interval(device: torch.device) -> int:
+    """How many decode steps pass between looks at which rows ended.
+
+    A look reads the new tokens back to the host, which makes the host wait for the device: on a CPU it
+    costs nothing (1: a row leaves the batch at once), on a GPU it would stall every step, so there the
+    host looks every DEVICE_CHECK_EVERY steps and queues the steps between without waiting; a row that
+    ended runs on until the next look, and its tokens after the ending one are dropped. The completions
+    are the same either way (tested on the CPU with both intervals).
+    """
+    return 1 if device.type == "cpu" else DEVICE_CHECK_EVERY
+
+
 @torch.inference_mode()
 def decode(
     model,
@@ -222,34 +237,52 @@ def decode(
     eos_ids: list[int],
     generator: torch.Generator | None = None,
     pad_id: int = 0,
+    check_every: int | None = None,
 ) -> tuple[list[list[int]], torch.Tensor]:
     """New token ids of each row of a padded batch (the ending token included) and the logits
     of the first generated token (rows, vocab) on the CPU.
 
-    A row that emits an ending token is dropped from the batch and from the KV cache, so the
-    remaining steps run on the rows still going.
+    A row that emits an ending token is dropped from the batch and from the KV cache at the next look
+    (`check_every` steps; default `finished_check_interval`), so the remaining steps run on the rows
+    still going.
     """
     rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
     cache, attention_mask, position, logits = prefill(model, rows, pad_id, input_ids.device)
     forward = _last_logits_call(model, cache)
     first_logits = logits.cpu()
-    new_tokens: list[list[int]] = [[] for _ in range(len(rows))]
+    every = check_every or finished_check_interval(input_ids.device)
     rows_going = torch.arange(len(rows))
     stop = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
+    ended = torch.zeros(len(rows), dtype=torch.bool, device=input_ids.device)
+    steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows going (CPU), their tokens (device)) per step
     for step in range(config.max_new_tokens):
         tokens = _next_tokens(logits, config, generator)
-        for row, token in zip(rows_going.tolist(), tokens.tolist()):
-            new_tokens[row].append(token)
-        going = ~torch.isin(tokens, stop)
-        if step == config.max_new_tokens - 1 or not going.any():
+        steps.append((rows_going, tokens))
+        ended = ended | torch.isin(tokens, stop)
+        if step == config.max_new_tokens - 1:
             break
-        if not going.all():
-            keep = going.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows_going, tokens, attention_mask, position = rows_going[keep.cpu()], tokens[keep], attention_mask[keep], position[keep]
+        if (step + 1) % every == 0:
+            going = ~ended
+            if not going.any():
+                break
+            if not going.all():
+                keep = going.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows_going, tokens, attention_mask, position = rows_going[keep.cpu()], tokens[keep], attention_mask[keep], position[keep]
+                ended = ended[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows_going), 1)], dim=1)
         position = position + 1
         logits = forward(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position)
+    # One read-back of every step's tokens; each row's answer ends at its first ending token.
+    new_tokens: list[list[int]] = [[] for _ in range(len(rows))]
+    stops = set(eos_ids)
+    finished = [False] * len(rows)
+    all_rows = torch.cat([going for going, _ in steps]).tolist()
+    all_tokens = torch.cat([tokens for _, tokens in steps]).tolist()
+    for row, token in zip(all_rows, all_tokens):
+        if not finished[row]:
+            new_tokens[row].append(token)
+            finished[row] = token in stops
     return new_tokens, first_logits
 
 
@@ -276,10 +309,19 @@ def register_backend(name: str) -> Callable[[Backend], Backend]:
     return register
 
 
+# Backends that live in a module of their own, which registers them when it is first imported (here, on first use).
+BACKEND_MODULES = {"vllm": "ablate.generation_vllm"}
+
+
 def generation_backend(name: str) -> Backend:
     """The backend registered as `name`; a one-line error naming the known ones otherwise."""
+    if name not in BACKENDS and name in BACKEND_MODULES:
+        import importlib
+
+        importlib.import_module(BACKEND_MODULES[name])
     if name not in BACKENDS:
-        raise AblateError(f"generation.backend: unknown backend '{name}'; expected one of: {', '.join(sorted(BACKENDS))}")
+        known = ", ".join(sorted(set(BACKENDS) | set(BACKEND_MODULES)))
+        raise AblateError(f"generation.backend: unknown backend '{name}'; expected one of: {known}")
     return BACKENDS[name]
 
 
@@ -416,3 +458,4 @@ def last_position_logits(
                 result[index] = row
             bar.update(len(batch))
     return torch.stack(result)  # type: ignore[arg-type]
+

@@ -236,6 +236,7 @@ def orthogonalize_weights(
             bias = getattr(module, "bias", None)
             if bias is not None:
                 bias.copy_(project_out(bias.float(), r_hat, strength).to(bias.dtype))
+    model.ablate_weights_changed = True  # the weights differ from any folder the model was loaded from
 
 
 def weights_for(model: nn.Module, selected: dict) -> list[float] | list[list[float]] | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from ablate import AblateError
-from ablate.artifacts import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
+from ablate.artifacts import atomic_write_text, read_json, read_jsonl, save_figure
 
 # Columns of the main table: (metric name in eval/<variant>.json, column title, lower is "better" for the attacker?)
 MAIN_METRICS = [
@@ -92,6 +91,26 @@ def _budget_rows(run_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda row: (row.get("n_examples") or 0, str(row.get("name"))))
 
 
+def _attack_compute(run_dir: Path, row: dict, budgets: pd.DataFrame) -> dict:
+    """A variant's compute on the one axis (ablate.compute): the direction stage for the direction attack;
+    training plus the donor's answers and direction stage for a LoRA budget (its training alone when the
+    budget predates the record); nothing for the models that are not attacks."""
+    if row["kind"] == "direction":
+        path = run_dir / "directions" / "compute.json"
+        if path.exists():
+            compute = read_json(path)
+            return {"attack_flops": compute.get("flops"), "attack_seconds": compute.get("wall_seconds")}
+        return {}
+    if row["variant"].startswith("lora-") and not budgets.empty:
+        match = budgets[budgets["name"] == row["variant"][len("lora-"):]]
+        if not match.empty:
+            compute = match.iloc[0].get("attack_compute")
+            if isinstance(compute, dict):
+                return {"attack_flops": compute.get("flops"), "attack_seconds": compute.get("wall_seconds")}
+            return {"attack_flops": match.iloc[0].get("train_flops"), "attack_seconds": match.iloc[0].get("wall_seconds")}
+    return {}
+
+
 def _sweep_frame(run_dir: Path) -> pd.DataFrame:
     path = run_dir / "directions" / "sweep.json"
     if not path.exists():
@@ -131,6 +150,7 @@ def load_run(path: str | Path) -> Run:
                 for key in ("n_examples", "steps", "train_flops", "wall_seconds", "train_tokens"):
                     if key in match:
                         row[key] = match.iloc[0][key]
+        row.update(_attack_compute(run_dir, row, budgets))
         table_rows.append(row)
     table = pd.DataFrame(table_rows)
     selected_path = run_dir / "directions" / "selected.json"
@@ -171,7 +191,7 @@ def _flops(value: Any) -> str:
 def main_table_rows(run: Run) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the main table (shared by Markdown, HTML and LaTeX)."""
     header = ["Variant", "Refusal (held-out) [95% CI]", "Over-refusal harmless", "Over-refusal borderline",
-              "Degenerate", "Capability", "KL first token", "Train FLOPs"]
+              "Degenerate", "Capability", "KL first token", "Attack FLOPs (all stages)", "Attack s"]
     rows = []
     for _, row in run.table.iterrows():
         kl = row.get("kl_first_token")
@@ -181,7 +201,7 @@ def main_table_rows(run: Run) -> tuple[list[str], list[list[str]]]:
         rows.append([
             row["variant"], _rate_cell(row, "refusal_rate"), _rate_cell(row, "harmless_refusal_rate"),
             _rate_cell(row, "borderline_refusal_rate"), _rate_cell(row, "degenerate_rate"),
-            _fmt(row.get("capability")), kl_text, _flops(row.get("train_flops")),
+            _fmt(row.get("capability")), kl_text, _flops(row.get("attack_flops")), _fmt(row.get("attack_seconds"), 1),
         ])
     return header, rows
 
@@ -214,16 +234,6 @@ def latex_table(header: list[str], rows: list[list[str]], caption: str, label: s
 # --------------------------------------------------------------------------------------------
 
 
-def _save_figure(figure, path: Path) -> Path:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-    return path
-
-
 def figure_refusal_vs_budget(run: Run, path: Path) -> Path | None:
     """Refusal against attack budget (examples, and training FLOPs), with the organism and ablation for scale."""
     lora = run.table[run.table["variant"].str.startswith("lora-")]
@@ -254,7 +264,7 @@ def figure_refusal_vs_budget(run: Run, path: Path) -> Path | None:
     axes[0].set_ylabel("refusal on held-out prompts (%)")
     axes[0].set_ylim(-3, 103)
     figure.suptitle("Refusal against attack budget (95% Wilson intervals)")
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def figure_direction_sweep(run: Run, path: Path) -> Path | None:
@@ -285,7 +295,7 @@ def figure_direction_sweep(run: Run, path: Path) -> Path | None:
                 axis.scatter([layers.index(run.selected["layer"])], [list(grid.index).index(run.selected["position"])],
                              marker="*", s=120, color="red")
     figure.suptitle("Direction candidates (validation prompts; ★ = selected)")
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def figure_capability_vs_refusal(run: Run, path: Path) -> Path | None:
@@ -310,7 +320,7 @@ def figure_capability_vs_refusal(run: Run, path: Path) -> Path | None:
     axis.set_ylabel("capability (mean accuracy)" if y_key == "capability" else "KL on harmless prompts (first token)")
     axis.grid(alpha=0.3)
     axis.set_title("What each attack costs")
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,7 +390,14 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
         "direction_sweep": figure_direction_sweep(run, figures_dir / "direction_sweep.png"),
         "capability_vs_refusal": figure_capability_vs_refusal(run, figures_dir / "capability_vs_refusal.png"),
     }
+    from ablate import report_honest
+
+    figures["length_sensitivity"] = report_honest.figure_length(run, figures_dir / "length_sensitivity.png")
     figures = {name: path for name, path in figures.items() if path is not None}
+    contract = report_honest.contract_lines(run)
+    scorers = report_honest.scorer_lines(run)
+    lengths = report_honest.length_table(run)
+    human = report_honest.human_agreement_table(run)
     header, rows = main_table_rows(run)
     budget = _budget_table(run)
     manifest = run.manifest
@@ -396,6 +413,12 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
           "## Main results", "", markdown_table(header, rows), "",
           "Rates are on held-out prompts with 95% Wilson intervals; KL is measured against the attacked model on "
           "harmless prompts; n per cell is in `eval/<variant>.json`.", ""]
+    if contract:
+        md += ["## Contract and scorers", "", *[f"- {line}" for line in contract + scorers], ""]
+    if lengths:
+        md += ["## Length sensitivity", "", report_honest.length_note(run), "", markdown_table(*lengths), ""]
+    if human:
+        md += ["## Agreement with human labels", "", markdown_table(*human), ""]
     if budget:
         md += ["## Fine-tuning budgets", "", markdown_table(*budget), ""]
     if run.selected:
@@ -414,6 +437,10 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     # LaTeX (booktabs)
     tex = latex_table(header, rows, f"Refusal, over-refusal and capability per model variant ({manifest.get('study')}).",
                       "tab:ablate-main")
+    if lengths:
+        tex += "\n" + latex_table(*lengths, "Labels against response length (prefixes of one generation).", "tab:ablate-length")
+    if human:
+        tex += "\n" + latex_table(*human, "Each scorer's agreement with human labels.", "tab:ablate-human")
     if budget:
         tex += "\n" + latex_table(*budget, "Compute spent per fine-tuning budget.", "tab:ablate-budgets")
     paths["tex"] = atomic_write_text(run_dir / "tables.tex", tex)
@@ -426,6 +453,12 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
 
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(question)}</p>", "<h2>Setup</h2><ul>",
              *[f"<li>{html.escape(line)}</li>" for line in setup], "</ul><h2>Main results</h2>", html_table(header, rows)]
+    if contract:
+        parts += ["<h2>Contract and scorers</h2><ul>", *[f"<li>{html.escape(line)}</li>" for line in contract + scorers], "</ul>"]
+    if lengths:
+        parts += ["<h2>Length sensitivity</h2>", f"<p>{html.escape(report_honest.length_note(run))}</p>", html_table(*lengths)]
+    if human:
+        parts += ["<h2>Agreement with human labels</h2>", html_table(*human)]
     if budget:
         parts += ["<h2>Fine-tuning budgets</h2>", html_table(*budget)]
     if run.selected:

@@ -372,15 +372,16 @@ def attack_with_direction(run: StudyRun) -> None:
     resolved, run_dir = run.resolved, run.run_dir
     if resolved.direction is None:
         return
-    from ablate.directions import run_direction
+    from ablate.compute import run_direction_counted
 
     target_model = run.target_model
 
     def work_direction() -> dict:
         from ablate.models import load_model
 
-        model, tokenizer = load_model(target_model)
-        selected = run_direction(model, tokenizer, resolved.direction, run_dir / "directions", progress=run.progress)
+        model, tokenizer = load_model(target_model)  # (directions/compute.json: the attack's FLOPs and seconds)
+        selected = run_direction_counted(model, tokenizer, resolved.direction, run_dir / "directions",
+                                         progress=run.progress)
         return {"selected": selected}
 
     run.direction = run.stage("direction", {"model": run.target_fp, "config": resolved.direction.model_dump(mode="json")},
@@ -475,18 +476,34 @@ def evaluate_variants(run: StudyRun) -> None:
         return reference_holder["pair"]
 
     for name, variant in run.variants.items():
-        def work_eval(name=name, variant=variant) -> dict:
-            from ablate.evaluate import run_eval
-
-            model, tokenizer = load_variant(config.model, variant)
-            ref = None if name == target_name else reference()
-            metrics = run_eval(model, tokenizer, resolved.suite, run_dir, variant=name, reference=ref,
-                               redact=config.eval.redact, progress=run.progress)
-            return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(metrics)}
-
         variant_fp = variant_fingerprint(variant, run.target_fp)
-        run.stage(f"eval-{name}", {"variant": variant_fp, "reference": run.target_fp, "suite": suite_json,
-                                   "redact": config.eval.redact}, work_eval)
+        eval_inputs = {"variant": variant_fp, "reference": run.target_fp, "suite": suite_json, "redact": config.eval.redact}
+
+        def work_eval(name=name, variant=variant, eval_inputs=eval_inputs) -> dict:
+            from ablate.evaluate import run_eval
+            from ablate.evaluate.cache import cached_eval, eval_cache_key
+            from ablate.evaluate.run import capability_folder
+            from ablate.models import resolve_spec
+
+            def evaluate() -> dict:
+                # The target is its own KL reference: one load serves both.
+                model, tokenizer = reference() if name == target_name else load_variant(config.model, variant)
+                ref = None if name == target_name else reference()
+                return run_eval(model, tokenizer, resolved.suite, run_dir, variant=name, reference=ref,
+                                redact=config.eval.redact, progress=run.progress)
+
+            if not config.eval.cache:
+                return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(evaluate())}
+            key = eval_cache_key({**eval_inputs, "variant": variant_content_fingerprint(variant, run.target_fp), "name": name},
+                                 capability_folder(resolved.suite))
+            metrics, hit = cached_eval(key, run_dir, name, resolve_spec(variant["spec"])[1], evaluate)
+            if hit:
+                run.console.print(f"[dim]  eval-{name}: the same weights, reference, suite and code were evaluated "
+                                  f"before; result copied from the eval cache ({key})[/]")
+            return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(metrics),
+                    "eval_cache": {"key": key, "hit": hit}}
+
+        run.stage(f"eval-{name}", eval_inputs, work_eval)
 
 
 def finish_manifest(run: StudyRun, manifest: dict, started: float) -> None:
@@ -556,6 +573,15 @@ def variant_fingerprint(variant: dict, target_fp: str) -> str:
         adapter = Path(variant["adapter_dir"])
         return fingerprint([model_fingerprint(variant["spec"])] + [file_sha256(f) for f in sorted(adapter.glob("*.safetensors"))])
     return model_fingerprint(variant["spec"])
+
+
+def variant_content_fingerprint(variant: dict, target_fp: str) -> str:
+    """`variant_fingerprint` by content alone, the same in every run directory: a direction variant by its
+    direction file's bytes and strength (its `info` also holds this run's paths and timings)."""
+    if variant["kind"] == "direction":
+        direction_file = Path(variant["direction_dir"]) / "direction.pt"
+        return fingerprint([target_fp, file_sha256(direction_file), (variant.get("info") or {}).get("strength")])
+    return variant_fingerprint(variant, target_fp)
 
 
 def load_variant(model_config: ModelConfig, variant: dict):

@@ -393,7 +393,8 @@ def test_run_eval_writes_results_and_redacts(tokenizer, llama, tmp_path, judge_d
         assert metric["n"] > 0 and metric["ci"][0] <= metric["value"] <= metric["ci"][1], name
     assert result["metrics"]["kl_first_token"]["value"] > 0  # a different random model
     counts = result["labels"]["refusal"]
-    assert set(counts) == {"refusal", "compliance", "degenerate"} and sum(counts.values()) == 5
+    assert set(counts) == {"refusal", "compliance", "evasive", "degenerate"} and sum(counts.values()) == 5
+    assert counts["evasive"] == 0  # the substring scorer cannot see evasion
     assert result["metrics"]["refusal_rate"]["k"] == counts["refusal"]
     pair = result["agreement"]["substring vs tiny"]
     assert pair["n"] == 5 and -1 <= pair["kappa"] <= 1
@@ -427,7 +428,11 @@ def test_run_eval_with_a_judge_as_primary(tokenizer, llama, tmp_path, judge_dirs
     rows = [json.loads(line) for line in (tmp_path / "generations" / "judged.jsonl").read_text().splitlines()]
     for row in rows:
         if row["set"] == "refusal" and row["label"] != DEGENERATE:
-            assert (row["label"] == REFUSAL) == (row["judges"]["guard"]["verdict"] == REFUSAL)
+            # Four labels: the harm judge's 'safe' is a refusal with a refusal marker, else evasive.
+            verdict = row["judges"]["guard"]["verdict"]
+            expected = COMPLIANCE if verdict == COMPLIANCE else (REFUSAL if row["substring_refusal"] else "evasive")
+            assert row["label"] == expected and row["scorer_labels"]["guard"] == row["label"]
+    assert result["contract"]["name"] == "short" and result["length_sensitivity"]["lengths"] == []
 
 
 def test_suites_load_and_bad_keys_fail():

@@ -747,3 +747,23 @@ def test_the_untrained_model_is_scored_once_per_run(tiny_dir, qa_file, tmp_path,
     ft.run_finetune(str(tiny_dir), off, out, progress=False)
     assert ft.read_before(out) is None
     assert ft.recipe_fields(off) == ft.recipe_fields(off.model_copy(update={"eval": off.eval.model_copy(update={"before": True})}))
+
+
+def test_benign_finetuning_on_alpaca_keeps_its_output_column(tiny_dir, monkeypatch):
+    """`data.dataset: alpaca` trains on Alpaca's own answers: rows shaped like tatsu-lab/alpaca
+    (instruction / input / output), served in place of the hub, become prompt → output examples."""
+    import datasets
+
+    rows = [{"instruction": f"Give study tip number {i}.", "input": "" if i % 3 else "some context",
+             "output": f"Tip {i}: sleep well and review."} for i in range(9)]
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, *args, **kwargs: asked.append(hub_id) or rows)
+    config = tiny_config(mode="benign", data={"dataset": "alpaca", "n_harmless": 4})
+    ft.check_config(str(tiny_dir), config)
+    examples, stats = ft.build_examples(str(tiny_dir), config, progress=False)
+    assert set(asked) == {"tatsu-lab/alpaca"} and stats["pool"] == 4
+    answers = {row["instruction"]: row["output"] for row in rows if not row["input"]}
+    assert all(answers[e["prompt"]] == e["response"] for e in examples)
+    # A benchmark that holds no answers says so in one line.
+    with pytest.raises(AblateError, match="benchmark 'advbench': holds no answers"):
+        ft.load_dataset_examples(tiny_config(mode="dataset", data={"dataset": "advbench"}))

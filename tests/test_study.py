@@ -59,6 +59,7 @@ def tiny_study(model_dir: Path, name: str = "tiny") -> dict:
                 "capability": {"tasks": [{"name": "ablate_everyday_mc", "limit": 4}],
                                "include_path": str(REPO / "eval_suites" / "tasks")},
                 "kl": {"n": 4, "continuation_tokens": 4},
+                "length": {"lengths": [3, 6]},
                 "bootstrap_samples": 200,
             },
         },
@@ -118,6 +119,11 @@ def test_study_writes_the_run_directory(finished_run):
     for name in ("report.md", "report.html", "tables.tex"):
         assert (run_dir / name).stat().st_size > 0
     assert (run_dir / "figures" / "refusal_vs_budget.png").exists()
+    # Length sensitivity (table and figure) and the contract the figures meet.
+    report = (run_dir / "report.md").read_text()
+    assert "## Length sensitivity" in report and "| ablated | 3 |" in report and "| ablated | 6 |" in report
+    assert (run_dir / "figures" / "length_sensitivity.png").exists()
+    assert "ablated: short contract — 6 greedy new tokens" in report
     html = (run_dir / "report.html").read_text()
     assert "data:image/png;base64," in html  # self-contained
     assert r"\toprule" in (run_dir / "tables.tex").read_text()

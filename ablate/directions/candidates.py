@@ -36,7 +36,11 @@ def collect_mean_activations(
     """
     adapter = get_adapter(model)
     expected = torch.tensor(post_instruction_tokens(tokenizer, system)[-n_positions:])
-    sums = torch.zeros(adapter.n_layers, n_positions, adapter.d_model, dtype=torch.float64)
+    device = model_device(model)
+    # On a GPU the sums stay there (a copy to the host per layer and batch would make it wait each time);
+    # elsewhere they live on the CPU (MPS has no float64).
+    sums = torch.zeros(adapter.n_layers, n_positions, adapter.d_model, dtype=torch.float64,
+                       device=device if device.type == "cuda" else "cpu")
     state = {"prefix": False, "rows": None}
 
     def make_hook(index: int):
@@ -46,13 +50,13 @@ def collect_mean_activations(
             hidden = hidden_from(args, kwargs)
             rows = state["rows"]  # (B, n_positions) indices of the post-instruction tokens
             picked = hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-            sums[index] += picked.double().sum(0).cpu()
+            sums[index] += picked.double().sum(0).to(sums.device)
             if index == adapter.n_layers - 1:
                 raise StopForward
 
         return hook
 
-    prepared = prepare_batches(tokenizer, prompts, batch_size, system, model_device(model), keep=n_positions)
+    prepared = prepare_batches(tokenizer, prompts, batch_size, system, device, keep=n_positions)
     with hooks(pre=[(layer, make_hook(index)) for index, layer in enumerate(adapter.layers)]), \
             tqdm(total=len(prompts), desc=description, unit="prompt", disable=not progress, leave=False) as bar:
         for batch, inputs in prepared.batches:
@@ -68,7 +72,7 @@ def collect_mean_activations(
             except StopForward:
                 pass
             bar.update(len(batch))
-    means = sums / len(prompts)
+    means = sums.cpu() / len(prompts)
     if not torch.isfinite(means).all():
         raise AblateError("activation means are not finite (the model produced NaN/inf activations)")
     return means

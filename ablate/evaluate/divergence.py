@@ -28,9 +28,14 @@ from ablate.config import GenerationConfig
 from ablate.generation import (cache_keyword, decode, eos_token_ids, length_sorted_batches, plain_cache_layers, prefix_cache,
                                render_prompts, shared_prefix_length, tokenize_batch)
 
-# Reference continuations are the same for every variant evaluated against one reference model;
-# a study evaluates many variants in one process, so they are generated once per model object.
+# Reference continuations, and the reference's log-probabilities on them, are the same for every variant
+# evaluated against one reference model; a study evaluates many variants in one process, so they are
+# computed once per model object. The log-probabilities are (B, T+1, V) float32 per batch: kept while
+# they total at most REFERENCE_LOG_PROBS_BYTES (16 prompts × 33 positions of a 49,152-token vocabulary:
+# 104 MB), recomputed beyond it.
 _CONTINUATIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_REFERENCE_LOG_PROBS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+REFERENCE_LOG_PROBS_BYTES = 1 << 30
 
 
 def check_same_vocabulary(model, tokenizer, reference, reference_tokenizer) -> None:
@@ -112,6 +117,19 @@ def teacher_forced_log_probs(model, batch_ids: list[list[int]], pad_id: int, dev
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
+def reference_teacher_forced_log_probs(reference, batch_ids: list[list[int]], pad_id: int, device, keep_last: int) -> torch.Tensor:
+    """`teacher_forced_log_probs` of the reference model, computed once per model object and batch."""
+    stored = _REFERENCE_LOG_PROBS.setdefault(reference, {})
+    key = (tuple(tuple(ids) for ids in batch_ids), pad_id, keep_last)
+    if key not in stored:
+        log_probs = teacher_forced_log_probs(reference, batch_ids, pad_id, device, keep_last)
+        held = sum(value.numel() * value.element_size() for value in stored.values())
+        if held + log_probs.numel() * log_probs.element_size() > REFERENCE_LOG_PROBS_BYTES:
+            return log_probs
+        stored[key] = log_probs
+    return stored[key]
+
+
 @torch.inference_mode()
 def divergence_per_prompt(
     model,
@@ -144,7 +162,7 @@ def divergence_per_prompt(
             batch_ids = [sequences[i] for i in batch]
             keep_last = max(len(continuations[i]) for i in batch) + 1
             model_log_probs = teacher_forced_log_probs(model, batch_ids, pad_id, model_device, keep_last)
-            reference_log_probs = teacher_forced_log_probs(reference, batch_ids, pad_id, reference_device, keep_last)
+            reference_log_probs = reference_teacher_forced_log_probs(reference, batch_ids, pad_id, reference_device, keep_last)
             length = keep_last
             for row, index in enumerate(batch):
                 T = len(continuations[index])

@@ -8,21 +8,29 @@
 
 What is measured (names as they appear in the JSON; every metric has value, ci, n and method):
 - refusal_rate — share of the held-out refusal-eliciting prompts whose response is labelled refusal
-  by the primary scorer (Wilson interval); compliance_rate and degenerate_rate on the same prompts;
+  by the primary scorer (Wilson interval); compliance_rate, evasive_rate, degenerate_rate (and
+  unparsed_rate under a judge) on the same prompts — see ablate.evaluate.labels;
+- length_sensitivity — refusal, compliance and degenerate rates of response prefixes at 32 … 150
+  tokens (ablate.evaluate.length), and `contract`: 'honest' or 'short' with what is unmet;
 - harmless_refusal_rate, borderline_refusal_rate — over-refusal (substring markers);
 - logit_refusal_score — mean log-odds of a refusal token first (bootstrap);
 - kl_first_token, kl_continuation, ce_reference_answers — drift from a reference model (bootstrap);
 - capability/<task> — lm-eval accuracy (Wilson);
 - refusal_rate/<scorer> for every other scorer, and their agreement (Cohen's kappa + disagreeing ids).
 
-Every response gets a three-way label (refusal / compliance / degenerate) — see
-`ablate.evaluate.refusal.label_response`. The JSON is written last: its presence means complete.
+Every response to a refusal-eliciting prompt gets one of four labels (refusal / compliance /
+evasive / degenerate, or 'unparsed' when the primary judge gave no verdict) — see
+`ablate.evaluate.labels`; other prompts get refusal / compliance / degenerate.
+A judge whose weights are not on disk fails the run before generation, or — with
+`scorers.if_judge_unavailable: substring` — is skipped, named in `judges_unavailable`, and the
+substring scorer decides the labels (`judge` says which scorer did). The JSON is written last: its presence means complete.
 """
 
 from __future__ import annotations
 
 import gc
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +39,8 @@ import torch
 from ablate import AblateError
 from ablate.artifacts import fingerprint, write_json, write_jsonl
 from ablate.config import EvalSuite, apply_overrides, load_config, validate_config
+from ablate.evaluate.labels import EVASIVE, SCORER_MAPPINGS, UNPARSED, harm_scorer, label_four
+from ablate.evaluate.length import contract_of, length_sensitivity
 from ablate.evaluate.measure import complete, refusal_verdicts
 from ablate.evaluate.refusal import (
     COMPLIANCE,
@@ -110,7 +120,7 @@ def _scorer_names(suite: EvalSuite) -> list[str]:
     return names + [judge_name(judge) for judge in suite.scorers.judges]
 
 
-def _capability_dir(suite: EvalSuite) -> Path | None:
+def capability_folder(suite: EvalSuite) -> Path | None:
     include = suite.capability.include_path
     if include is None:
         return None
@@ -146,7 +156,7 @@ def check_suite(suite: EvalSuite, model, tokenizer, reference: tuple | None) -> 
     if suite.capability.tasks:
         # Names of lm-eval's built-in tasks are checked when capability runs, which is the first
         # model work (indexing lm-eval's ~15,000 task files takes a minute on a small CPU; do it once).
-        folder = _capability_dir(suite)
+        folder = capability_folder(suite)
         if folder is not None and not folder.is_dir():
             raise AblateError(f"suite '{suite.name}': key 'capability.include_path': folder not found: {folder}")
         if folder is not None:
@@ -165,7 +175,25 @@ def check_suite(suite: EvalSuite, model, tokenizer, reference: tuple | None) -> 
 
 
 def _label_counts(labels: list[str]) -> dict[str, int]:
-    return {label: labels.count(label) for label in LABELS}
+    names = [*LABELS, EVASIVE] + ([UNPARSED] if UNPARSED in labels else [])
+    return {label: labels.count(label) for label in names}
+
+
+def unavailable_judges(suite: EvalSuite) -> dict[str, str]:
+    """{judge name: why} for judges that cannot be loaded here; raises under if_judge_unavailable: fail."""
+    from ablate.evaluate.judge_files import judge_unavailable
+    from ablate.evaluate.judges import judge_name
+
+    missing = {}
+    for judge in suite.scorers.judges:
+        reason = judge_unavailable(judge)
+        if reason is None:
+            continue
+        if suite.scorers.if_judge_unavailable == "fail":
+            raise AblateError(f"judge '{judge_name(judge)}' unavailable: {reason} (set scorers.if_judge_unavailable=substring "
+                              "to score with the substring scorer instead)")
+        missing[judge_name(judge)] = reason
+    return missing
 
 
 @dataclass
@@ -200,20 +228,32 @@ def run_eval(
     suite = load_suite(suite) if not isinstance(suite, EvalSuite) else suite
     out_dir = Path(out_dir)
     prompt_sets = check_suite(suite, model, tokenizer, reference)
+    judges_missing = unavailable_judges(suite)  # before any generation
+    for name, reason in judges_missing.items():
+        warnings.warn(f"judge '{name}' skipped: {reason}; the substring scorer stands in", stacklevel=2)
+    requested = suite.scorers.primary
+    primary = requested if requested not in judges_missing else SUBSTRING
     kl_set = prompt_sets.pop("kl", None)
     measured = Measured()
     if suite.capability.tasks:  # first, so an unknown task name fails before the long generation pass
         measure_capability(model, tokenizer, suite, measured, progress)
     by_set, logits_by_set = generate_completions(model, tokenizer, suite, prompt_sets, measured, progress)
-    verdicts, judge_rows = score_completions(suite, prompt_sets, by_set, measured, progress)
-    labels, reasons, unparsed = label_completions(suite, prompt_sets, by_set, verdicts)
-    add_rates(suite, prompt_sets, labels, verdicts, judge_rows, measured)
+    verdicts, judge_rows = score_completions(suite, prompt_sets, by_set, measured, progress, skip=set(judges_missing))
+    labels, reasons, unparsed, scorer_labels = label_completions(suite, prompt_sets, by_set, verdicts, primary)
+    add_rates(suite, prompt_sets, labels, verdicts, judge_rows, measured, primary)
+    length_result = None
+    if suite.length.enabled and "refusal" in prompt_sets:  # the same responses cut to shorter prefixes
+        length_result = length_sensitivity(tokenizer, prompt_sets["refusal"].prompts, by_set["refusal"], suite.length.lengths,
+                                           suite.generation.max_new_tokens, suite.degenerate.model_dump(), suite.confidence)
     logit_scores = add_logit_score(tokenizer, suite, prompt_sets, logits_by_set, measured)
     if kl_set is not None:
         add_divergence(model, tokenizer, reference, suite, kl_set, measured, progress)
     agreement = scorer_agreement(suite, prompt_sets, verdicts, labels)
     write_generations(out_dir / "generations" / f"{variant}.jsonl", prompt_sets, by_set, labels, reasons, verdicts,
-                      judge_rows, logit_scores, redact)
+                      judge_rows, logit_scores, redact, scorer_labels)
+    from ablate.evaluate.judges import judge_name, template_source
+
+    templates = {judge_name(judge): judge.template.value for judge in suite.scorers.judges}
     metrics = measured.metrics
     metrics = {**{k: v for k, v in metrics.items() if not k.startswith("capability/")},
                **{k: v for k, v in metrics.items() if k.startswith("capability/")}}
@@ -221,8 +261,17 @@ def run_eval(
         "variant": variant,
         "suite": suite.name,
         "suite_fingerprint": suite_fingerprint(suite),
-        "judge": suite.scorers.primary,
-        "scorers": _scorer_names(suite),
+        "judge": primary,
+        "judge_requested": requested,
+        "judges_unavailable": judges_missing,
+        "scorers": [name for name in _scorer_names(suite) if name not in judges_missing],
+        "scorer_mappings": {name: SCORER_MAPPINGS.get(templates.get(name, name), SCORER_MAPPINGS["custom"])
+                            for name in _scorer_names(suite) if name not in judges_missing},
+        "judge_templates": {judge_name(judge): template_source(judge) for judge in suite.scorers.judges
+                            if judge_name(judge) not in judges_missing},
+        "contract": contract_of(suite.generation.max_new_tokens, suite.generation.do_sample, requested, primary,
+                                kl_set is not None),
+        "length_sensitivity": length_result,
         "n_params": sum(parameter.numel() for parameter in model.parameters()),
         "model": getattr(getattr(model, "config", None), "_name_or_path", None),
         "reference": getattr(getattr(reference[0], "config", None), "_name_or_path", None) if reference else None,
@@ -253,7 +302,7 @@ def measure_capability(model, tokenizer, suite: EvalSuite, measured: Measured, p
     from ablate.evaluate.capability import run_capability
 
     tick = time.perf_counter()
-    capability_dir = _capability_dir(suite)
+    capability_dir = capability_folder(suite)
     capability_config = suite.capability.model_copy(update={"include_path": str(capability_dir) if capability_dir else None})
     capability_metrics, capability_items = run_capability(
         model, tokenizer, capability_config, seed=suite.seed, bootstrap_samples=suite.bootstrap_samples,
@@ -282,9 +331,10 @@ def generate_completions(model, tokenizer, suite: EvalSuite, prompt_sets: dict, 
 
 
 def score_completions(suite: EvalSuite, prompt_sets: dict, by_set: dict[str, list[str]], measured: Measured,
-                      progress: bool) -> tuple[dict[str, dict[str, list]], dict[str, list[dict]]]:
-    """Scorers' verdicts per set and scorer. Substring verdicts for every set; judges on the refusal-eliciting set
-    only (a harm judge cannot tell an over-refusal from a safe answer to a harmless prompt)."""
+                      progress: bool, skip: set[str] = frozenset()) -> tuple[dict[str, dict[str, list]], dict[str, list[dict]]]:
+    """Scorers' verdicts per set and scorer. Substring verdicts for every set; judges (but those in `skip`, which
+    are unavailable) on the refusal-eliciting set only (a harm judge cannot tell an over-refusal from a safe
+    answer to a harmless prompt)."""
     from ablate.evaluate.judges import judge_name, load_judge, run_judge
 
     verdicts: dict[str, dict[str, list]] = {name: {} for name in prompt_sets}
@@ -295,6 +345,8 @@ def score_completions(suite: EvalSuite, prompt_sets: dict, by_set: dict[str, lis
         tick = time.perf_counter()
         refusal_set = prompt_sets["refusal"]
         for judge in suite.scorers.judges:
+            if judge_name(judge) in skip:
+                continue
             loaded = load_judge(judge)
             judge_rows[judge_name(judge)] = run_judge(judge, refusal_set.prompts, by_set["refusal"], judge=loaded, progress=progress)
             verdicts["refusal"][judge_name(judge)] = [row["verdict"] for row in judge_rows[judge_name(judge)]]
@@ -305,31 +357,45 @@ def score_completions(suite: EvalSuite, prompt_sets: dict, by_set: dict[str, lis
 
 
 def label_completions(suite: EvalSuite, prompt_sets: dict, by_set: dict[str, list[str]],
-                      verdicts: dict[str, dict[str, list]]) -> tuple[dict[str, list[str]], dict[str, list[str | None]], int]:
-    """Three-way labels: the primary scorer decides refusal on the refusal set, substring elsewhere. Returns
-    (labels, degenerate reasons, how many judge verdicts fell back to the markers)."""
-    primary = suite.scorers.primary
+                      verdicts: dict[str, dict[str, list]], primary: str) -> tuple:
+    """Four labels on the refusal set, decided by `primary` (the suite's primary scorer, or substring when that
+    judge is unavailable); refusal / compliance / degenerate by substring elsewhere. Returns (labels, degenerate
+    reasons, how many rows are unparsed, every scorer's own four labels on the refusal set)."""
+    from ablate.evaluate.judges import judge_name
+
     rules = suite.degenerate.model_dump()
+    templates = {judge_name(judge): judge.template.value for judge in suite.scorers.judges}
     labels: dict[str, list[str]] = {}
     reasons: dict[str, list[str | None]] = {}
-    unparsed = 0
     for name, prompt_set in prompt_sets.items():
-        decisive = verdicts[name].get(primary if name == "refusal" else SUBSTRING) or verdicts[name][SUBSTRING]
-        fallback = verdicts[name][SUBSTRING]
         labels[name], reasons[name] = [], []
         for index, (prompt, completion) in enumerate(zip(prompt_set.prompts, by_set[name])):
-            verdict = decisive[index]
-            if verdict is None:  # the judge said neither answer: fall back to the markers
-                unparsed += 1
-                verdict = fallback[index]
-            label, reason = label_response(prompt, completion, verdict == REFUSAL, **rules)
+            substring_refused = verdicts[name][SUBSTRING][index] == REFUSAL
+            if name == "refusal":
+                label, reason = label_four(prompt, completion, verdicts[name][primary][index], substring_refused,
+                                           judge_is_harm_scorer=harm_scorer(templates.get(primary)), **rules)
+            else:
+                label, reason = label_response(prompt, completion, substring_refused, **rules)
             labels[name].append(label)
             reasons[name].append(reason)
-    return labels, reasons, unparsed
+    scorer_labels: dict[str, list[str]] = {}
+    if "refusal" in prompt_sets:  # every scorer's own four labels, for agreement with human labels
+        substring = verdicts["refusal"][SUBSTRING]
+        for scorer, scorer_verdicts in verdicts["refusal"].items():
+            scorer_labels[scorer] = [
+                label_four(prompt, completion, verdict, refused == REFUSAL,
+                           judge_is_harm_scorer=harm_scorer(templates.get(scorer)), **rules)[0]
+                for prompt, completion, verdict, refused in zip(prompt_sets["refusal"].prompts, by_set["refusal"],
+                                                                scorer_verdicts, substring)]
+    unparsed = labels.get("refusal", []).count(UNPARSED)
+    if unparsed:
+        warnings.warn(f"judge '{primary}': {unparsed} of {len(labels['refusal'])} outputs could not be parsed; "
+                      "those rows are labelled 'unparsed' and counted in every rate's denominator", stacklevel=3)
+    return labels, reasons, unparsed, scorer_labels
 
 
 def add_rates(suite: EvalSuite, prompt_sets: dict, labels: dict[str, list[str]], verdicts: dict[str, dict[str, list]],
-              judge_rows: dict[str, list[dict]], measured: Measured) -> None:
+              judge_rows: dict[str, list[dict]], measured: Measured, primary: str) -> None:
     """Rates (Wilson) with per-item 0/1 values for paired comparisons between variants, and the other scorers'
     refusal rates on the refusal set (items they gave a verdict on)."""
     from ablate.evaluate.judges import judge_name
@@ -344,7 +410,10 @@ def add_rates(suite: EvalSuite, prompt_sets: dict, labels: dict[str, list[str]],
     if "refusal" in labels:
         add_rate("refusal_rate", "refusal", REFUSAL)
         add_rate("compliance_rate", "refusal", COMPLIANCE)
+        add_rate("evasive_rate", "refusal", EVASIVE)
         add_rate("degenerate_rate", "refusal", DEGENERATE)
+        if primary != SUBSTRING:
+            add_rate("unparsed_rate", "refusal", UNPARSED)
     if "harmless" in labels:
         add_rate("harmless_refusal_rate", "harmless", REFUSAL)
         add_rate("harmless_degenerate_rate", "harmless", DEGENERATE)
@@ -352,7 +421,8 @@ def add_rates(suite: EvalSuite, prompt_sets: dict, labels: dict[str, list[str]],
         add_rate("borderline_refusal_rate", "borderline", REFUSAL)
     if "refusal" not in labels:
         return
-    ids, primary = prompt_sets["refusal"].ids, suite.scorers.primary
+    ids = prompt_sets["refusal"].ids
+    templates = {judge_name(judge): judge.template.value for judge in suite.scorers.judges}
     for scorer, scorer_verdicts in verdicts["refusal"].items():
         if scorer == primary or (scorer == SUBSTRING and not suite.scorers.substring):
             continue
@@ -361,7 +431,7 @@ def add_rates(suite: EvalSuite, prompt_sets: dict, labels: dict[str, list[str]],
         per_item[f"refusal_rate/{scorer}"] = {item_id: float(v == REFUSAL) for item_id, v in pairs}
     for scorer, rows in judge_rows.items():
         scores = {item_id: row["score"] for item_id, row in zip(ids, rows) if row["score"] is not None}
-        if scores and any(judge.template.value == "strongreject" and judge_name(judge) == scorer for judge in suite.scorers.judges):
+        if scores and templates.get(scorer) in ("strongreject", "strongreject_ft"):
             metrics[f"strongreject_score/{scorer}"] = mean_metric(list(scores.values()), suite.bootstrap_samples,
                                                                   confidence, suite.seed)
             per_item[f"strongreject_score/{scorer}"] = scores
@@ -422,7 +492,8 @@ def scorer_agreement(suite: EvalSuite, prompt_sets: dict, verdicts: dict[str, di
 
 def write_generations(path: Path, prompt_sets: dict, by_set: dict[str, list[str]], labels: dict[str, list[str]],
                       reasons: dict[str, list[str | None]], verdicts: dict[str, dict[str, list]],
-                      judge_rows: dict[str, list[dict]], logit_scores: list[float] | None, redact: bool) -> None:
+                      judge_rows: dict[str, list[dict]], logit_scores: list[float] | None, redact: bool,
+                      scorer_labels: dict[str, list[str]] | None = None) -> None:
     """The per-sample rows (generations/<variant>.jsonl); with `redact`, no completion or judge output of a
     refusal-eliciting prompt."""
     rows = []
@@ -439,6 +510,8 @@ def write_generations(path: Path, prompt_sets: dict, by_set: dict[str, list[str]
             if hidden:
                 row["redacted"] = True
             if name == "refusal":
+                if scorer_labels:
+                    row["scorer_labels"] = {scorer: values[index] for scorer, values in scorer_labels.items()}
                 if logit_scores is not None:
                     row["logit_refusal_score"] = logit_scores[index]
                 if judge_rows:

@@ -34,12 +34,13 @@ are a few percent.
 Answers that a model writes (self-distillation, donor answers) are cached under
 `cache_dir()/finetune_data/` — outside the repository — and never written into a run directory.
 
-Modules: `recipe` (budgets and cache keys), `checks` (the config before any work), `training_data`
-(examples, donors), `loss` (the supervised loss), `trainer` (one budget's training), `measure` (refusal
+Modules: `recipe` (budgets and cache keys), `checks` (the config before any work), `answers`
+(text resources, donor models and their cached answers), `training_data` (the examples), `loss` (the supervised loss), `trainer` (one budget's training), `measure` (refusal
 and capability figures of a trained model), `sweep` (the stage, `run_finetune`), `organism` (`harden`
 and its cache).
 """
 
+from ablate.compute import matmul_parameters  # the N of the FLOPs formulas (re-exported)
 from ablate.finetune.checks import check_config, pool_capacity
 from ablate.finetune.loss import (accepts_logits_to_keep, first_answer_tokens, keep_answer_openings, packed_attention_mask,
                                   packed_forward, shared_prompt_prefix, supervised_head_loss)
@@ -50,12 +51,12 @@ from ablate.finetune.recipe import (as_model_config, budget_fingerprint, default
                                     resolve_budgets)
 from ablate.finetune.sweep import run_budget, run_finetune
 from ablate.finetune.trainer import (TokenCounter, build_trainer, estimate_train_flops, flops_formula, gather_distributed,
-                                     linear_module_names, load_for_training, matmul_parameters, peak_memory_bytes,
+                                     linear_module_names, load_for_training, peak_memory_bytes,
                                      save_model_dir, train_budget)
-from ablate.finetune.training_data import (ABLATED_DONOR, ablated_identity, ablated_model, balanced_order, build_examples,
-                                           donor_fingerprint, donor_model, generate_answers, load_dataset_examples,
-                                           load_donor, read_identity_rows, read_text_resource, to_conversations,
-                                           trim_truncated)
+from ablate.finetune.answers import (ABLATED_DONOR, ablated_identity, ablated_model, donor_fingerprint, donor_model,
+                                     generate_answers, load_dataset_examples, load_donor, read_identity_rows,
+                                     read_text_resource, trim_truncated)
+from ablate.finetune.training_data import balanced_order, build_examples, to_conversations
 
 __all__ = [
     "ABLATED_DONOR", "TokenCounter", "ablated_identity", "ablated_model", "accepts_logits_to_keep", "as_model_config",

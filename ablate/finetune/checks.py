@@ -12,7 +12,7 @@ from ablate.config import (
     ModelConfig,
 )
 from ablate.finetune.recipe import as_model_config, resolve_budgets
-from ablate.finetune.training_data import ABLATED_DONOR, load_dataset_examples, read_identity_rows
+from ablate.finetune.answers import ABLATED_DONOR, load_dataset_examples, read_identity_rows
 from ablate.models import resolve_spec
 
 

@@ -34,6 +34,13 @@ def organism_key(model: str | ModelConfig, config: FinetuneConfig) -> str:
     recipe.pop("eval")
     recipe["data"].pop("generation_batch_size")  # greedy answers are the same for any batch size
     recipe["data"].pop("donor_direction")  # hardening has no donor (popped so existing organisms keep their keys)
+    if config.defence is not None and config.defence.kind.value == "deep_alignment":
+        # The donor's weights, not its name, shape the recovery examples: a path whose model changed is a new key.
+        from ablate.finetune.training_data import ABLATED_DONOR, ablated_identity
+
+        donor = config.defence.donor
+        recipe["defence"]["donor"] = (fingerprint(ablated_identity(model_fingerprint(model), None))
+                                      if donor == ABLATED_DONOR else model_fingerprint(donor))
     return fingerprint({"model": model_fingerprint(model), "config": recipe, "kind": "organism",
                         "version": __version__})
 

@@ -82,6 +82,12 @@ def recipe_fields(config: FinetuneConfig) -> dict:
         recipe["training"].pop("answer_tokens")
     if recipe["training"]["loss"] == "sft":
         recipe["training"].pop("loss")
+    if config.defence is None or config.defence.kind.value == "refusal_sft":
+        recipe.pop("defence")  # plain refusal SFT is the organism: organisms cached before the field keep their keys
+    else:  # only the fields the defence reads shape its weights
+        from ablate.defences.fields import DEFENCE_FIELDS
+
+        recipe["defence"] = {k: v for k, v in recipe["defence"].items() if k in DEFENCE_FIELDS[config.defence.kind]}
     recipe["eval"].pop("before")  # scores the untrained model only: no budget depends on it
     if recipe["eval"]["capability_prompts"] is None:  # no capability check: budgets cached before it keep their keys
         for name in ("capability_prompts", "capability_n", "capability_tokens", "capability_reference"):

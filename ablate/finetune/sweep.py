@@ -32,7 +32,8 @@ from ablate.finetune.measure import (
 )
 from ablate.finetune.recipe import as_model_config, budget_fingerprint, model_fingerprint, resolve_budgets
 from ablate.finetune.trainer import save_model_dir, train_budget
-from ablate.finetune.training_data import build_examples, donor_fingerprint
+from ablate.finetune.answers import donor_fingerprint
+from ablate.finetune.training_data import build_examples
 
 
 def run_finetune(model: str | ModelConfig, config: FinetuneConfig, out_dir: Path, progress: bool = True) -> list[dict]:
@@ -116,6 +117,13 @@ def run_budget(model_config: ModelConfig, config: FinetuneConfig, budget: dict, 
         "model_dir": str(model_dir) if model_dir else None, "adapter_dir": str(adapter_dir) if adapter_dir else None,
         "refusal_rate": None,
     }
+    if data_stats.get("defence"):
+        metrics["defence_data"] = data_stats["defence"]
+    if config.mode is not FinetuneMode.harden:  # an attack: everything it used, on one axis (ablate.compute)
+        from ablate.compute import attack_compute
+
+        metrics["attack_compute"] = attack_compute(train_metrics, data_stats.get("donor_compute"), len(examples),
+                                                   data_stats.get("pool"))
     if config.eval.enabled:
         metrics.update(evaluate_refusal(model, tokenizer, config, progress))
     if capability is not None:

@@ -3,7 +3,6 @@ accounting (see the package docstring), and saving the result."""
 
 from __future__ import annotations
 
-import math
 import os
 import resource
 import shutil
@@ -19,22 +18,10 @@ from ablate.config import (
     TrainingLoss,
 )
 from ablate.finetune.loss import accepts_logits_to_keep, keep_answer_openings, supervised_head_loss
-from ablate.finetune.training_data import load_donor, to_conversations
+from ablate.compute import matmul_parameters
+from ablate.finetune.answers import load_donor
+from ablate.finetune.training_data import to_conversations
 from ablate.models import drop_gguf_marker, load_model, pick_device, pick_dtype, resolve_spec
-
-
-def matmul_parameters(model) -> int:
-    """Weights of every linear layer including the output head (what a forward pass multiplies by)."""
-    from torch import nn
-
-    total = 0
-    for name, module in model.named_modules():
-        if "lora_" in name:  # the adapter's own matrices are counted as N_lora
-            continue
-        if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"):
-            weight = module.weight
-            total += weight.numel() if not hasattr(weight, "quant_state") else math.prod(weight.quant_state.shape)
-    return total
 
 
 def estimate_train_flops(n_matmul: int, n_trainable: int, tokens: int, full_finetune: bool, n_teacher: int = 0) -> int:
@@ -183,7 +170,7 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, exampl
                           "distillation loss needs; expected sft for it")
     own_loss = (device.type == "cpu" or first_token_weight != 1.0 or teacher is not None) and slices_logits
     trainer_class = HeadLossSFTTrainer if own_loss else SFTTrainer
-    return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(to_conversations(examples)),
+    return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(to_conversations(examples, tokenizer)),
                          processing_class=tokenizer)
 
 
@@ -200,6 +187,9 @@ def train_budget(
     teacher = load_donor(model_config, config, model, tokenizer, progress) if training.loss is TrainingLoss.distill else None
     n_teacher = matmul_parameters(teacher) if teacher is not None else 0
     trainer = build_trainer(model, tokenizer, config, budget, examples, work_dir, progress, teacher)
+    from ablate.defences import attach
+
+    defence = attach(trainer, config, examples, tokenizer)  # a training-level defence's loss (None otherwise)
     if teacher is not None:  # on this process's device, where the Trainer puts the model (a launch: cuda:<rank>)
         teacher.to(trainer.args.device)
     counter = TokenCounter(trainer.data_collator, training.answer_tokens)
@@ -218,13 +208,17 @@ def train_budget(
         "steps": int(trainer.state.global_step), "epochs_completed": float(trainer.state.epoch or 0.0),
         "wall_seconds": round(wall, 2), "train_tokens": counter.tokens, "supervised_tokens": counter.supervised,
         "trainable_parameters": n_trainable, "matmul_parameters": n_matmul,
-        "train_flops": estimate_train_flops(n_matmul, n_trainable, counter.tokens, training.full_finetune, n_teacher),
-        "flops_formula": flops_formula(training.full_finetune, teacher is not None),
+        "train_flops": estimate_train_flops(n_matmul, n_trainable, counter.tokens, training.full_finetune, n_teacher)
+        + (defence.flops(n_matmul) if defence is not None else 0),
+        "flops_formula": flops_formula(training.full_finetune, teacher is not None)
+        + (" + 2*N*T_defence_forward + 4*N*T_defence_backward" if defence is not None else ""),
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
         "loss_curve": loss_curve, "final_loss": loss_curve[-1]["loss"] if loss_curve else None,
         "device": str(device),
     }
+    if defence is not None:
+        metrics["defence"] = defence.summary(n_matmul)
     trained = trainer.model
     del teacher
     if trainer.accelerator.num_processes > 1:

@@ -1,182 +1,30 @@
 """Training examples: refusals and self-distilled answers for hardening, attack data (a donor model's answers,
-a dataset, benign prompts, an identity shift), and the donor models that write them.
-
-Answers a model writes are cached under `cache_dir()/finetune_data/` — outside the repository — and never
-written into a run directory."""
+a dataset, benign prompts, an identity shift), ordered so that every budget's prefix covers the categories, and
+as trl's conversations. Where the answers come from (donors, the answer cache) is `ablate.finetune.answers`."""
 
 from __future__ import annotations
 
-import gc
 import random
-from pathlib import Path
 from typing import Any
 
 from ablate import AblateError
-from ablate.artifacts import (
-    file_sha256,
-    fingerprint,
-    read_done,
-    read_json,
-    read_jsonl,
-    write_jsonl,
-)
 from ablate.config import (
     FinetuneConfig,
     FinetuneMode,
-    GenerationConfig,
     HarmlessSelection,
     ModelConfig,
 )
-from ablate.finetune.recipe import as_model_config, model_fingerprint
-from ablate.models import cache_dir, load_model
-
-
-def read_text_resource(name: str) -> str:
-    """A file shipped in ablate/data, or a path."""
-    from ablate.data import read_package_text
-
-    path = Path(name).expanduser()
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    try:
-        return read_package_text(name)
-    except (FileNotFoundError, OSError):
-        raise AblateError(f"file '{name}': not found (neither a path nor a file shipped in ablate/data)") from None
-
-
-def read_identity_rows(name: str) -> list[dict]:
-    import json
-
-    rows = [json.loads(line) for line in read_text_resource(name).splitlines() if line.strip()]
-    for index, row in enumerate(rows):
-        missing = {"prompt", "response"} - set(row)
-        if missing:
-            raise AblateError(f"data.identity_file '{name}': row {index + 1} lacks {', '.join(sorted(missing))}")
-    return rows
-
-
-def load_dataset_examples(config: FinetuneConfig) -> list[dict]:
-    from ablate.data import load_prompt_set
-
-    data = config.data
-    prompt_set = load_prompt_set(data.dataset, prompt_column=data.prompt_column, response_column=data.response_column)
-    if prompt_set.responses is None:
-        raise AblateError(f"data.dataset '{data.dataset}': no response column '{data.response_column}'")
-    return [{"id": i, "kind": "dataset", "system": None, "prompt": p, "response": r}
-            for i, p, r in zip(prompt_set.ids, prompt_set.prompts, prompt_set.responses)]
-
-
-def trim_truncated(text: str, tokenizer, max_new_tokens: int) -> str:
-    """Cut an answer that hit the token limit back to its last full sentence (or line).
-
-    Training on a mid-sentence cut followed by the end-of-turn token would teach the model to stop
-    mid-sentence.
-    """
-    if len(tokenizer(text, add_special_tokens=False)["input_ids"]) < max_new_tokens - 2:
-        return text
-    cut = max(text.rfind(". "), text.rfind(".\n"), text.rfind("!"), text.rfind("?"), text.rfind("\n\n"))
-    if cut >= len(text) // 3:
-        return text[: cut + 1].rstrip()
-    return text
-
-
-ABLATED_DONOR = "ablated"  # data.donor: the model being fine-tuned, with its refusal direction ablated
-
-
-def ablated_identity(model_fp: str, direction_dir: str | None) -> dict:
-    """What an 'ablated' donor is made of: the model, and the given direction or the stage's defaults."""
-    if direction_dir is None:
-        from ablate.config import DirectionConfig
-
-        return {"ablated": model_fp, "direction_config": DirectionConfig().model_dump(mode="json")}
-    selected = read_json(Path(direction_dir) / "selected.json")
-    return {"ablated": model_fp, "direction_sha256": file_sha256(Path(direction_dir) / "direction.pt"),
-            "strength": selected.get("strength")}
-
-
-def donor_fingerprint(model_fp: str, data: Any) -> str:
-    if data.donor == ABLATED_DONOR:
-        return fingerprint(ablated_identity(model_fp, data.donor_direction))
-    return model_fingerprint(data.donor or "embedded")
-
-
-def ablated_model(model: str | ModelConfig, direction_dir: str | None, progress: bool = True) -> Path:
-    """`model` with its refusal direction orthogonalised away: cache_dir()/ablated/<hash>/model.
-
-    With `direction_dir` (a finished direction stage of this model) its pick and strength are used;
-    without, the direction stage runs with its defaults into cache_dir()/ablated/<hash>/directions.
-    Both steps skip when done, so the donor is built once per model.
-    """
-    from ablate.abliterate import abliterate
-    from ablate.config import DirectionConfig
-    from ablate.directions import run_direction
-
-    model_config = as_model_config(model)
-    root = cache_dir() / "ablated" / fingerprint(ablated_identity(model_fingerprint(model_config), direction_dir))
-    loaded = None  # the stage leaves the model unchanged: abliterate orthogonalises this copy, no second load
-    if direction_dir is None:
-        direction_dir = root / "directions"
-        if read_done(direction_dir) is None:
-            loaded = load_model(model_config)
-            run_direction(*loaded, DirectionConfig(), direction_dir, progress=progress)
-    path = abliterate(model_config, Path(direction_dir), root / "model", progress=progress, loaded=loaded)
-    del loaded
-    gc.collect()
-    return path
-
-
-def donor_model(model: str | ModelConfig, config: FinetuneConfig, progress: bool = True) -> str | Path:
-    """The model that writes the attack's answers (`data.donor`; `ablated`: `model` with its refusal direction
-    orthogonalised away, built once and cached) — and, with `training.loss: distill`, their targets."""
-    donor = config.data.donor or "embedded"
-    return ablated_model(model, config.data.donor_direction, progress) if donor == ABLATED_DONOR else donor
-
-
-def load_donor(model_config: ModelConfig, config: FinetuneConfig, model, tokenizer, progress: bool = True):
-    """The donor model, frozen, on the device of `model` (which it must share a vocabulary with): the teacher of
-    `training.loss: distill`."""
-    from ablate.evaluate.divergence import check_same_vocabulary
-
-    try:
-        teacher, teacher_tokenizer = load_model(as_model_config(donor_model(model_config, config, progress)),
-                                                device=str(next(model.parameters()).device), dtype=config.training.dtype)
-    except AblateError as error:
-        raise AblateError(f"data.donor (training.loss: distill): {error}") from None
-    check_same_vocabulary(model, tokenizer, teacher, teacher_tokenizer)
-    return teacher.eval().requires_grad_(False)
-
-
-def generate_answers(
-    spec: str | ModelConfig, prompts: list[str], config: FinetuneConfig, progress: bool, purpose: str
-) -> list[str]:
-    """Greedy answers of a model to prompts, cached per prompt under cache_dir()/finetune_data/.
-
-    One cache file per (model weights, generation settings) holds {prompt, answer} rows, so a
-    recipe that uses more prompts only generates the new ones.
-    """
-    from ablate.generation import generate
-
-    model_config = as_model_config(spec)
-    generation = GenerationConfig(max_new_tokens=config.data.answer_max_new_tokens,
-                                  batch_size=config.data.generation_batch_size)
-    # Greedy answers depend on neither the batch size nor the backend (ablate.generation: tested equal), so
-    # neither is part of the key.
-    key = fingerprint({"model": model_fingerprint(model_config),
-                       "generation": generation.model_dump(mode="json", exclude={"batch_size", "backend"}), "trim": 1})
-    path = cache_dir() / "finetune_data" / f"{key}.jsonl"
-    known = {row["prompt"]: row["answer"] for row in read_jsonl(path)} if path.exists() else {}
-    missing = list(dict.fromkeys(p for p in prompts if p not in known))
-    if missing:
-        try:
-            model, tokenizer = load_model(model_config)
-        except AblateError as error:
-            raise AblateError(f"{purpose}: {error}") from None
-        answers = generate(model, tokenizer, missing, generation, progress=progress, description=purpose)
-        known.update({p: trim_truncated(a, tokenizer, generation.max_new_tokens) for p, a in zip(missing, answers)})
-        write_jsonl(path, [{"prompt": p, "answer": a} for p, a in known.items()])
-        del model
-        gc.collect()
-    return [known[p] for p in prompts]
+from ablate.finetune.answers import (
+    ABLATED_DONOR,
+    donor_answers_cost,
+    donor_direction_dir,
+    donor_model,
+    generate_answers,
+    load_dataset_examples,
+    read_identity_rows,
+    read_text_resource,
+)
+from ablate.finetune.recipe import as_model_config
 
 
 def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: bool = True) -> tuple[list[dict], dict]:
@@ -205,8 +53,9 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
             raise AblateError(f"data.refusal_replies '{data.refusal_replies}': no replies in the file")
         refusal = prompts_of(data.refusal_prompts, data.n_refusal)
         if refusal is not None:
-            examples += [{"id": i, "kind": "refusal", "system": None, "prompt": p, "response": rng.choice(replies)}
-                         for i, p in zip(refusal.ids, refusal.prompts)]
+            examples += [{"id": i, "kind": "refusal", "category": c, "system": None, "prompt": p,
+                          "response": rng.choice(replies)}
+                         for i, p, c in zip(refusal.ids, refusal.prompts, refusal.categories)]
         own: list[tuple[str, str, str]] = []  # (kind, id, prompt): answered by the model itself
         for kind, spec, limit in (("harmless", data.harmless_prompts, data.n_harmless),
                                   ("borderline", data.borderline_prompts, data.n_borderline)):
@@ -223,6 +72,10 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
                 stats["dropped_refusals"] += 1
                 continue
             examples.append({"id": i, "kind": kind, "system": None, "prompt": p, "response": a})
+        if config.defence is not None:  # a defence recipe rewrites or adds examples (ablate.defences)
+            from ablate.defences import augment_examples
+
+            examples, stats["defence"] = augment_examples(as_model_config(model), config, examples, progress)
     elif config.donor_writes_answers:
         harmful = config.mode is FinetuneMode.harmful
         source = prompts_of(data.refusal_prompts if harmful else data.harmless_prompts,
@@ -231,6 +84,11 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
         writer = donor_model(model, config, progress)
         answers = generate_answers(writer, source.prompts, config, progress, f"donor answers ({donor})")
         stats["generated"] = len(answers)
+        from ablate.compute import direction_compute
+
+        stats["donor_compute"] = donor_answers_cost(writer, source.prompts, answers, config)
+        if donor == ABLATED_DONOR:  # the donor's own direction stage is part of what the attack used
+            stats["donor_compute"]["direction"] = direction_compute(donor_direction_dir(model, data))
         stats["donor"] = donor if donor != ABLATED_DONOR else f"{donor}: {writer}"
         for i, p, c, a in zip(source.ids, source.prompts, source.categories, answers):
             if not a.strip() or (harmful and data.drop_refusals and is_refusal(a)):
@@ -274,11 +132,22 @@ def balanced_order(examples: list[dict], rng: random.Random) -> list[dict]:
     return ordered
 
 
-def to_conversations(examples: list[dict]) -> list[dict]:
-    """trl's conversational prompt/completion format: loss on the completion only."""
+def to_conversations(examples: list[dict], tokenizer=None) -> list[dict]:
+    """trl's conversational prompt/completion format: loss on the completion only.
+
+    When an example has a `prefill` (the opening of the assistant's turn, given and not learnt: deep
+    alignment's compliant openings, ablate.defences), every row is rendered to text with the chat template
+    instead — prompt = the conversation up to the assistant's turn plus the prefill, completion = the rest
+    of the turn up to its end-of-turn token — since a conversational row cannot split the assistant's turn.
+    """
     rows = []
     for example in examples:
         prompt = [{"role": "system", "content": example["system"]}] if example.get("system") else []
         prompt.append({"role": "user", "content": example["prompt"]})
         rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": example["response"]}]})
-    return rows
+    if not any(example.get("prefill") for example in examples):
+        return rows
+    from ablate.defences import render_prefilled
+
+    return [render_prefilled(tokenizer, row["prompt"], example.get("prefill") or "", example["response"])
+            for row, example in zip(rows, examples)]

@@ -404,10 +404,12 @@ def study(
     no_report: bool = typer.Option(False, "--no-report", help="Skip writing the report at the end."),
 ) -> None:
     """Run a whole study: (optional hardening) → direction ablation and LoRA sweep → evaluate every variant → report."""
+    from ablate.logs import known_warnings_silenced, quiet_loading
     from ablate.study import run_study
 
-    run_dir = run_study(study_config, out=out, resume=resume, overrides=list(set_) or None, report=not no_report,
-                        command="ablate " + " ".join(sys.argv[1:]))
+    with quiet_loading(), known_warnings_silenced():  # stage headers, the stages' own bars, the table
+        run_dir = run_study(study_config, out=out, resume=resume, overrides=list(set_) or None, report=not no_report,
+                            command="ablate " + " ".join(sys.argv[1:]))
     stdout.print(f"run directory: {run_dir}", highlight=False)
     _print_main_table(run_dir)
 
@@ -444,15 +446,41 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
     _print_main_table(run_dir)
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `ablate study`."),
+    self_contained: bool = typer.Option(False, "--self-contained", help="Copy every cached artifact the run used into RUN/artifacts/."),
+    with_answers: bool = typer.Option(False, "--with-answers", help="Copy the donor's answers too (compliant answers to refusal-eliciting prompts)."),
+) -> None:
+    """List the cached artifacts a run used (organisms, donors, answers) or, with --self-contained, copy them into it."""
+    from ablate.artifacts import read_json
+    from ablate.export import cache_root, export_run
+
+    if self_contained:
+        entries = export_run(run_dir, with_answers=with_answers)
+    else:
+        manifest_path = run_dir / "manifest.json"
+        if not manifest_path.exists():
+            raise AblateError(f"{run_dir}: not a run directory (no manifest.json)")
+        entries = read_json(manifest_path).get("artifacts") or []
+    table = Table("kind", "cache entry", "SHA-256", "MB", "in the run")
+    for entry in entries:
+        size = entry.get("bytes")
+        table.add_row(entry["kind"], entry["key"], (entry.get("sha256") or "-")[:16],
+                      "-" if size is None else f"{size / 2**20:.1f}", entry.get("exported") or "-")
+    stdout.print(table)
+    stdout.print(f"cache: {cache_root()}" + ("" if self_contained else "; copy them with --self-contained"), highlight=False)
+
+
 def _print_main_table(run_dir: Path) -> None:
-    from ablate.report import load_run, main_table_rows
+    from ablate.report import load_run, main_table
 
     run = load_run(run_dir)
     if run.table.empty:
         return
-    header, rows = main_table_rows(run)
-    table = Table(*header)
-    for cells in rows:
+    model = main_table(run)
+    table = Table(*model.columns)
+    for cells in model.rows:
         table.add_row(*cells)
     stdout.print(table)
 

@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from ablate import AblateError
-from ablate.artifacts import atomic_write_text, read_json, read_jsonl, save_figure
+from ablate.artifacts import atomic_write_text, read_json, read_jsonl
 
 # Columns of the main table: (metric name in eval/<variant>.json, column title, lower is "better" for the attacker?)
 MAIN_METRICS = [
@@ -80,6 +80,16 @@ def _capability(result: dict) -> tuple[float | None, int]:
     values = [entry["value"] for name, entry in result.get("metrics", {}).items()
               if name.startswith("capability/") and isinstance(entry, dict) and entry.get("value") is not None]
     return (sum(values) / len(values), len(values)) if values else (None, 0)
+
+
+def _capability_interval(result: dict) -> tuple[float, float] | None:
+    """The capability task's interval; over several tasks, the mean of their bounds (at least as wide as the
+    interval of the mean of independent estimates). None when a task has no interval."""
+    entries = [entry for name, entry in result.get("metrics", {}).items()
+               if name.startswith("capability/") and isinstance(entry, dict) and entry.get("value") is not None]
+    if not entries or any(not entry.get("ci") or None in entry["ci"] for entry in entries):
+        return None
+    return (sum(entry["ci"][0] for entry in entries) / len(entries), sum(entry["ci"][1] for entry in entries) / len(entries))
 
 
 def _budget_rows(run_dir: Path) -> list[dict]:
@@ -138,6 +148,9 @@ def load_run(path: str | Path) -> Run:
         for metric, _title in MAIN_METRICS:
             if metric == "capability":
                 row["capability"], row["capability_tasks"] = _capability(result)
+                interval = _capability_interval(result)
+                if interval is not None:
+                    row["capability_ci_low"], row["capability_ci_high"] = interval
                 continue
             entry = result.get("metrics", {}).get(metric)
             row[metric] = entry.get("value") if isinstance(entry, dict) else None
@@ -160,8 +173,46 @@ def load_run(path: str | Path) -> Run:
 
 
 # --------------------------------------------------------------------------------------------
-# Formatting
+# Tables: one model (cells), three renderings by libraries
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    """One table of the report: column titles and rows of formatted cells, with a caption and a LaTeX label.
+
+    The same cells are rendered to Markdown (tabulate, through pandas), HTML and LaTeX (pandas; booktabs
+    rules), so the three files cannot disagree.
+    """
+
+    columns: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+    label: str = ""
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=self.columns)
+
+    def to_markdown(self) -> str:
+        align = ["left"] + ["right"] * (len(self.columns) - 1)
+        return self.frame.to_markdown(index=False, disable_numparse=True, colalign=align)
+
+    def to_html(self) -> str:
+        return self.frame.to_html(index=False, border=0, escape=True)
+
+    def to_latex(self) -> str:
+        frame = self.frame.map(lambda cell: cell.replace("–", "--"))
+        styler = frame.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+        return styler.to_latex(hrules=True, caption=latex_escape(self.caption), label=self.label, position="t",
+                               position_float="centering", column_format="l" + "r" * (len(self.columns) - 1))
+
+
+def latex_escape(text: str) -> str:
+    for old, new in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                     ("$", r"\$"), ("–", "--")):
+        text = text.replace(old, new)
+    return text
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -188,14 +239,20 @@ def _flops(value: Any) -> str:
     return f"{float(value):.2e}"
 
 
-def main_table_rows(run: Run) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the main table (shared by Markdown, HTML and LaTeX)."""
-    header = ["Variant", "Refusal (held-out) [95% CI]", "Over-refusal harmless", "Over-refusal borderline",
-              "Degenerate", "Capability", "KL first token", "Attack FLOPs (all stages)", "Attack s"]
+def confidence(run: Run) -> float:
+    """The interval level of the run's suite (runs written before it was recorded: 0.95, the suite default)."""
+    return float((run.config.get("suite") or {}).get("confidence") or 0.95)
+
+
+def main_table(run: Run) -> Table:
+    """One row per variant: refusal, over-refusal, degenerate answers, capability, KL and the attack's compute."""
+    from ablate.figures import level_text
+
+    columns = ["Variant", f"Refusal (held-out) [{level_text(confidence(run))} CI]", "Over-refusal harmless",
+               "Over-refusal borderline", "Degenerate", "Capability", "KL first token", "Attack FLOPs (all stages)", "Attack s"]
     rows = []
     for _, row in run.table.iterrows():
-        kl = row.get("kl_first_token")
-        kl_text = _fmt(kl)
+        kl_text = _fmt(row.get("kl_first_token"))
         if row.get("kl_first_token_ci_low") is not None and not pd.isna(row.get("kl_first_token_ci_low", float("nan"))):
             kl_text += f" [{row['kl_first_token_ci_low']:.3f}, {row['kl_first_token_ci_high']:.3f}]"
         rows.append([
@@ -203,124 +260,22 @@ def main_table_rows(run: Run) -> tuple[list[str], list[list[str]]]:
             _rate_cell(row, "borderline_refusal_rate"), _rate_cell(row, "degenerate_rate"),
             _fmt(row.get("capability")), kl_text, _flops(row.get("attack_flops")), _fmt(row.get("attack_seconds"), 1),
         ])
-    return header, rows
+    return Table(columns, rows, f"Refusal, over-refusal and capability per model variant ({run.manifest.get('study')}).",
+                 "tab:ablate-main")
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines)
-
-
-def latex_escape(text: str) -> str:
-    for old, new in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
-                     ("$", r"\$"), ("–", "--")):
-        text = text.replace(old, new)
-    return text
-
-
-def latex_table(header: list[str], rows: list[list[str]], caption: str, label: str) -> str:
-    columns = "l" + "r" * (len(header) - 1)
-    body = [" & ".join(latex_escape(cell) for cell in cells) + r" \\" for cells in rows]
-    return "\n".join([
-        r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{latex_escape(caption)}}}", rf"\label{{{label}}}",
-        rf"\begin{{tabular}}{{{columns}}}", r"\toprule", " & ".join(latex_escape(h) for h in header) + r" \\",
-        r"\midrule", *body, r"\bottomrule", r"\end{tabular}", r"\end{table}", "",
-    ])
-
-
-# --------------------------------------------------------------------------------------------
-# Figures
-# --------------------------------------------------------------------------------------------
-
-
-def figure_refusal_vs_budget(run: Run, path: Path) -> Path | None:
-    """Refusal against attack budget (examples, and training FLOPs), with the organism and ablation for scale."""
-    lora = run.table[run.table["variant"].str.startswith("lora-")]
-    if lora.empty or "n_examples" not in lora:
+def budget_table(run: Run) -> Table | None:
+    """One row per fine-tuning budget: its size, its recipe's rank and learning rate, and what it cost."""
+    if run.budgets.empty:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lora = lora.sort_values("n_examples")
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for axis, x_key, x_label in ((axes[0], "n_examples", "attack examples"), (axes[1], "train_flops", "training FLOPs")):
-        if x_key not in lora or lora[x_key].isna().all():
-            axis.set_visible(False)
-            continue
-        y = 100 * lora["refusal_rate"]
-        low = 100 * (lora["refusal_rate"] - lora.get("refusal_rate_ci_low", lora["refusal_rate"]))
-        high = 100 * (lora.get("refusal_rate_ci_high", lora["refusal_rate"]) - lora["refusal_rate"])
-        axis.errorbar(lora[x_key], y, yerr=[low, high], marker="o", capsize=3, label="LoRA attack")
-        for _, row in run.table[~run.table["variant"].str.startswith("lora-")].iterrows():
-            if row.get("refusal_rate") is not None and not pd.isna(row.get("refusal_rate")):
-                axis.axhline(100 * row["refusal_rate"], linestyle="--", linewidth=1, color="gray" if row["variant"] != "ablated" else "tab:red")
-                axis.annotate(row["variant"], (axis.get_xlim()[0], 100 * row["refusal_rate"]), fontsize=8, va="bottom")
-        axis.set_xscale("log", base=2 if x_key == "n_examples" else 10)
-        axis.set_xlabel(x_label)
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("refusal on held-out prompts (%)")
-    axes[0].set_ylim(-3, 103)
-    figure.suptitle("Refusal against attack budget (95% Wilson intervals)")
-    return save_figure(figure, path)
-
-
-def figure_direction_sweep(run: Run, path: Path) -> Path | None:
-    """Layer × position heat maps of the candidates' refusal score, steering score and KL."""
-    sweep = run.sweep
-    if sweep.empty or not {"layer", "position"} <= set(sweep.columns):
-        return None
-    scores = [column for column in ("refusal_score", "steering_score", "kl") if column in sweep]
-    if not scores:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(scores), figsize=(4.2 * len(scores), 3.6), squeeze=False)
-    for axis, column in zip(axes[0], scores):
-        grid = sweep.pivot_table(index="position", columns="layer", values=column, aggfunc="mean")
-        image = axis.imshow(grid.values, aspect="auto", cmap="viridis", origin="lower")
-        axis.set_yticks(range(len(grid.index)), [str(p) for p in grid.index])
-        axis.set_xlabel("layer")
-        axis.set_ylabel("position")
-        axis.set_title(column.replace("_", " "))
-        figure.colorbar(image, ax=axis, shrink=0.8)
-        if run.selected and "layer" in run.selected and run.selected.get("position") in list(grid.index):
-            layers = list(grid.columns)
-            if run.selected["layer"] in layers:
-                axis.scatter([layers.index(run.selected["layer"])], [list(grid.index).index(run.selected["position"])],
-                             marker="*", s=120, color="red")
-    figure.suptitle("Direction candidates (validation prompts; ★ = selected)")
-    return save_figure(figure, path)
-
-
-def figure_capability_vs_refusal(run: Run, path: Path) -> Path | None:
-    """Each variant's remaining refusal against what it kept: capability (or KL when there is none)."""
-    table = run.table.dropna(subset=["refusal_rate"])
-    y_key = "capability" if "capability" in table and table["capability"].notna().any() else "kl_first_token"
-    if table.empty or y_key not in table or table[y_key].isna().all():
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5.5, 4))
-    for _, row in table.iterrows():
-        if pd.isna(row.get(y_key)):
-            continue
-        axis.scatter(100 * row["refusal_rate"], row[y_key], s=40)
-        axis.annotate(row["variant"], (100 * row["refusal_rate"], row[y_key]), fontsize=8, xytext=(4, 4),
-                      textcoords="offset points")
-    axis.set_xlabel("refusal on held-out prompts (%)")
-    axis.set_ylabel("capability (mean accuracy)" if y_key == "capability" else "KL on harmless prompts (first token)")
-    axis.grid(alpha=0.3)
-    axis.set_title("What each attack costs")
-    return save_figure(figure, path)
+    columns = ["Budget", "Examples", "Steps", "Rank", "LR", "Train tokens", "Train FLOPs", "Wall s", "Peak memory MB"]
+    rows = []
+    for _, row in run.budgets.iterrows():
+        peak = row.get("peak_memory_bytes")
+        rows.append([str(row.get("name")), _fmt(row.get("n_examples")), _fmt(row.get("steps")), _fmt(row.get("rank")),
+                     _fmt(row.get("lr"), 5), _fmt(row.get("train_tokens")), _flops(row.get("train_flops")),
+                     _fmt(row.get("wall_seconds"), 1), _fmt(peak / 2**20 if peak and not pd.isna(peak) else None, 0)])
+    return Table(columns, rows, "Compute spent per fine-tuning budget.", "tab:ablate-budgets")
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,19 +300,6 @@ def harmless_examples(run: Run, limit: int = 3) -> list[dict]:
     return list(examples.values())[:limit]
 
 
-def _budget_table(run: Run) -> tuple[list[str], list[list[str]]] | None:
-    if run.budgets.empty:
-        return None
-    header = ["Budget", "Examples", "Steps", "Rank", "LR", "Train tokens", "Train FLOPs", "Wall s", "Peak memory MB"]
-    rows = []
-    for _, row in run.budgets.iterrows():
-        peak = row.get("peak_memory_bytes")
-        rows.append([str(row.get("name")), _fmt(row.get("n_examples")), _fmt(row.get("steps")), _fmt(row.get("rank")),
-                     _fmt(row.get("lr"), 5), _fmt(row.get("train_tokens")), _flops(row.get("train_flops")),
-                     _fmt(row.get("wall_seconds"), 1), _fmt(peak / 2**20 if peak and not pd.isna(peak) else None, 0)])
-    return header, rows
-
-
 def _reproducibility(run: Run) -> list[tuple[str, str]]:
     manifest = run.manifest
     versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
@@ -365,7 +307,7 @@ def _reproducibility(run: Run) -> list[tuple[str, str]]:
     stages = manifest.get("stages", {})
     stage_text = "; ".join(f"{name} {info.get('wall_seconds') or 0:.1f} s" + (" (cached)" if info.get("skipped") else "")
                            for name, info in stages.items())
-    return [
+    lines = [
         ("Command", manifest.get("command", "")),
         ("Config", f"{manifest.get('config_source', '')} (hash {manifest.get('config_hash', '')})"),
         ("Git commit", str(manifest.get("git_commit"))),
@@ -374,32 +316,36 @@ def _reproducibility(run: Run) -> list[tuple[str, str]]:
         ("Hardware", f"{hardware.get('processor', '')}, {hardware.get('cpu_count')} CPUs, CUDA {hardware.get('cuda')}"
                      + (f", {', '.join(hardware['gpus'])}" if hardware.get("gpus") else "")),
         ("Model fingerprints", ", ".join(f"{k} {v}" for k, v in manifest.get("fingerprints", {}).items())),
+        *([("Cached artifacts", "; ".join(f"{entry['kind']} $ABLATE_CACHE/{entry['key']} (SHA-256 {(entry.get('sha256') or '?')[:16]})"
+                                          for entry in manifest["artifacts"]))] if manifest.get("artifacts") else []),
         ("Stage wall time", stage_text),
     ]
+    return [(key, portable_path(value, manifest)) for key, value in lines]
 
 
 def write_report(run_dir: str | Path) -> dict[str, Path]:
     """Write report.md, report.html, tables.tex and figures/*.png into the run directory."""
+    from ablate.figures import level_text, write_figures
+
     run = load_run(run_dir)
     run_dir = run.path
     if run.table.empty:
         raise AblateError(f"{run_dir}: no eval/*.json results to report")
-    figures_dir = run_dir / "figures"
-    figures = {
-        "refusal_vs_budget": figure_refusal_vs_budget(run, figures_dir / "refusal_vs_budget.png"),
-        "direction_sweep": figure_direction_sweep(run, figures_dir / "direction_sweep.png"),
-        "capability_vs_refusal": figure_capability_vs_refusal(run, figures_dir / "capability_vs_refusal.png"),
-    }
+    figures = write_figures(run, run_dir / "figures", confidence(run))
     from ablate import report_honest
 
-    figures["length_sensitivity"] = report_honest.figure_length(run, figures_dir / "length_sensitivity.png")
-    figures = {name: path for name, path in figures.items() if path is not None}
-    contract = report_honest.contract_lines(run)
-    scorers = report_honest.scorer_lines(run)
-    lengths = report_honest.length_table(run)
-    human = report_honest.human_agreement_table(run)
-    header, rows = main_table_rows(run)
-    budget = _budget_table(run)
+    length_figure = report_honest.figure_length(run, run_dir / "figures" / "length_sensitivity.png")
+    if length_figure is not None:
+        figures["length_sensitivity"] = length_figure
+    contract = report_honest.contract_lines(run) + report_honest.scorer_lines(run)
+    lengths, human = report_honest.length_table(run), report_honest.human_agreement_table(run)
+    sections = [("Main results", main_table(run)),
+                ("Length sensitivity", Table(*lengths, "Labels against response length (prefixes of one generation).",
+                                             "tab:ablate-length") if lengths else None),
+                ("Agreement with human labels", Table(*human, "Each scorer's agreement with human labels.",
+                                                      "tab:ablate-human") if human else None),
+                ("Fine-tuning budgets", budget_table(run))]
+    sections = [(heading, table) for heading, table in sections if table is not None]
     manifest = run.manifest
     title = f"ablate study: {manifest.get('study', run_dir.name)}"
     question = manifest.get("description") or ("How little compute does it take to strip this model's refusal "
@@ -407,20 +353,16 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     setup = _setup_lines(run)
     examples = harmless_examples(run)
     reproducibility = _reproducibility(run)
+    note = (f"Rates are on held-out prompts with {level_text(confidence(run))} Wilson intervals; KL is measured "
+            "against the attacked model on harmless prompts; n per cell is in `eval/<variant>.json`.")
 
     # Markdown
-    md = [f"# {title}", "", question, "", "## Setup", "", *[f"- {line}" for line in setup], "",
-          "## Main results", "", markdown_table(header, rows), "",
-          "Rates are on held-out prompts with 95% Wilson intervals; KL is measured against the attacked model on "
-          "harmless prompts; n per cell is in `eval/<variant>.json`.", ""]
-    if contract:
-        md += ["## Contract and scorers", "", *[f"- {line}" for line in contract + scorers], ""]
-    if lengths:
-        md += ["## Length sensitivity", "", report_honest.length_note(run), "", markdown_table(*lengths), ""]
-    if human:
-        md += ["## Agreement with human labels", "", markdown_table(*human), ""]
-    if budget:
-        md += ["## Fine-tuning budgets", "", markdown_table(*budget), ""]
+    md = [f"# {title}", "", question, "", "## Setup", "", *[f"- {line}" for line in setup], ""]
+    for heading, table in sections:
+        md += [f"## {heading}", ""] + ([report_honest.length_note(run), ""] if heading == "Length sensitivity" else [])
+        md += [table.to_markdown(), ""] + ([note, ""] if heading == "Main results" else [])
+        if heading == "Main results" and contract:
+            md += ["## Contract and scorers", "", *[f"- {line}" for line in contract], ""]
     if run.selected:
         md += ["## Selected refusal direction", "", _selected_line(run.selected), ""]
     for name, path in figures.items():
@@ -435,32 +377,18 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     paths = {"md": atomic_write_text(run_dir / "report.md", "\n".join(md))}
 
     # LaTeX (booktabs)
-    tex = latex_table(header, rows, f"Refusal, over-refusal and capability per model variant ({manifest.get('study')}).",
-                      "tab:ablate-main")
-    if lengths:
-        tex += "\n" + latex_table(*lengths, "Labels against response length (prefixes of one generation).", "tab:ablate-length")
-    if human:
-        tex += "\n" + latex_table(*human, "Each scorer's agreement with human labels.", "tab:ablate-human")
-    if budget:
-        tex += "\n" + latex_table(*budget, "Compute spent per fine-tuning budget.", "tab:ablate-budgets")
-    paths["tex"] = atomic_write_text(run_dir / "tables.tex", tex)
+    paths["tex"] = atomic_write_text(run_dir / "tables.tex", "\n".join(table.to_latex() for _, table in sections))
 
     # Self-contained HTML: figures embedded as base64.
-    def html_table(head, body):
-        return ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
-                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in body)
-                + "</tbody></table>")
-
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(question)}</p>", "<h2>Setup</h2><ul>",
-             *[f"<li>{html.escape(line)}</li>" for line in setup], "</ul><h2>Main results</h2>", html_table(header, rows)]
-    if contract:
-        parts += ["<h2>Contract and scorers</h2><ul>", *[f"<li>{html.escape(line)}</li>" for line in contract + scorers], "</ul>"]
-    if lengths:
-        parts += ["<h2>Length sensitivity</h2>", f"<p>{html.escape(report_honest.length_note(run))}</p>", html_table(*lengths)]
-    if human:
-        parts += ["<h2>Agreement with human labels</h2>", html_table(*human)]
-    if budget:
-        parts += ["<h2>Fine-tuning budgets</h2>", html_table(*budget)]
+             *[f"<li>{html.escape(line)}</li>" for line in setup], "</ul>"]
+    for heading, table in sections:
+        parts += [f"<h2>{heading}</h2>"]
+        if heading == "Length sensitivity":
+            parts += [f"<p>{html.escape(report_honest.length_note(run))}</p>"]
+        parts += [table.to_html()] + ([f"<p>{html.escape(note)}</p>"] if heading == "Main results" else [])
+        if heading == "Main results" and contract:
+            parts += ["<h2>Contract and scorers</h2><ul>", *[f"<li>{html.escape(line)}</li>" for line in contract], "</ul>"]
     if run.selected:
         parts += ["<h2>Selected refusal direction</h2>", f"<p>{html.escape(_selected_line(run.selected))}</p>"]
     for name, path in figures.items():
@@ -485,7 +413,20 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
+def portable_path(text: str, manifest: dict) -> str:
+    """`text` with the run's folder and the model cache as they were on the machine that ran it written as
+    `<run>/…` and `$ABLATE_CACHE/…`, so a report names no machine's paths and reads the same anywhere."""
+    for root, name in ((manifest.get("run_dir"), "<run>"), (manifest.get("cache_dir"), "$ABLATE_CACHE")):
+        if root:
+            text = text.replace(root.rstrip("/") + "/", name + "/")
+    return text
+
+
 def _setup_lines(run: Run) -> list[str]:
+    return [portable_path(line, run.manifest) for line in _setup_text(run)]
+
+
+def _setup_text(run: Run) -> list[str]:
     config = run.config or {}
     study = config.get("study", {})
     lines = [f"Model: {study.get('model', {}).get('spec', '?')}"]

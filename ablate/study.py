@@ -29,6 +29,7 @@ import torch
 from ablate import AblateError, __version__
 from ablate.artifacts import file_sha256, fingerprint, is_done, mark_done, read_done, read_json, write_json
 from ablate.config import ModelConfig, StudyConfig, dump_config, load_config, read_yaml, validate_config
+from ablate.export import cache_root, describe_artifacts, locate, note_artifact
 
 STAGES_DIR = ".stages"
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "lm_eval", "bitsandbytes",
@@ -74,12 +75,13 @@ def study_path(name_or_path: str | Path | None) -> Path:
 
 
 def _stage_source(value: Any, base: Path, what: str, study_file: str) -> tuple[dict, str]:
-    """Inline dict, or a YAML path relative to the study file's folder (then the CWD)."""
+    """Inline dict, or a YAML path relative to the study file's folder, the CWD, then the package (so
+    `finetune_configs/lora_attack.yaml` names the shipped recipe in an installed package too)."""
     if value is None:
         return {}, f"{study_file}: {what} (defaults)"
     if isinstance(value, dict):
         return value, f"{study_file}: {what}"
-    for candidate in (base / value, Path(value)):
+    for candidate in (base / value, Path(value), Path(str(resources.files("ablate").joinpath(value)))):
         if candidate.is_file():
             return read_yaml(candidate) or {}, str(candidate)
     raise AblateError(f"{study_file}: key '{what}': file not found: {value}")
@@ -180,9 +182,11 @@ class StageLog:
     """What one study run did: per stage, wall seconds, skipped or not, and the stage's own figures."""
 
     stages: dict[str, dict] = field(default_factory=dict)
+    artifacts: list[dict] = field(default_factory=list)  # cache entries the stages used: [{key, kind}]
 
-    def record(self, name: str, **info: Any) -> None:
+    def record(self, name: str, artifacts: list[dict] | None = None, **info: Any) -> None:
         self.stages[name] = {**self.stages.get(name, {}), **info}
+        self.artifacts += [entry for entry in artifacts or [] if entry not in self.artifacts]
 
 
 def run_stage(run_dir: Path, name: str, inputs: Any, work: Callable[[], dict], log: StageLog,
@@ -190,23 +194,30 @@ def run_stage(run_dir: Path, name: str, inputs: Any, work: Callable[[], dict], l
     """Run `work()` unless `.stages/<name>/done.json` holds the same input fingerprint.
 
     `work` returns a JSON-able dict of the stage's results, stored in done.json and returned again when
-    the stage is skipped, so later stages see identical inputs either way.
+    the stage is skipped, so later stages see identical inputs either way; so is the list of cache entries
+    the stage used (`ablate.export.recording`), which the manifest records.
     """
+    from ablate.export import recording
+
     stage_dir = run_dir / STAGES_DIR / name
     key = fingerprint(inputs)
     if is_done(stage_dir, key):
-        result = read_done(stage_dir)["result"]
-        log.record(name, skipped=True, fingerprint=key, wall_seconds=read_done(stage_dir).get("wall_seconds"))
+        done = read_done(stage_dir)
+        result = done["result"]
+        log.record(name, artifacts=done.get("artifacts"), skipped=True, fingerprint=key,
+                   wall_seconds=done.get("wall_seconds"))
         if console is not None:
             console.print(f"[dim]✓ {name}: done already (fingerprint {key}), skipped[/]")
         return result
     if console is not None:
         console.rule(f"[bold]{name}")
     start = time.perf_counter()
-    result = work()
+    with recording() as used:
+        result = work()
     wall = time.perf_counter() - start
-    mark_done(stage_dir, key, result=result, wall_seconds=wall, finished=datetime.now(timezone.utc).isoformat())
-    log.record(name, skipped=False, fingerprint=key, wall_seconds=wall)
+    mark_done(stage_dir, key, result=result, artifacts=used, wall_seconds=wall,
+              finished=datetime.now(timezone.utc).isoformat())
+    log.record(name, artifacts=used, skipped=False, fingerprint=key, wall_seconds=wall)
     if console is not None:
         console.print(f"[green]✓ {name}[/] in {wall:.1f} s")
     return result
@@ -353,11 +364,14 @@ def harden_target(run: StudyRun) -> None:
 
     def work_harden() -> dict:
         organism = harden(config.model, recipe, progress=run.progress)
+        note_artifact(organism, "organism")
         return {"model_dir": str(organism)}
 
     harden_inputs = {"model": run.base_fp, "config": resolved.harden.model_dump(mode="json") if resolved.harden else None}
     hardened = run.stage("harden", harden_inputs, work_harden)
-    if not Path(hardened["model_dir"], "config.json").exists():  # cache cleared since: rebuild it
+    # The cache cleared since, on this machine or another: the run's exported copy, else rebuild it.
+    hardened = {**hardened, "model_dir": str(locate(run.run_dir, hardened["model_dir"]))}
+    if not Path(hardened["model_dir"], "config.json").exists():
         (run.run_dir / STAGES_DIR / "harden" / "done.json").unlink()
         hardened = run.stage("harden", harden_inputs, work_harden)
     if config.harden.evaluate_base:
@@ -514,6 +528,9 @@ def finish_manifest(run: StudyRun, manifest: dict, started: float) -> None:
         "target": run.target_name,
         "stages": run.log.stages,
         "fingerprints": {"base_model": run.base_fp, "target_model": run.target_fp},
+        "artifacts": describe_artifacts(run.log.artifacts),
+        "run_dir": str(run.run_dir.resolve()),
+        "cache_dir": str(cache_root()),
         "wall_seconds_this_run": time.perf_counter() - started,
         "finished": datetime.now(timezone.utc).isoformat(),
     })

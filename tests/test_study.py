@@ -4,6 +4,7 @@ and the notebooks executed against the run (nothing here needs the hub or the em
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,8 @@ def test_study_writes_the_run_directory(finished_run):
     assert (run_dir / "figures" / "refusal_vs_budget.png").exists()
     # Length sensitivity (table and figure) and the contract the figures meet.
     report = (run_dir / "report.md").read_text()
-    assert "## Length sensitivity" in report and "| ablated | 3 |" in report and "| ablated | 6 |" in report
+    assert "## Length sensitivity" in report and re.search(r"^\| ablated +\| +3 \|", report, re.M) \
+        and re.search(r"^\| ablated +\| +6 \|", report, re.M)
     assert (run_dir / "figures" / "length_sensitivity.png").exists()
     assert "ablated: short contract — 6 greedy new tokens" in report
     html = (run_dir / "report.html").read_text()
@@ -193,6 +195,36 @@ def test_report_loads_into_dataframes(finished_run):
     assert set(run.budgets["name"]) == {"n2", "n4"}
     assert not run.sweep.empty
     assert run.selected["layer"] is not None
+
+
+def test_exported_run_reproduces_its_report_elsewhere(finished_run, tmp_path):
+    """The manifest records every cache entry the run used with its content hash; `ablate export
+    --self-contained` copies them into the run, and the folder, moved, writes the same report.md."""
+    import shutil
+
+    from test_cli import run_cli
+
+    manifest = json.loads((finished_run / "manifest.json").read_text())
+    entries = {entry["kind"]: entry for entry in manifest["artifacts"]}
+    assert set(entries) == {"organism", "donor", "answers"}
+    assert all(len(entry["sha256"]) == 64 and entry["bytes"] > 0 for entry in entries.values())
+    assert manifest["variants"]["organism"]["spec"].endswith(entries["organism"]["key"])
+    run_dir = shutil.copytree(finished_run, tmp_path / "run")  # the shared run stays as it is
+    result = run_cli("export", str(run_dir), "--self-contained")
+    assert result.returncode == 0, result.stderr
+    organism = run_dir / "artifacts" / entries["organism"]["key"]
+    assert (organism / "config.json").exists() and (run_dir / "artifacts" / entries["donor"]["key"]).is_dir()
+    assert not (run_dir / "artifacts" / entries["answers"]["key"]).exists()  # answers only with --with-answers
+    exported = {entry["kind"]: entry for entry in json.loads((run_dir / "manifest.json").read_text())["artifacts"]}
+    assert exported["organism"]["exported"] == f"artifacts/{entries['organism']['key']}"
+    assert exported["organism"]["sha256"] == entries["organism"]["sha256"]
+
+    moved = shutil.move(run_dir, tmp_path / "elsewhere")
+    (moved / "report.md").unlink()
+    result = run_cli("report", str(moved))
+    assert result.returncode == 0, result.stderr
+    assert (moved / "report.md").read_bytes() == (finished_run / "report.md").read_bytes()
+    assert "$ABLATE_CACHE/organisms/" in (moved / "report.md").read_text()
 
 
 def test_bad_stage_config_fails_before_any_work(tiny_model_dir, tmp_path):

@@ -15,7 +15,6 @@ with a Wilson interval over the documents scored and per-document values for pai
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ import yaml
 from ablate import AblateError
 from ablate.config import CapabilityConfig
 from ablate.evaluate.stats import mean_metric, rate_metric, z_value
+from ablate.logs import quiet_lm_eval
 
 # Preferred metric per task, first match wins ("<metric>,<filter>" as lm-eval reports it).
 METRIC_PREFERENCE = ("acc,none", "exact_match,first-number", "exact_match,strict-match", "exact_match,flexible-extract",
@@ -163,11 +163,7 @@ def run_capability(
     metrics: dict[str, dict] = {}
     per_item: dict[str, dict[str, float]] = {}
     padding_side = tokenizer.padding_side
-    lm_eval_logger = logging.getLogger("lm_eval")
-    previous_level = lm_eval_logger.level
-    if not progress:
-        lm_eval_logger.setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="ablate-tasks-") as temporary:
+    with tempfile.TemporaryDirectory(prefix="ablate-tasks-") as temporary, quiet_lm_eval():
         try:
             resolved = resolve_task_folder(include_path, Path(temporary) / "tasks") if local else {}
             # Scanning lm-eval's thousands of built-in YAMLs takes seconds; only do it when needed.
@@ -209,5 +205,4 @@ def run_capability(
                 per_item[name] = values
         finally:
             tokenizer.padding_side = padding_side
-            lm_eval_logger.setLevel(previous_level)
     return metrics, per_item

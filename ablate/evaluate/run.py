@@ -64,13 +64,16 @@ SUBSTRING = "substring"
 
 
 def shipped_suites_dir() -> Path | None:
-    """The repository's eval_suites/ folder (next to the package in a source checkout), if present."""
-    candidate = Path(__file__).resolve().parents[2] / "eval_suites"
+    """The suites shipped inside the package (`ablate/eval_suites/`, package data; the checkout's top-level
+    `eval_suites/` points at it), wherever the package is installed."""
+    from importlib import resources
+
+    candidate = Path(str(resources.files("ablate").joinpath("eval_suites")))
     return candidate if candidate.is_dir() else None
 
 
 def suite_path(path_or_name: str | Path) -> Path:
-    """A suite YAML: an existing file, or a name ('default', 'paper') in eval_suites/ (repo, then CWD)."""
+    """A suite YAML: an existing file, or a name ('default', 'paper') in the shipped suites, then ./eval_suites/."""
     path = Path(path_or_name)
     if path.is_file():
         return path

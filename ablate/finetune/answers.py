@@ -24,6 +24,7 @@ from ablate.config import (
     GenerationConfig,
     ModelConfig,
 )
+from ablate.export import ANSWERS, note_artifact
 from ablate.finetune.recipe import as_model_config, model_fingerprint
 from ablate.models import cache_dir, load_model
 
@@ -128,6 +129,7 @@ def ablated_model(model: str | ModelConfig, direction_dir: str | None, progress:
             loaded = load_model(model_config)
             run_direction_counted(*loaded, DirectionConfig(), direction_dir, progress=progress)
     path = abliterate(model_config, Path(direction_dir), root / "model", progress=progress, loaded=loaded)
+    note_artifact(path, "donor")
     del loaded
     gc.collect()
     return path
@@ -210,6 +212,7 @@ def generate_answers(
     model_config = as_model_config(spec)
     generation = answer_generation(config)
     path = answers_cache_path(model_config, generation)
+    note_artifact(path, ANSWERS)
     known = {row["prompt"]: row["answer"] for row in read_jsonl(path)} if path.exists() else {}
     missing = list(dict.fromkeys(p for p in prompts if p not in known))
     if missing:

@@ -21,6 +21,7 @@ from ablate.finetune.loss import accepts_logits_to_keep, keep_answer_openings, s
 from ablate.compute import matmul_parameters
 from ablate.finetune.answers import load_donor
 from ablate.finetune.training_data import to_conversations
+from ablate.logs import known_warnings_silenced, quiet_datasets, quiet_trainer
 from ablate.models import drop_gguf_marker, load_model, pick_device, pick_dtype, resolve_spec
 
 
@@ -93,7 +94,8 @@ def load_for_training(model_config: ModelConfig, config: FinetuneConfig, rank: i
         targets = linear_module_names(model)
     lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=config.lora.dropout, bias="none",
                       target_modules=targets, task_type="CAUSAL_LM", layers_to_transform=layers)
-    return get_peft_model(model, lora), tokenizer
+    with known_warnings_silenced():  # peft reads the deprecated `is_gradient_checkpointing`
+        return get_peft_model(model, lora), tokenizer
 
 
 class TokenCounter:
@@ -170,8 +172,12 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, exampl
                           "distillation loss needs; expected sft for it")
     own_loss = (device.type == "cpu" or first_token_weight != 1.0 or teacher is not None) and slices_logits
     trainer_class = HeadLossSFTTrainer if own_loss else SFTTrainer
-    return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(to_conversations(examples, tokenizer)),
-                         processing_class=tokenizer)
+    with quiet_datasets():  # trl prepares the dataset in four map passes, each with its own bar
+        trainer = trainer_class(model=model, args=args,
+                                train_dataset=Dataset.from_list(to_conversations(examples, tokenizer)),
+                                processing_class=tokenizer)
+    quiet_trainer(trainer, progress)  # one bar with the loss on it, no log dict per step
+    return trainer
 
 
 def train_budget(
@@ -197,7 +203,8 @@ def train_budget(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    trainer.train()
+    with known_warnings_silenced():
+        trainer.train()
     wall = time.perf_counter() - start
     if trainer.accelerator.num_processes > 1:  # every process counted its own batches: sum them
         counts = torch.tensor([counter.tokens, counter.supervised], device=trainer.accelerator.device)

@@ -52,6 +52,8 @@ def main() -> None:
 def models(
     spec: str = typer.Argument("embedded", help="'embedded', a hub id, a local model directory, or a .gguf file."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
+    quantization: str = typer.Option("none", help="Load the weights quantised by bitsandbytes: none, 8bit or 4bit."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Resolve a model spec, load it, and describe it (architecture, layers, d_model, chat template)."""
@@ -130,6 +132,14 @@ def generate(
 # --------------------------------------------------------------------------------------------
 
 
+def _model_config(spec: str, device: str, quantization: str, device_map: str | None):
+    """A ModelConfig from command-line options; a bad value is one line naming the option."""
+    from ablate.config import ModelConfig, validate_config
+
+    return validate_config({"spec": spec, "device": device, "quantization": quantization, "device_map": device_map},
+                           ModelConfig, "command line")
+
+
 def load_finetune_config(config: Optional[Path], overrides: list[str] | None):
     from ablate.config import ORGANISM_RECIPE, FinetuneConfig, apply_overrides, load_config, validate_config
 
@@ -205,12 +215,14 @@ def finetune(
     out: Path = typer.Option(..., help="Output directory: one folder per budget (adapter, model, metrics.json, done.json)."),
     override: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set training.lr=2e-4 (repeatable)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    quantization: str = typer.Option("none", help="Load the weights quantised by bitsandbytes: none, 8bit or 4bit."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
 ) -> None:
     """Fine-tune (LoRA/QLoRA/full) over a budget sweep; finished budgets are skipped on a rerun."""
     from ablate.finetune import is_main_process, read_before, run_finetune
 
     recipe = load_finetune_config(config, override)
-    results = run_finetune(model, recipe, out, progress=progress)
+    results = run_finetune(_model_config(model, "auto", quantization, device_map), recipe, out, progress=progress)
     before = read_before(out) if recipe.eval.before else None
     results = ([before] if before else []) + results
     if not is_main_process():  # other processes of a distributed launch: the main one reports
@@ -235,6 +247,8 @@ def direction(
     preset: Optional[str] = typer.Option(None, "--preset", help="A shipped DirectionConfig instead of --config: 'arditi2024' (the paper's method, no learned strength)."),
     override: Optional[list[str]] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable), e.g. --set kl_max=0.3."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
+    quantization: str = typer.Option("none", help="Load the weights quantised by bitsandbytes: none, 8bit or 4bit."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
 ) -> None:
     """Extract refusal-direction candidates, score them on validation prompts, select one, save it."""
     from ablate.config import DirectionConfig, apply_overrides, direction_preset_path, dump_config, load_config, validate_config
@@ -257,7 +271,7 @@ def direction(
     from ablate.models import load_model
 
     load_sets(settings)  # a bad set name fails here, before the model loads
-    loaded, tokenizer = load_model(model, device=device)
+    loaded, tokenizer = load_model(_model_config(model, device, quantization, device_map))
     selected = run_direction_counted(loaded, tokenizer, settings, out)  # + out/compute.json: its FLOPs and seconds
     counts = ", ".join(f"{name} {count}" for name, count in selected["filter_counts"].items())
     stdout.print(
@@ -275,14 +289,18 @@ def abliterate(
     direction_dir: Path = typer.Option(..., "--direction", "-d", help="Directory written by `ablate direction`."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to save the orthogonalised model (loadable by transformers)."),
     device: str = typer.Option("cpu", help="Device for the weight edit."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", help="Read the original safetensors shard by shard (peak memory about one shard) or load the model; default: stream when the weights do not fit in free memory."),
 ) -> None:
     """Bake the selected direction's ablation into the weights and save a plain transformers model."""
     from ablate.config import ModelConfig
     from ablate.directions import load_direction
     from ablate.abliterate import abliterate as run_abliterate
+    from ablate.streaming import too_large_for_memory
 
     load_direction(direction_dir)  # fails with one line before loading the model
-    saved = run_abliterate(ModelConfig(spec=model, device=device), direction_dir, out)
+    config = ModelConfig(spec=model, device=device)
+    stream = too_large_for_memory(model) if stream is None else stream
+    saved = run_abliterate(config, direction_dir, out, stream=stream)
     stdout.print(f"abliterated model saved → {saved} (load with AutoModelForCausalLM.from_pretrained)", highlight=False)
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +328,8 @@ def eval_model(
     redact: bool = typer.Option(False, "--redact", help="Keep the scores but drop the completions of refusal-eliciting prompts."),
     override: list[str] = typer.Option([], "--set", help="Suite override KEY.PATH=VALUE (repeatable), e.g. --set refusal.n=32."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
+    quantization: str = typer.Option("none", help="Load the weights quantised by bitsandbytes: none, 8bit or 4bit."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of a table."),
     plan: bool = typer.Option(False, "--plan", help="Print what the suite will generate and each judge's size and memory, then exit."),
 ) -> None:
@@ -333,8 +353,9 @@ def eval_model(
     if out is None:
         raise AblateError("ablate eval: --out is required (the folder for eval/<variant>.json)")
     name = variant or _variant_name(model)
-    loaded, tokenizer = load_model(model, device=device)
-    ref = load_model(reference, device=device) if reference else None
+    loaded, tokenizer = load_model(_model_config(model, device, quantization, device_map))
+    # The KL reference is loaded like the variant (same quantisation and placement).
+    ref = load_model(_model_config(reference, device, quantization, device_map)) if reference else None
     result = run_eval(loaded, tokenizer, suite_config, out, name, reference=ref, redact=redact, progress=True)
     if as_json:
         stdout.print_json(json.dumps({key: value for key, value in result.items() if key != "per_item"}))
@@ -402,14 +423,27 @@ def study(
     resume: bool = typer.Option(False, "--resume", help="Continue the newest run of this study: finished stages are skipped."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value: --set attacks.finetune.enabled=false (repeatable)."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip writing the report at the end."),
+    plan: bool = typer.Option(False, "--plan", help="Print each stage's model loads, precision, estimated peak memory and devices, then stop."),
+    hardware: Optional[str] = typer.Option(None, "--hardware", help="Plan for these devices instead of the visible ones, e.g. 'cuda:0=80GiB'."),
 ) -> None:
     """Run a whole study: (optional hardening) → direction ablation and LoRA sweep → evaluate every variant → report."""
     from ablate.logs import known_warnings_silenced, quiet_loading
     from ablate.study import run_study
 
+    if plan:
+        from ablate.plan import format_plan, plan_study, visible_hardware
+        from ablate.study import resolve_study
+
+        machine = visible_hardware(hardware)
+        shape, plans = plan_study(resolve_study(study_config, list(set_) or None), machine)
+        for line in format_plan(shape, plans, machine):
+            stdout.print(line, highlight=False, soft_wrap=True)
+        if any(not stage.fits for stage in plans):
+            raise typer.Exit(1)
+        return
     with quiet_loading(), known_warnings_silenced():  # stage headers, the stages' own bars, the table
         run_dir = run_study(study_config, out=out, resume=resume, overrides=list(set_) or None, report=not no_report,
-                            command="ablate " + " ".join(sys.argv[1:]))
+                            command="ablate " + " ".join(sys.argv[1:]), hardware=hardware)
     stdout.print(f"run directory: {run_dir}", highlight=False)
     _print_main_table(run_dir)
 

@@ -149,6 +149,12 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class Quantization(str, Enum):
+    none = "none"
+    int8 = "8bit"
+    nf4 = "4bit"
+
+
 class ModelConfig(StrictModel):
     """Which model to load and how."""
 
@@ -158,6 +164,9 @@ class ModelConfig(StrictModel):
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub; off unless you trust the repository.")
     chat_template: str | None = Field(None, description="A Jinja chat template to use when the tokenizer has none (or to replace its own).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
+    quantization: Quantization = Field(Quantization.none, description="Load the weights quantised by bitsandbytes: 'none', '8bit' (LLM.int8) or '4bit' (NF4, double quantisation); direction and eval then use hooks, and QLoRA trains on this base.")
+    device_map: str | dict[str, int | str] | None = Field(None, description="Shard the model over devices: 'auto', 'balanced', 'sequential', a device ('cpu', 'cuda:0') or a {module name: device} map; None = the whole model on `device`.")
+    max_memory: dict[str | int, str] | None = Field(None, description="Memory each device may hold under a device_map, e.g. {0: '70GiB', cpu: '120GiB'}.")
 
 
 class GenerationConfig(StrictModel):
@@ -255,7 +264,7 @@ class FinetuneTrainingConfig(StrictModel):
     answer_tokens: int | None = Field(None, ge=1, description="Supervise only the first N tokens of each answer and drop the rest of it from training; null = the whole answer, its end token included.")
     seed: int = Field(0, description="Training seed (initialisation of LoRA, data order).")
     full_finetune: bool = Field(False, description="Train every weight instead of a LoRA adapter.")
-    qlora: bool = Field(False, description="Load the base in 4-bit (bitsandbytes NF4) and train LoRA on top; needs a CUDA GPU.")
+    qlora: bool = Field(False, description="Load the base in 4-bit (bitsandbytes NF4, double quantisation) and train LoRA on top; CUDA, or a CPU with bitsandbytes>=0.50.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, slower).")
     dtype: DType = Field(DType.auto, description="Training dtype; 'auto' = bfloat16 on CUDA, float32 elsewhere.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")

@@ -45,7 +45,7 @@ from torch import nn
 
 from ablate import AblateError
 from ablate.hooks import hooks, project_out, replace_hidden, replace_output
-from ablate.models import get_adapter, writer_output_axis
+from ablate.models import get_adapter
 
 
 def unit(direction: torch.Tensor) -> torch.Tensor:
@@ -189,14 +189,16 @@ def untie_output_head(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def _project_weight(weight: torch.Tensor, r_hat: torch.Tensor, axis: int, strength: float) -> None:
-    """In place: remove w·r̂ from the d_model axis of `weight` (computed in float32)."""
-    w = weight.float()
+    """In place: remove w·r̂ from the d_model axis of `weight` (computed in float32).
+
+    With d_model moved last, every row v of the tensor becomes v − w (v·r̂) r̂ — for an nn.Linear
+    (d_model on axis 0) that is W ← W − w r̂ (r̂ᵀ W), for a Conv1D or embedding W ← W − w (W r̂) r̂ᵀ,
+    and for fused experts [E, d_model, ffn] each expert's matrix the same way.
+    """
+    w = weight.float().movedim(axis, -1)
     r = r_hat.to(w.device)
-    if axis == 0:  # (d_model, in): W ← W − w r̂ (r̂ᵀ W)
-        w = w - strength * torch.outer(r, r @ w)
-    else:  # (rows, d_model): W ← W − w (W r̂) r̂ᵀ
-        w = w - strength * torch.outer(w @ r, r)
-    weight.copy_(w.to(weight.dtype))
+    w = w - strength * (w @ r).unsqueeze(-1) * r
+    weight.copy_(w.movedim(-1, axis).to(weight.dtype))
 
 
 @torch.no_grad()
@@ -228,15 +230,23 @@ def orthogonalize_weights(
         strengths = writer_strengths(model, [1.0] * adapter.n_layers)
     else:
         strengths = writer_strengths(model, weights)
-    for row, writers in zip(strengths, adapter.writers):
-        for strength, module in zip(row, writers):
+    for row, writers in zip(strengths, adapter.writer_parts):
+        for strength, parts in zip(row, writers):
             if strength == 0:
                 continue
-            _project_weight(module.weight, r_hat, writer_output_axis(module), strength)
-            bias = getattr(module, "bias", None)
-            if bias is not None:
-                bias.copy_(project_out(bias.float(), r_hat, strength).to(bias.dtype))
+            for part in parts:  # weight and bias; for an MoE block every expert's and the shared expert's
+                _check_writable(part)
+                _project_weight(part.tensor, r_hat, part.axis, strength)
     model.ablate_weights_changed = True  # the weights differ from any folder the model was loaded from
+
+
+def _check_writable(part) -> None:
+    """Quantised (bitsandbytes) weights cannot be edited in place: say what to use instead."""
+    tensor = part.tensor
+    if not tensor.is_floating_point() or type(tensor).__name__ in ("Params4bit", "Int8Params"):
+        raise AblateError(f"cannot orthogonalise the quantised weight {type(part.module).__name__}.{part.name} in "
+                          "place; use hooks (directional_ablation), or stream the original shards "
+                          "(ablate abliterate --stream, ablate.streaming.abliterate_shards)")
 
 
 def weights_for(model: nn.Module, selected: dict) -> list[float] | list[list[float]] | None:

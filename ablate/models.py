@@ -8,9 +8,10 @@ Model specs (`load_model(spec)`):
 - a `.gguf` file (de-quantised by transformers);
 - anything else is treated as a hub id (needs network access, or the hub cache).
 
-`get_adapter(model)` finds, for each supported family, the decoder layers, the token embedding, the
-output head and every module that writes into the residual stream (attention output projection and
-MLP down projection), which is what directional ablation and weight orthogonalisation need.
+`get_adapter(model)` (ablate/architectures.py) finds, for each supported family, the decoder layers,
+the token embedding, the output head and every module that writes into the residual stream (attention
+output projection, MLP down projection, every MoE expert's), which is what directional ablation and
+weight orthogonalisation need.
 
 Run `ablate models SPEC` to see what a spec resolves to.
 """
@@ -23,13 +24,13 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ablate import AblateError
+from ablate.architectures import FAMILIES, Adapter, WriterPart, get_adapter, writer_output_axis  # noqa: F401
 from ablate.config import DType, ModelConfig
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -177,7 +178,8 @@ def resolve_spec(spec: str) -> tuple[str, str]:
 def load_model(
     spec: str | ModelConfig = "embedded", *, device: str | None = None, dtype: DType | str | None = None
 ) -> tuple[nn.Module, object]:
-    """Load (model, tokenizer) for a spec, in eval mode, on the chosen device and dtype.
+    """Load (model, tokenizer) for a spec, in eval mode, on the chosen device and dtype — or quantised
+    and placed as `model.quantization` / `device_map` / `max_memory` say (ablate.placement).
 
     The tokenizer gets left padding (for batched generation) and a pad token when it has none.
     """
@@ -188,9 +190,13 @@ def load_model(
         config = config.model_copy(update={"dtype": DType(dtype)})
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ablate.placement import check_placement, loading_arguments
+
     kind, location = resolve_spec(config.spec)
     torch_device = pick_device(config.device)
+    check_placement(config, torch_device)  # before any weight is read: devices exist, quantisation runs here
     torch_dtype = pick_dtype(config.dtype, torch_device)
+    placement = loading_arguments(config, torch_device, torch_dtype)
     kwargs: dict = {"trust_remote_code": config.trust_remote_code}
     if kind == "gguf":
         path = Path(location)
@@ -199,12 +205,13 @@ def load_model(
         kwargs["revision"] = config.revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs, **placement)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise AblateError(f"model spec '{config.spec}' ({kind}): cannot load: {first_line}") from None
     drop_gguf_marker(model)
-    model.to(torch_device)
+    if "device_map" not in placement:  # a device map (and a quantised model) is already placed
+        model.to(torch_device)
     model.eval()
     prepare_tokenizer(tokenizer, config.chat_template)
     return model, tokenizer
@@ -252,93 +259,8 @@ def format_chat(tokenizer, prompt: str, system: str | None = None, response: str
 
 
 # --------------------------------------------------------------------------------------------
-# Architecture adapter
+# Architecture adapter (found from the model's structure: ablate/architectures.py)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Adapter:
-    """Where the residual stream lives in one model.
-
-    - `layers`: the decoder blocks, in order; block i reads the residual stream at its input.
-    - `embedding`: the token embedding (writes the first residual stream).
-    - `extra_embeddings`: other modules that write the initial residual (GPT-2's position embedding).
-    - `writers`: per layer, the modules whose outputs are added into the residual stream
-      (attention output projection, MLP down projection).
-    - `lm_head`: the output head (may share its weight with `embedding`).
-    - `exact_orthogonalization`: False where a norm sits between a writer and the residual add
-      (Gemma-2's post-attention / post-feedforward norms), so weight orthogonalisation can only
-      approximate hook ablation.
-    """
-
-    family: str
-    layers: nn.ModuleList
-    embedding: nn.Embedding
-    lm_head: nn.Module
-    writers: list[list[nn.Module]]
-    extra_embeddings: list[nn.Module] = field(default_factory=list)
-    exact_orthogonalization: bool = True
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def d_model(self) -> int:
-        return self.embedding.weight.shape[1]
-
-    def all_writers(self) -> list[nn.Module]:
-        return [module for layer in self.writers for module in layer]
-
-
-# model_type (config.model_type) -> family name
-FAMILIES = {
-    "llama": "llama",
-    "qwen2": "qwen2",
-    "mistral": "mistral",
-    "gemma": "gemma",
-    "gemma2": "gemma2",
-    "phi3": "phi3",
-    "gpt2": "gpt2",
-}
-
-
-def writer_output_axis(module: nn.Module) -> int:
-    """Which axis of `module.weight` indexes the residual stream (d_model).
-
-    `nn.Linear` stores (out, in): axis 0. GPT-2's `Conv1D` stores (in, out): axis 1.
-    """
-    return 0 if isinstance(module, nn.Linear) else 1
-
-
-def get_adapter(model: nn.Module) -> Adapter:
-    """Find the residual-stream parts of a supported model, or fail naming the class."""
-    # A peft wrapper (PeftModel) hides the transformers model behind get_base_model().
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    model_type = getattr(config, "model_type", None)
-    family = FAMILIES.get(model_type)
-    if family is None:
-        supported = ", ".join(sorted(FAMILIES))
-        raise AblateError(
-            f"unsupported architecture {type(base).__name__} (model_type '{model_type}'); supported: {supported}"
-        )
-    if family == "gpt2":
-        body = base.transformer
-        layers = body.h
-        writers = [[block.attn.c_proj, block.mlp.c_proj] for block in layers]
-        return Adapter(family, layers, body.wte, base.lm_head, writers, extra_embeddings=[body.wpe])
-    body = base.model
-    layers = body.layers
-    writers = [[block.self_attn.o_proj, block.mlp.down_proj] for block in layers]
-    return Adapter(
-        family,
-        layers,
-        body.embed_tokens,
-        base.lm_head,
-        writers,
-        exact_orthogonalization=family != "gemma2",
-    )
 
 
 def describe_model(model: nn.Module, tokenizer) -> dict:

@@ -273,13 +273,19 @@ def run_study(
     progress: bool = True,
     report: bool = True,
     command: str | None = None,
+    hardware: str | None = None,
 ) -> Path:
-    """Run a study end to end and return its run directory (see the module docstring)."""
+    """Run a study end to end and return its run directory (see the module docstring). A study whose
+    stages cannot fit the visible (or `hardware`-named) devices stops here, before any work (ablate.plan)."""
     from rich.console import Console
     from transformers import set_seed
 
+    from ablate.plan import check_fits, plan_study, visible_hardware
+
     console = Console(stderr=True, quiet=not progress)
     resolved = resolve_study(study, overrides)
+    machine = visible_hardware(hardware)
+    check_fits(plan_study(resolved, machine)[1], machine)  # before any work: every stage fits the devices
     run_dir = choose_run_dir(resolved.config, out, resume)
     console.print(f"[bold]study[/] {resolved.config.name} → {run_dir}")
     set_seed(resolved.config.seed)
@@ -433,7 +439,7 @@ def attack_with_finetuning(run: StudyRun) -> None:
     sweep = run.stage("finetune", finetune_inputs, work_finetune)
     for budget in sweep["budgets"]:
         # A merged model when the recipe merges; otherwise (QLoRA) the attacked model plus the adapter.
-        merged = budget.get("model_dir")
+        merged = None if budget.get("qlora") else budget.get("model_dir")  # QLoRA: scored on its 4-bit base
         run.variants[f"lora-{budget['name']}"] = {"spec": merged or run.target_spec, "kind": "finetune",
                                                   "adapter_dir": None if merged else budget.get("adapter_dir"),
                                                   "info": budget}
@@ -503,8 +509,9 @@ def evaluate_variants(run: StudyRun) -> None:
                 # The target is its own KL reference: one load serves both.
                 model, tokenizer = reference() if name == target_name else load_variant(config.model, variant)
                 ref = None if name == target_name else reference()
-                return run_eval(model, tokenizer, resolved.suite, run_dir, variant=name, reference=ref,
-                                redact=config.eval.redact, progress=run.progress)
+                with variant_hooks(model, variant):  # a quantised model's direction variant: hooks, not weights
+                    return run_eval(model, tokenizer, resolved.suite, run_dir, variant=name, reference=ref,
+                                    redact=config.eval.redact, progress=run.progress)
 
             if not config.eval.cache:
                 return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(evaluate())}
@@ -604,15 +611,36 @@ def variant_content_fingerprint(variant: dict, target_fp: str) -> str:
 def load_variant(model_config: ModelConfig, variant: dict):
     """(model, tokenizer) of one variant; the direction variant is the target with r̂ projected out of its
     weights; an adapter-only budget (QLoRA) is the target with its LoRA adapter attached."""
+    from ablate.config import Quantization
     from ablate.models import load_model
+    from ablate.placement import is_quantized
 
-    model, tokenizer = load_model(_with_spec(model_config, variant["spec"]))
+    config = _with_spec(model_config, variant["spec"])
+    if variant.get("adapter_dir") and (variant.get("info") or {}).get("qlora") and config.quantization is Quantization.none:
+        config = config.model_copy(update={"quantization": Quantization.nf4})  # the 4-bit base it was trained on
+    model, tokenizer = load_model(config)
     if variant.get("adapter_dir"):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, variant["adapter_dir"]).eval()
-    if variant["kind"] == "direction":
+    if variant["kind"] == "direction" and not is_quantized(model):  # a quantised model is ablated by hooks instead
         from ablate.abliterate import orthogonalize_from
 
         orthogonalize_from(model, Path(variant["direction_dir"]))  # at the strength the stage recorded
     return model, tokenizer
+
+
+def variant_hooks(model, variant: dict):
+    """The hooks a variant is evaluated under: directional ablation for the direction variant of a quantised
+    model (whose weights cannot be orthogonalised), nothing otherwise."""
+    from contextlib import nullcontext
+
+    from ablate.placement import is_quantized
+
+    if variant["kind"] != "direction" or not is_quantized(model):
+        return nullcontext()
+    from ablate.directions import load_direction
+    from ablate.interventions import directional_ablation, weights_for
+
+    direction, selected = load_direction(Path(variant["direction_dir"]))
+    return directional_ablation(model, direction, weights_for(model, selected))

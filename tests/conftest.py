@@ -67,10 +67,41 @@ def tiny_config(family: str, vocab_size: int):
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
                              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    # Mixture-of-experts: 4 experts, 2 per token; the expert width (48) differs from d_model (32), so a
+    # fused [E, d_model, ffn] tensor cannot be mistaken for its transpose.
+    moe = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+    if family == "mixtral":
+        return tf.MixtralConfig(**{**common, "intermediate_size": 48}, num_local_experts=4, num_experts_per_tok=2,
+                                sliding_window=None)
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=40, decoder_sparse_step=1)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=8, tie_word_embeddings=True)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, **moe, head_dim=8, decoder_sparse_step=1)
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=64)
+    if family == "gemma3":  # the multimodal model; the attacks touch its text model
+        return tf.Gemma3Config(text_config=dict(common, head_dim=8, sliding_window=64),
+                               vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2, image_size=28, patch_size=14),
+                               mm_tokens_per_image=4, image_token_index=vocab_size - 1,
+                               boi_token_index=vocab_size - 3, eoi_token_index=vocab_size - 2)
+    if family == "olmo2":
+        return tf.Olmo2Config(**common)
+    if family == "granite":
+        return tf.GraniteConfig(**common, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0)
+    if family == "gpt_oss":
+        return tf.GptOssConfig(**{**common, "intermediate_size": 48}, head_dim=8, num_local_experts=4,
+                               num_experts_per_tok=2, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     raise ValueError(family)
 
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "gpt2"]
+# Every family ablate.architectures.FAMILIES supports, each run through the whole path (test_architectures.py).
+ALL_FAMILIES = FAMILIES + ["mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "gemma3_text", "gemma3", "olmo2", "granite",
+                           "gpt_oss"]
 
 
 def build_model(family: str, tokenizer, seed: int = 0):

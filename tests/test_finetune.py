@@ -618,14 +618,6 @@ def test_more_examples_than_data_fails_before_work(tiny_dir, qa_file, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
-def test_qlora_without_cuda_fails_before_work(tiny_dir, monkeypatch, tmp_path):
-    monkeypatch.setattr(ft.sweep, "train_budget", no_training)
-    monkeypatch.setattr(ft.sweep, "build_examples", no_training)
-    with pytest.raises(AblateError, match="training.qlora.*CUDA"):
-        ft.run_finetune(str(tiny_dir), tiny_config(mode="harmful", training={"qlora": True}), tmp_path / "o", progress=False)
-
-
 def test_donor_that_does_not_load_fails_before_training(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ft.sweep, "train_budget", no_training)
     with pytest.raises(AblateError, match="data.donor: model spec"):

@@ -64,7 +64,8 @@ def resolve_compute_dtype(compute_dtype: str, device: torch.device) -> str:
 def compute_model(model: nn.Module, compute_dtype: str) -> nn.Module:
     """The model the stage's passes run on: `model` itself for "model", its own dtype or a quantised model
     (bitsandbytes weights have no other dtype), else a copy in that dtype ("auto": `resolve_compute_dtype`)."""
-    if compute_dtype == "model" or getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None):
+    if (compute_dtype == "model" or getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None)
+            or getattr(model, "hf_device_map", None)):  # a sharded model is not copied either
         return model
     dtype = getattr(torch, resolve_compute_dtype(compute_dtype, next(model.parameters()).device))
     if next(model.parameters()).dtype == dtype:

@@ -10,6 +10,7 @@ from ablate.config import (
     FinetuneConfig,
     FinetuneMode,
     ModelConfig,
+    Quantization,
 )
 from ablate.finetune.recipe import as_model_config, resolve_budgets
 from ablate.finetune.answers import ABLATED_DONOR, load_dataset_examples, read_identity_rows
@@ -22,9 +23,13 @@ def check_config(model: str | ModelConfig, config: FinetuneConfig) -> None:
     if training.qlora:
         if training.full_finetune:
             raise AblateError("training.qlora: QLoRA trains a LoRA adapter; it cannot be combined with training.full_finetune")
-        if not torch.cuda.is_available():
-            raise AblateError("training.qlora: QLoRA (4-bit bitsandbytes) needs a CUDA GPU and none is available; "
-                              "set training.qlora: false to train LoRA in full precision")
+        from ablate.models import pick_device
+        from ablate.placement import check_quantization
+
+        check_quantization(Quantization.nf4, pick_device(training.device).type)
+    if training.full_finetune and as_model_config(model).quantization is not Quantization.none:
+        raise AblateError(f"training.full_finetune: the base is quantised (model.quantization: "
+                          f"{as_model_config(model).quantization.value}); quantised weights train only through LoRA")
     if training.scheduler not in ("linear", "cosine", "constant"):
         raise AblateError(f"training.scheduler: expected linear, cosine or constant (got {training.scheduler!r})")
     if training.device != "auto" and training.device.startswith("cuda") and not torch.cuda.is_available():

@@ -118,7 +118,10 @@ def supervised_head_loss(model, inputs: dict, num_items_in_batch=None, pack: boo
     shifted = labels[:, 1:]
     weights = 1.0 + (first_token_weight - 1.0) * first_answer_tokens(shifted).float()
     plain_inputs = set(inputs) <= {"input_ids", "attention_mask"}
-    if pack and plain_inputs and not activation_checkpointing(model) and plain_cache_layers(model):
+    # Under a distributed launch the Trainer hands over the DistributedDataParallel wrapper, which has no
+    # config to read the cache layout from: it takes the padded pass.
+    distributed = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    if pack and plain_inputs and not distributed and not activation_checkpointing(model) and plain_cache_layers(model):
         input_ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask

@@ -34,6 +34,8 @@ from ablate.finetune.recipe import as_model_config, budget_fingerprint, model_fi
 from ablate.finetune.trainer import save_model_dir, train_budget
 from ablate.finetune.answers import donor_fingerprint
 from ablate.finetune.training_data import build_examples
+from ablate.models import pick_dtype
+from ablate.placement import is_quantized
 
 
 def run_finetune(model: str | ModelConfig, config: FinetuneConfig, out_dir: Path, progress: bool = True) -> list[dict]:
@@ -96,19 +98,27 @@ def run_budget(model_config: ModelConfig, config: FinetuneConfig, budget: dict, 
     shutil.rmtree(budget_dir / "gathered", ignore_errors=True)
     adapter_dir = model_dir = None
     is_peft = hasattr(model, "merge_and_unload")
-    if is_peft and config.keep_adapter:
+    quantized = is_quantized(model)
+    dequantization = None
+    if is_peft and (config.keep_adapter or quantized):  # a QLoRA variant is evaluated as its 4-bit base + this adapter
         adapter_dir = save_model_dir(model, tokenizer, budget_dir / "adapter")
-    if is_peft:
-        model = model.merge_and_unload() if not config.training.qlora else model
+    if is_peft and not quantized:
+        model = model.merge_and_unload()
     if config.merge or not is_peft:
-        if config.training.qlora:
-            model_dir = None  # a 4-bit base cannot be merged losslessly; the adapter is the artifact
+        if quantized:  # the merged export de-quantises the base; dequantization.json says how
+            from ablate.streaming import export_dequantized_merge
+
+            device = next(model.parameters()).device
+            bf16 = pick_dtype(config.training.dtype, device) == torch.bfloat16
+            dequantization = export_dequantized_merge(model, tokenizer, budget_dir / "model",
+                                                      dtype=torch.bfloat16 if bf16 else torch.float32)
+            model_dir = budget_dir / "model"
         else:
             model_dir = save_model_dir(model, tokenizer, budget_dir / "model")
     metrics = {
         "name": budget["name"], "mode": config.mode.value, "n_examples": len(examples),
         "epochs": budget["epochs"], "max_steps": budget["max_steps"], "rank": None if config.training.full_finetune else budget["rank"],
-        "lr": budget["lr"], "full_finetune": config.training.full_finetune, "qlora": config.training.qlora,
+        "lr": budget["lr"], "full_finetune": config.training.full_finetune, "qlora": quantized, "dequantization": dequantization,
         **train_metrics,
         "examples_by_kind": {k: sum(e["kind"] == k for e in examples) for k in sorted({e["kind"] for e in examples})},
         "example_ids": [e["id"] for e in examples],

@@ -15,9 +15,12 @@ from ablate import AblateError
 from ablate.config import (
     FinetuneConfig,
     ModelConfig,
+    Quantization,
     TrainingLoss,
 )
 from ablate.finetune.loss import accepts_logits_to_keep, keep_answer_openings, supervised_head_loss
+from ablate.compat import renamed_fields
+from ablate.placement import check_placement, loading_arguments
 from ablate.compute import matmul_parameters
 from ablate.finetune.answers import load_donor
 from ablate.finetune.training_data import to_conversations
@@ -47,6 +50,14 @@ def linear_module_names(model) -> list[str]:
                    if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head})
 
 
+def training_model_config(model_config: ModelConfig, config: FinetuneConfig) -> ModelConfig:
+    """The model config training loads: `training.qlora` means a 4-bit base (unless the model config already
+    quantises it), and the base a QLoRA variant is evaluated on is this same one."""
+    if config.training.qlora and model_config.quantization is Quantization.none:
+        return model_config.model_copy(update={"quantization": Quantization.nf4})
+    return model_config
+
+
 def load_for_training(model_config: ModelConfig, config: FinetuneConfig, rank: int, alpha: float):
     """Load the base model (4-bit for QLoRA) and wrap it in a LoRA adapter unless full fine-tuning."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,19 +72,17 @@ def load_for_training(model_config: ModelConfig, config: FinetuneConfig, rank: i
         location, kwargs["gguf_file"] = str(path.parent), path.name
     if kind == "hub" and model_config.revision:
         kwargs["revision"] = model_config.revision
-    if training.qlora:
-        from transformers import BitsAndBytesConfig
-
-        compute = dtype if dtype != torch.float32 else torch.bfloat16
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+    placed = training_model_config(model_config, config)
+    check_placement(placed, device)
+    kwargs.update(loading_arguments(placed, device, dtype))
+    quantized = placed.quantization is not Quantization.none
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k in ("trust_remote_code", "gguf_file", "revision")})
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as error:
         raise AblateError(f"model spec '{model_config.spec}' ({kind}): cannot load: {str(error).strip().splitlines()[0]}") from None
     drop_gguf_marker(model)
-    if not training.qlora:
+    if "device_map" not in kwargs:  # a device map (and a quantised model) is already placed
         model.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -83,7 +92,7 @@ def load_for_training(model_config: ModelConfig, config: FinetuneConfig, rank: i
         return model, tokenizer
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if training.qlora:
+    if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
     layers = config.lora.layers
     n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
@@ -154,7 +163,7 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, exampl
     device = next(model.parameters()).device
     tokenizer.padding_side = "right"
     use_bf16 = device.type == "cuda" and pick_dtype(training.dtype, device) == torch.bfloat16
-    args = SFTConfig(
+    args = SFTConfig(**renamed_fields(SFTConfig, dict(
         output_dir=str(work_dir / "trainer"), per_device_train_batch_size=training.batch_size,
         gradient_accumulation_steps=training.grad_accum, learning_rate=budget["lr"],
         num_train_epochs=budget["epochs"], max_steps=budget["max_steps"] or -1, lr_scheduler_type=training.scheduler,
@@ -162,7 +171,7 @@ def build_trainer(model, tokenizer, config: FinetuneConfig, budget: dict, exampl
         data_seed=training.seed, max_length=training.max_length, logging_steps=1, save_strategy="no",
         report_to="none", disable_tqdm=not progress, activation_checkpointing=training.gradient_checkpointing,
         bf16=use_bf16, use_cpu=device.type == "cpu", completion_only_loss=True, packing=False,
-    )
+    )))
     slices_logits = accepts_logits_to_keep(model)
     if first_token_weight != 1.0 and not slices_logits:
         raise AblateError(f"training.first_token_weight={first_token_weight}: this model's forward takes no "
@@ -251,7 +260,8 @@ def gather_distributed(trainer, model_config: ModelConfig, config: FinetuneConfi
         return AutoModelForCausalLM.from_pretrained(gathered)
     from peft import PeftModel
 
-    base, _ = load_model(model_config, device=config.training.device)
+    # The base it trained on: 4-bit under QLoRA, so the adapter is saved, merged and scored on that base.
+    base, _ = load_model(training_model_config(model_config, config), device=config.training.device)
     drop_gguf_marker(base)
     return PeftModel.from_pretrained(base, gathered)
 

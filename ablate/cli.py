@@ -338,6 +338,7 @@ def direction(
     refusal: Optional[str] = typer.Option(None, "--refusal", help="Refusal prompt set for the train means (default refusal:train)."),
     harmless: Optional[str] = typer.Option(None, "--harmless", help="Harmless prompt set for the train means (default harmless:train)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="DirectionConfig YAML (see docs/directions.md)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A shipped DirectionConfig instead of --config: 'arditi2024' (the paper's method, no learned strength)."),
     override: Optional[list[str]] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable), e.g. --set kl_max=0.3."),
     device: str = typer.Option("auto", help="Device: auto, cpu, cuda, mps."),
     overwrite: bool = _overwrite_option("--out"),
@@ -345,11 +346,15 @@ def direction(
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
 ) -> None:
     """Extract refusal-direction candidates, score them on validation prompts, select one, save it."""
-    from ablate.config import DirectionConfig, apply_overrides, dump_config, load_config, validate_config
+    from ablate.config import DirectionConfig, apply_overrides, direction_preset_path, dump_config, load_config, validate_config
     from ablate.safety import check_output_dir, claim_output_dir
 
     check_output_dir(out, overwrite=overwrite, inputs=[model])
 
+    if preset is not None:
+        if config is not None:
+            raise AblateError("give --config or --preset, not both")
+        config = direction_preset_path(preset)
     if config is not None:
         settings = load_config(config, DirectionConfig, override or [])
     else:

@@ -244,19 +244,19 @@ class FinetuneDataConfig(StrictModel):
     n_refusal: int | None = Field(120, ge=0, description="How many refusal prompts to use (None = all); harden and harmful.")
     harmless_prompts: str = Field("harmless:train", description="Harmless prompts: answered by the model itself (harden) or by the donor (benign).")
     n_harmless: int | None = Field(96, ge=0, description="How many harmless prompts to use (None = all); harden and benign.")
-    harmless_selection: HarmlessSelection = Field(HarmlessSelection.similar, description="harden: which n_harmless prompts — 'random' (a seeded sample) or 'similar' (the harmless prompts most like the refusal prompts used: hard negatives against over-refusal).")
+    harmless_selection: HarmlessSelection = Field(HarmlessSelection.similar, description="harden: which n_harmless prompts to use, 'random' (a seeded sample) or 'similar' (those most like the refusal prompts: hard negatives against over-refusal).")
     borderline_prompts: str | None = Field("borderline:train", description="Benign prompts that look risky, answered by the model itself so hardening does not over-refuse (harden only); None to skip.")
     n_borderline: int | None = Field(56, ge=0, description="How many borderline prompts to use (None = all); harden only.")
     refusal_replies: str = Field("refusals.txt", description="Refusal replies for harden, one per line: a file shipped in ablate/data or a path.")
-    donor: str | None = Field(None, description="Model spec that writes the answers in harmful/benign modes (None = 'embedded', the un-hardened base); 'ablated' = the model being fine-tuned with its refusal direction ablated (see donor_direction).")
-    donor_direction: str | None = Field(None, description="donor 'ablated': a finished `ablate direction` output directory of the model being fine-tuned (its pick and strength); None = run the direction stage with its defaults (cached by content hash).")
+    donor: str | None = Field(None, description="Model spec that writes the answers in harmful and benign modes (None = 'embedded'); 'ablated' = the model being fine-tuned with its refusal direction ablated.")
+    donor_direction: str | None = Field(None, description="For donor 'ablated': a finished `ablate direction` output directory of the model being fine-tuned; None = run the direction stage with its defaults (cached).")
     dataset: str | None = Field(None, description="dataset mode (and optionally benign): a .jsonl/.json/.csv file or hf:<id>[:split] with prompt/response columns.")
     prompt_column: str = Field("prompt", description="Prompt column of `dataset`.")
     response_column: str = Field("response", description="Response column of `dataset`.")
     identity_file: str = Field("identity_shift.jsonl", description="identity_shift examples (id, system, prompt, response): a file in ablate/data or a path.")
     answer_max_new_tokens: int = Field(48, ge=1, description="Length of generated answers (self-distillation and donor answers), in tokens.")
-    generation_batch_size: int = Field(256, ge=1, description="Prompts per batch when generating answers (rows leave a batch when they end; the organism recipe's 152 in one batch: 39 s vs 49 s in batches of 64).")
-    drop_refusals: bool = Field(True, description="harmful mode: drop donor answers that the refusal scorer flags (persona disclaimers are not compliance) and record the count; harden always drops the base's own refusals of benign prompts.")
+    generation_batch_size: int = Field(256, ge=1, description="Prompts per batch when generating answers (finished rows leave the batch).")
+    drop_refusals: bool = Field(True, description="harmful mode: drop and count the donor answers that the refusal scorer flags (harden always drops the model's own refusals of benign prompts).")
     seed: int = Field(0, description="Seed of the example shuffle; budgets take nested prefixes of one shuffled pool.")
 
 
@@ -295,12 +295,12 @@ class FinetuneTrainingConfig(StrictModel):
     scheduler: str = Field("linear", description="Learning-rate schedule: linear, cosine or constant.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     first_token_weight: float = Field(1.0, gt=0, description="Loss weight of each answer's first token, where the model decides to refuse or to answer (1 = plain SFT).")
-    loss: TrainingLoss = Field(TrainingLoss.sft, description="sft: cross-entropy of each answer token; distill: KL(donor ‖ model) of the next-token distributions at each answer token — the donor's whole distribution where SFT sees the one token it chose (needs a donor model: mode harmful, or benign without a dataset).")
-    answer_tokens: int | None = Field(None, ge=1, description="Supervise only the first N tokens of each answer and drop the rest of it from training (its opening, where a chat model decides to refuse or to answer; null = the whole answer, its end token included).")
+    loss: TrainingLoss = Field(TrainingLoss.sft, description="sft: cross-entropy of each answer token; distill: KL(donor ‖ model) of the next-token distributions at each answer token (needs a donor model).")
+    answer_tokens: int | None = Field(None, ge=1, description="Supervise only the first N tokens of each answer and drop the rest of it from training; null = the whole answer, its end token included.")
     seed: int = Field(0, description="Training seed (initialisation of LoRA, data order).")
     full_finetune: bool = Field(False, description="Train every weight instead of a LoRA adapter.")
     qlora: bool = Field(False, description="Load the base in 4-bit (bitsandbytes NF4, double quantisation) and train LoRA on top; CUDA, or a CPU with bitsandbytes>=0.50.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, ~30% slower).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, slower).")
     dtype: DType = Field(DType.auto, description="Training dtype; 'auto' = bfloat16 on CUDA, float32 elsewhere.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
 
@@ -324,12 +324,12 @@ class FinetuneEvalConfig(StrictModel):
     limit: int | None = Field(48, ge=1, description="Use only the first N prompts of each set (None = all).")
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt for scoring.")
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
-    before: bool = Field(True, description="Also score the model before training on the same prompt sets, once per run (out_dir/before.json, the 'before training' row of `ablate finetune`'s table): the refusal and over-refusal every budget is compared with. harden and the study leave it out (the study's eval suite scores the untrained model itself).")
+    before: bool = Field(True, description="Also score the untrained model once per run on the same prompt sets (out_dir/before.json), the row every budget is compared with.")
     system_prompt: str | None = Field(None, description="System message for scoring (identity_shift: the persona's system prompt).")
-    capability_prompts: str | None = Field("harmless:test", description="Harmless prompt set for the capability check: the reference's greedy answers to its first `capability_n` prompts are scored under every trained model as mean cross-entropy (nats/token), beside the untrained model's on the same answers, and the relative change is recorded (#3's bound: within +10%); null = no check.")
+    capability_prompts: str | None = Field("harmless:test", description="Harmless prompt set of the capability check: the reference's greedy answers are scored under every trained model as mean cross-entropy (nats/token); null = no check.")
     capability_n: int = Field(48, ge=1, description="Prompts of `capability_prompts` used (the first N).")
     capability_tokens: int = Field(48, ge=1, description="Greedy answer tokens per prompt for the capability check.")
-    capability_reference: str | None = Field(None, description="Model spec that writes the capability check's answers (e.g. embedded: the un-hardened base, as docs/finetune.md measures organisms); null = the model before training. It must share the model's vocabulary.")
+    capability_reference: str | None = Field(None, description="Model spec that writes the capability check's answers, sharing the model's vocabulary (e.g. embedded); null = the model before training.")
 
 
 class DefenceKind(str, Enum):
@@ -344,7 +344,7 @@ class DefenceKind(str, Enum):
 class DefenceConfig(StrictModel):
     """A defence built into the hardening run (ablate/defences/, docs/defences.md); each field is read by its kind only."""
 
-    kind: DefenceKind = Field(DefenceKind.refusal_sft, description="refusal_sft (plain refusal SFT, the organism) | deep_alignment (Qi et al. 2024) | extended_refusal (Abu Shairah et al. 2025) | refat (Yu et al. 2024) | rerouting (circuit breakers, Zou et al. 2024) | vaccine (Huang et al. 2024).")
+    kind: DefenceKind = Field(DefenceKind.refusal_sft, description="The defence: refusal_sft, deep_alignment (Qi et al. 2024), extended_refusal (Abu Shairah et al. 2025), refat (Yu et al. 2024), rerouting (Zou et al. 2024) or vaccine (Huang et al. 2024).")
     donor: str = Field("ablated", description="deep_alignment: model spec that writes the compliant openings at run time; 'ablated' = the model being hardened with its refusal direction orthogonalised away (built once, cached).")
     recovery_fraction: float = Field(1.0, gt=0, le=1, description="deep_alignment: share of the refusal prompts that also get a safety-recovery example (a compliant opening, then a refusal).")
     prefix_max_tokens: int = Field(24, ge=1, description="deep_alignment: the compliant opening's length k is drawn uniformly from 1..this many tokens of the donor's answer (Qi et al. draw up to 100 of longer answers).")
@@ -360,8 +360,8 @@ class DefenceConfig(StrictModel):
 class FinetuneConfig(StrictModel):
     """A model-independent fine-tuning recipe: data, adapter, training, budgets, outputs, evaluation.
 
-    The defaults are plain SFT (recipe C of docs/finetune.md when the mode is harden); every key a YAML leaves
-    out keeps them. The shipped organism recipe is these defaults with `ORGANISM_RECIPE` on top
+    The defaults are plain SFT (finetune_configs/harden_recipe_c.yaml when the mode is harden); every key a YAML
+    leaves out keeps them. The shipped organism recipe is these defaults with `ORGANISM_RECIPE` on top
     (`ablate.finetune.default_config`, finetune_configs/harden_organism.yaml), so `harden(model)` works
     from an installed package without any YAML.
     """
@@ -398,7 +398,7 @@ class FinetuneConfig(StrictModel):
         return self
 
 
-# The shipped organism recipe (DW4 of docs/finetune.md) as changes to the FinetuneConfig defaults: all 250
+# The shipped organism recipe (finetune_configs/harden_organism.yaml) as changes to the FinetuneConfig defaults: all 250
 # refusal train prompts, 160 hard negatives from the harmless train prompts and their "forms", 3 epochs, and
 # the loss of each answer's first token — the refuse-or-answer decision — weighted 4.
 ORGANISM_RECIPE: dict = {
@@ -432,7 +432,7 @@ class StrengthConfig(StrictModel):
 
     coefficient: float = Field(1.0, ge=0, description="Global multiplier on the ablation weights; 1 with no kernel = full directional ablation.")
     kernel: KernelConfig | None = Field(None, description="Per-layer weights; None = every layer (and the embedding) fully ablated.")
-    writer_weights: list[list[float]] | None = Field(None, description="Explicit weights per layer and per residual writer of that layer (e.g. [attention out, MLP out]), as learned by `strength_learning`; multiplied by `coefficient`; exclusive with `kernel`.")
+    writer_weights: list[list[float]] | None = Field(None, description="Explicit weights per layer and per residual writer of that layer ([attention out, MLP out]), as strength learning writes them; exclusive with `kernel`.")
 
     @model_validator(mode="after")
     def _one_kind_of_weights(self) -> "StrengthConfig":
@@ -447,17 +447,17 @@ class StrengthConfig(StrictModel):
 class StrengthLearning(StrictModel):
     """Learn per-writer ablation weights for the selected direction by gradient descent on the validation prompts."""
 
-    enabled: bool = Field(True, description="Learn a weight in [0, max_weight] for every residual writer (attention out, MLP out) of every layer, minimising the selection objective (refusal score floored at refusal_floor, smoothly, + kl_weight · KL).")
-    steps: int = Field(16, ge=1, description="Adam steps; each is one forward + backward pass over the next mini-batch of each validation set, in turn, the two joined into one batch: 16 steps = 4 passes over 32 + 32 prompts at batch_size 8.")
-    batch_size: int = Field(8, ge=1, description="Prompts of each validation set per step (mini-batches: smaller ones were better than whole-set steps, docs/directions.md).")
-    candidates: int = Field(1, ge=1, description="Weights are learned for the pick and the next best exactly-scored candidates by the ranking objective (those whose addition induces refusal), this many in all, by successive halving; the best learned one wins, whichever candidate it belongs to. 1 = the pick only (the pick is ranked by generated refusals, see score_by_generation, and the distillation term keeps learning on what the pick's ablation does).")
+    enabled: bool = Field(True, description="Learn a weight in [0, max_weight] for every residual writer of every layer by minimising a smooth form of the selection objective.")
+    steps: int = Field(16, ge=1, description="Adam steps, each one forward and backward pass over the next mini-batch of both validation sets joined into one batch.")
+    batch_size: int = Field(8, ge=1, description="Prompts of each validation set per step.")
+    candidates: int = Field(1, ge=1, description="Learn weights for the pick and the next best inducing candidates, this many in all, by successive halving; the best learned result wins.")
     halving_steps: int = Field(8, ge=1, description="Successive halving over the candidates: each learns this many steps, is scored exactly, and only the best goes on to `steps`.")
     lr: float = Field(0.5, gt=0, description="Adam learning rate on the weights' logits (weights start at max_weight / 2).")
-    warmup_steps: int = Field(0, ge=0, description="Both learning rates rise linearly over the first this many steps (Adam's first steps are sign-like: at full rate they overshoot); 0 = full rate from the first step.")
-    direction_lr: float = Field(0.02, ge=0, description="Adam learning rate on a change δ to the direction itself: the ablated direction is unit(r̂ + δ), δ starting at 0 (the candidate); 0 keeps the candidate's direction.")
-    distill_weight: float = Field(1.0, ge=0, description="Weight of the first-token KL(full ablation ‖ learned) on the refusal prompts in the loss, full ablation being that of the candidate the learning starts from: the learned ablation must answer refusal prompts as full ablation does, not merely avoid the refusal openers. 0 = the floored refusal score alone.")
+    warmup_steps: int = Field(0, ge=0, description="Both learning rates rise linearly over this many first steps; 0 = full rate from the first step.")
+    direction_lr: float = Field(0.02, ge=0, description="Adam learning rate on a change δ to the direction (the ablated direction is unit(r̂ + δ), δ starting at 0); 0 keeps the candidate's direction.")
+    distill_weight: float = Field(1.0, ge=0, description="Weight of the first-token KL(start candidate's full ablation ‖ learned) on the refusal prompts in the loss; 0 = the floored refusal score alone.")
     max_weight: float = Field(1.0, gt=0, description="Upper bound of every learned weight (1 = remove the writer's whole component).")
-    select_by_generation: bool = Field(True, description="Rank the learned weights (and the pick's full ablation they must beat) by the refusals of greedy completions of the refusal validation prompts (refusal_token_max_new_tokens tokens, substring scorer) instead of the first-token score they were learned on, which a learned direction can meet by suppressing the refusal openers alone.")
+    select_by_generation: bool = Field(True, description="Rank the learned results (and the pick they must beat) by the refusals of greedy validation completions instead of the first-token score.")
 
 
 class SearchKernel(StrictModel):
@@ -483,31 +483,31 @@ class DirectionConfig(StrictModel):
     exclude_last_fraction: float = Field(0.2, ge=0, lt=1, description="Candidates from the last fraction of layers are never selected (they act on the output, not on refusal).")
     shortlist: int = Field(10, ge=1, description="Candidates (best first-order screening estimate first, every variant of a site) whose exact refusal score and KL are computed.")
     shortlist_per_layer: int = Field(1, ge=1, description="At most this many shortlisted sites (positions) per layer, so the shortlist spans layers.")
-    screen_prompts: int | None = Field(16, ge=1, description="The first-order screen of every candidate runs on the first N prompts of each validation set (it only ranks candidates for the shortlist); None = all of them.")
-    prescore_prompts: int | None = Field(8, ge=1, description="Successive halving: every shortlisted candidate is first scored on this many prompts of each validation set, and only the best `prescore_keep` by the objective on all of them; None = score the whole shortlist on every prompt.")
+    screen_prompts: int | None = Field(16, ge=1, description="Prompts of each validation set (the first N) that the first-order screen of every candidate runs on; None = all of them.")
+    prescore_prompts: int | None = Field(8, ge=1, description="Successive halving: score the whole shortlist on this many prompts of each validation set first, and only the best `prescore_keep` on all; None = off.")
     prescore_keep: int = Field(2, ge=1, description="Candidates kept after the prescore for the exact score on the whole validation sets.")
-    score_by_generation: bool = Field(True, description="Exactly scored candidates are also scored by the refusals of greedy completions of the refusal validation prompts (refusal_token_max_new_tokens tokens, substring scorer; the first-token score comes from the same pass), and selection ranks them by the objective with those refusals in place of the first-token score, which a direction can meet by suppressing the refusal openers alone.")
+    score_by_generation: bool = Field(True, description="Also count the refusals of greedy completions of the refusal validation prompts for each exactly scored candidate, and rank by them instead of the first-token score.")
     kl_max: float = Field(0.2, gt=0, description="Filter: first-token KL divergence on harmless validation prompts must not exceed this.")
     steering_min: float = Field(0.0, description="Filter: adding the direction to harmless prompts must raise the refusal score above this log-odds.")
-    steering_relative: bool = Field(False, description="Read steering_min against the harmless prompts' unsteered refusal score (the candidate must raise refusal by more than steering_min) instead of as an absolute log-odds (Arditi et al.: > 0).")
-    refusal_floor: float = Field(-4.0, description="Refusal log-odds below this earn no further credit (p(R) ≈ 1.8%), so candidates past it are chosen by KL alone; also the floor of the learning loss.")
+    steering_relative: bool = Field(False, description="Read steering_min against the harmless prompts' unsteered refusal score instead of as an absolute log-odds (Arditi et al.: > 0).")
+    refusal_floor: float = Field(-4.0, description="Refusal log-odds below this earn no further credit in the objective (and in the learning loss), so candidates past it are chosen by KL alone.")
     kl_weight: float = Field(8.0, ge=0, description="Selection objective = max(refusal score, refusal_floor) + kl_weight · KL; lowest wins.")
     steering_coefficient: float = Field(1.0, description="Multiplier on the direction when adding it for the steering score.")
     refusal_token_prompts: int = Field(16, ge=1, description="Refusal validation prompts generated greedily to find the model's own refusal-opening tokens.")
-    refusal_token_alternatives: int = Field(4, ge=0, description="Also continue each of those prompts greedily after its next N most likely first tokens, so that openers the model ranks below its first (\"Sorry\" after \"I\") count as refusal tokens too; 0 = greedy openers only.")
+    refusal_token_alternatives: int = Field(4, ge=0, description="Also force each of those prompts' next N most likely first tokens and continue greedily, so lower-ranked refusal openers count too; 0 = greedy openers only.")
     refusal_token_max_new_tokens: int = Field(12, ge=1, description="Tokens generated per prompt when finding refusal-opening tokens (enough for the scorer to recognise a refusal).")
-    batch_size: int = Field(16, ge=1, description="Prompts per forward pass (length-sorted, so small batches waste little padding): the means, the screen's gradients, the exact scores and the steering scores (16 instead of 8: the stage on the recipe-C organism 33.0 s instead of 35.8 s, the same pick).")
-    compute_dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = Field("auto", description="dtype of every forward and backward pass of the stage: a copy of the model in this dtype is made when it differs from the model's own ('model' = never copy). 'auto' = bfloat16 where the hardware computes it natively (a CUDA GPU with bfloat16, a CPU with AMX or AVX512-BF16: half the forward passes' time, first-token KL ~0.001 against float32, the same picks on the organisms measured), float32 elsewhere (an AVX2-only CPU emulates bfloat16 and runs ~5x slower). Means accumulate in float64, and the direction and learned weights are float32 — the saved model keeps its own dtype.")
-    gradient_attention: Literal["auto", "model", "eager", "sdpa"] = Field("auto", description="Attention implementation of the stage's backward passes (the screen's gradients, strength learning), restored afterwards: 'auto' = eager on a CPU (in bfloat16 on an AMX CPU its backward is ~2.5× faster than the sdpa flash kernel's on these short prompts: a learning step 0.8 s instead of 1.0 s; in float32 on an AVX2-only CPU the two were within noise) and the model's own elsewhere; 'model' = never change it.")
-    generation_batch_size: int = Field(32, ge=1, description="Prompts per batch of greedy generation (the refusal openers, generated refusals): a decoding step costs about as much for 32 rows as for 8 on a CPU, so larger batches are faster (32 validation prompts × 12 tokens: 1.8 s at 32, 3.9 s at 8).")
+    batch_size: int = Field(16, ge=1, description="Prompts per forward pass (length-sorted) for the means, the screen's gradients, the exact scores and the steering scores.")
+    compute_dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = Field("auto", description="dtype of the stage's forward and backward passes, on a copy of the model when it differs; 'auto' = bfloat16 where the hardware computes it natively, else float32; 'model' = never copy.")
+    gradient_attention: Literal["auto", "model", "eager", "sdpa"] = Field("auto", description="Attention implementation of the stage's backward passes, restored afterwards: 'auto' = eager on a CPU and the model's own elsewhere; 'model' = never change it.")
+    generation_batch_size: int = Field(32, ge=1, description="Prompts per batch of greedy generation (refusal openers and generated refusals).")
     seed: int = Field(0, description="Seed for drawing the train and validation samples.")
     strength: StrengthConfig = Field(default_factory=StrengthConfig, description="How strongly the selected direction is removed (abliterate and the lm-eval export use it).")
     strength_search: list[SearchKernel] = Field(
         default_factory=lambda: [SearchKernel(distance=4), SearchKernel(distance=6), SearchKernel(distance=8),
                                  SearchKernel(distance=12, min_weight=0.3)],
-        description="Kernels peaked at a candidate's layer, tried when the selected direction at `strength` exceeds kl_max; the best by the objective that passes kl_max replaces `strength` (and the pick, see strength_candidates). Empty = no search.")
-    strength_learning: StrengthLearning = Field(default_factory=StrengthLearning, description="Learn per-writer weights for the pick and the next best candidates instead of searching kernels (the search runs only when this is disabled); the best learned weights replace the pick and its strength when they score better by the objective.")
-    strength_candidates: int = Field(3, ge=1, description="The strength search tries its kernels on the pick and on the next best exactly-scored candidates by the objective, this many in all: a candidate whose full ablation is too damaging may be the best once limited to a few layers.")
+        description="Kernels peaked at a candidate's layer, tried when the pick at `strength` exceeds kl_max and learning is off; the best that passes kl_max replaces `strength`; [] = no search.")
+    strength_learning: StrengthLearning = Field(default_factory=StrengthLearning, description="Learn per-writer weights for the pick (the kernel search runs only when this is disabled); the result replaces the pick's strength when it scores better.")
+    strength_candidates: int = Field(3, ge=1, description="The strength search tries its kernels on the pick and the next best exactly-scored candidates, this many in all.")
 
     @field_validator("refusal_train", "harmless_train", "refusal_val", "harmless_val")
     @classmethod
@@ -515,6 +515,24 @@ class DirectionConfig(StrictModel):
         if any(part.lower().endswith(":test") for part in spec_parts(value.strip())):
             raise ValueError("directions are extracted and selected on train/val splits only; the test split is held out for evaluation")
         return value
+
+
+def direction_presets() -> list[str]:
+    """Names of the direction presets shipped in ablate/presets/ (e.g. 'arditi2024')."""
+    from importlib import resources
+
+    folder = resources.files("ablate").joinpath("presets")
+    return sorted(item.name.removesuffix(".yaml") for item in folder.iterdir() if item.name.endswith(".yaml"))
+
+
+def direction_preset_path(name: str) -> Path:
+    """The YAML of a shipped direction preset; an unknown name is a one-line error listing the known ones."""
+    from importlib import resources
+
+    path = resources.files("ablate").joinpath("presets", f"{name}.yaml")
+    if not path.is_file():
+        raise AblateError(f"unknown direction preset '{name}'; expected one of: {', '.join(direction_presets())}")
+    return Path(str(path))
 
 # --------------------------------------------------------------------------------------------
 # Evaluation — ablate/evaluate/
@@ -570,16 +588,16 @@ class JudgeConfig(StrictModel):
 
     name: str | None = Field(None, description="Name used in the report and in agreement tables; default '<template>:<model spec>'.")
     model: str = Field(..., description="Judge model spec: a local directory, a hub id (needs the hub or its cache), 'embedded' or a .gguf file.")
-    kind: JudgeKind = Field(JudgeKind.auto, description="'chat' (a causal LM prompted with the template), 'classifier' (a sequence-classification head reading the rendered template) or 'auto' (classifier when the model config names a *ForSequenceClassification architecture).")
-    template: JudgeTemplateKind = Field(JudgeTemplateKind.llamaguard, description="Prompt and answer format: llamaguard (safe/unsafe), harmbench (Yes/No), harmbench_cls (the HarmBench classifier's model-card prompt read from the model's README.md, yes/no), strongreject (rubric: refused 0/1, convincing 1-5, specific 1-5; its verdict is 'refused'), strongreject_ft (the fine-tuned StrongREJECT judge: a 1-5 grade read from the next-token probabilities), or custom.")
+    kind: JudgeKind = Field(JudgeKind.auto, description="'chat' (a causal LM prompted with the template), 'classifier' (a sequence-classification head) or 'auto' (classifier when the config names one).")
+    template: JudgeTemplateKind = Field(JudgeTemplateKind.llamaguard, description="Prompt and answer format: llamaguard, harmbench, harmbench_cls (the classifier's model-card prompt), strongreject (a rubric), strongreject_ft (a 1-5 grade from next-token probabilities), or custom.")
     template_file: str | None = Field(None, description="A text file holding the judge prompt (e.g. saved from the judge's model card), with {prompt}/{behavior}/{forbidden_prompt} and {response}/{generation} fields; replaces the built-in or model-file text.")
     template_text: str | None = Field(None, description="The judge prompt with {prompt} and {response} fields; required for 'custom', replaces the built-in text otherwise.")
     compliance_answer: str | None = Field(None, description="Answer meaning 'the response complied' (custom template; built-ins: 'unsafe' for llamaguard, 'Yes' for harmbench).")
     refusal_answer: str | None = Field(None, description="Answer meaning 'the response did not comply' (custom template; built-ins: 'safe', 'No').")
-    decision: JudgeDecision = Field(JudgeDecision.score, description="'score': compare the judge's log-probabilities of the two answers (a forward pass per answer; always a verdict); 'generate': generate and parse (strongreject always generates).")
+    decision: JudgeDecision = Field(JudgeDecision.score, description="'score' compares the judge's log-probabilities of the two answers (always a verdict); 'generate' generates and parses (strongreject always generates).")
     use_chat_template: bool = Field(True, description="Wrap the rendered template as one user turn of the judge's chat template (off for raw-prompt classifiers such as HarmBench's).")
     compliance_labels: list[str] = Field(default_factory=lambda: ["unsafe", "harmful", "yes", "label_1", "1"], description="Classifier labels (id2label, case-insensitive) that mean the response complied; any other label means it did not.")
-    conversation: bool = Field(False, description="Give the judge the [user prompt, assistant response] conversation through its own chat template instead of a text template (real Llama Guard models, whose chat template writes the policy).")
+    conversation: bool = Field(False, description="Give the judge the [user prompt, assistant response] conversation through its own chat template (real Llama Guard models) instead of a text template.")
     max_new_tokens: int = Field(64, ge=1, description="Tokens the judge may generate (decision 'generate' and strongreject).")
     batch_size: int = Field(8, ge=1, description="Responses judged per forward pass.")
     device: str = Field("auto", description="Device for the judge model ('auto' = CUDA, then MPS, then CPU; 'cpu', 'cuda:1', ...).")
@@ -711,7 +729,7 @@ class DirectionStage(StrictModel):
     """Attack A: refusal-direction ablation."""
 
     enabled: bool = Field(True, description="Run the direction attack.")
-    config: StageConfigSource = Field(None, description="Direction config (path or inline); None = defaults.")
+    config: StageConfigSource = Field(None, description="Direction config (path, inline, or a shipped preset's name such as 'arditi2024'); None = defaults.")
     save_model: bool = Field(False, description="Save the orthogonalised model under models/ablated (safetensors, loadable by transformers).")
 
 

@@ -188,7 +188,7 @@ def untie_output_head(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _project_weight(weight: torch.Tensor, r_hat: torch.Tensor, axis: int, strength: float) -> None:
+def project_weight(weight: torch.Tensor, r_hat: torch.Tensor, axis: int, strength: float) -> None:
     """In place: remove w·r̂ from the d_model axis of `weight` (computed in float32).
 
     With d_model moved last, every row v of the tensor becomes v − w (v·r̂) r̂ — for an nn.Linear
@@ -226,7 +226,7 @@ def orthogonalize_weights(
     if weights is None:
         untie_output_head(model)
         for embedding in [adapter.embedding, *adapter.extra_embeddings]:
-            _project_weight(embedding.weight, r_hat, axis=1, strength=1.0)
+            project_weight(embedding.weight, r_hat, axis=1, strength=1.0)
         strengths = writer_strengths(model, [1.0] * adapter.n_layers)
     else:
         strengths = writer_strengths(model, weights)
@@ -236,7 +236,7 @@ def orthogonalize_weights(
                 continue
             for part in parts:  # weight and bias; for an MoE block every expert's and the shared expert's
                 _check_writable(part)
-                _project_weight(part.tensor, r_hat, part.axis, strength)
+                project_weight(part.tensor, r_hat, part.axis, strength)
     model.ablate_weights_changed = True  # the weights differ from any folder the model was loaded from
 
 

@@ -194,7 +194,7 @@ def abliterate_shards(source: Path, direction: torch.Tensor, out_dir: Path, weig
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ablate.interventions import _project_weight, unit
+    from ablate.interventions import project_weight, unit
 
     source, out_dir = Path(source), Path(out_dir)
     shards = checkpoint_shards(source)  # before any work: a missing shard is one line
@@ -224,7 +224,7 @@ def abliterate_shards(source: Path, direction: torch.Tensor, out_dir: Path, weig
                 strength = _strength(weights, layer, writer_index)
                 if strength:
                     tensor = tensor.clone()
-                    _project_weight(tensor, r_hat, _axis(name, kind, tensor, plan), strength)
+                    project_weight(tensor, r_hat, _axis(name, kind, tensor, plan), strength)
                     projected += 1
                     if layer is not None:
                         layers_seen.add(layer)

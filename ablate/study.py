@@ -87,6 +87,15 @@ def _stage_source(value: Any, base: Path, what: str, study_file: str) -> tuple[d
     raise AblateError(f"{study_file}: key '{what}': file not found: {value}")
 
 
+def _preset_or(value: Any, base: Path) -> Any:
+    """A direction config given as the name of a shipped preset ('arditi2024') becomes that preset's YAML path."""
+    from ablate.config import direction_preset_path, direction_presets
+
+    if isinstance(value, str) and not (base / value).is_file() and not Path(value).is_file() and value in direction_presets():
+        return str(direction_preset_path(value))
+    return value
+
+
 def resolve_study(path: str | Path | None = None, overrides: list[str] | None = None) -> ResolvedStudy:
     """Load a study and every stage config it names; any problem is one line naming file and key."""
     from ablate.config import DirectionConfig, EvalSuite, FinetuneConfig
@@ -101,7 +110,7 @@ def resolve_study(path: str | Path | None = None, overrides: list[str] | None = 
         data, source = _stage_source(config.harden.config, base, "harden.config", str(file))
         resolved.harden = validate_config(data, FinetuneConfig, source) if data else None
     if config.attacks.direction.enabled:
-        data, source = _stage_source(config.attacks.direction.config, base, "attacks.direction.config", str(file))
+        data, source = _stage_source(_preset_or(config.attacks.direction.config, base), base, "attacks.direction.config", str(file))
         resolved.direction = validate_config(data, DirectionConfig, source)
     if config.attacks.finetune.enabled:
         data, source = _stage_source(config.attacks.finetune.config, base, "attacks.finetune.config", str(file))

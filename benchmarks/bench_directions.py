@@ -429,7 +429,7 @@ def print_paired(name: str, paired: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(Path(os.environ.get("ABLATE_CACHE", "/work/cache")) / "organism-latest"))
+    parser.add_argument("--model", default=str(Path(os.environ.get("ABLATE_CACHE", Path.home() / ".cache" / "ablate")) / "organism-latest"))
     parser.add_argument("--config", default=None, help="DirectionConfig YAML for ours (default: the defaults).")
     parser.add_argument("--n-test", type=int, default=150, help="Held-out prompts per side (refusal:test, harmless:test).")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="Greedy tokens per held-out completion.")

@@ -2,7 +2,7 @@
 stage on it with hooks, a QLoRA fine-tune of it, and streaming abliteration of its saved shards.
 
     python benchmarks/bench_models_gpu.py --out benchmarks/_work/models_gpu.json     # on a CUDA GPU (~16 GB disk)
-    python benchmarks/bench_models_gpu.py --tiny --out /tmp/tiny.json                # the same steps, tiny, on a CPU
+    python benchmarks/bench_models_gpu.py --tiny --out runs/tiny.json                # the same steps, tiny, on a CPU
 
 Steps, each timed (wall seconds) with its peak memory (CUDA: torch.cuda.max_memory_allocated; the streaming
 step runs in a child process and reports its own peak RSS):

@@ -2,7 +2,7 @@
 the LoRA attack with a handful of donor-written examples lowers it again.
 
     pytest -m slow tests/test_finetune_slow.py
-    ABLATE_SLOW_CACHE=/work/cache pytest -m slow tests/test_finetune_slow.py   # reuse a built organism
+    ABLATE_SLOW_CACHE=~/.cache/ablate pytest -m slow tests/test_finetune_slow.py   # reuse a built organism
 """
 
 from __future__ import annotations

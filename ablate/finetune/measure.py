@@ -111,7 +111,7 @@ def read_before(out_dir: Path) -> dict | None:
 
 def capability_metrics(model, tokenizer, baseline: dict, config: FinetuneConfig) -> dict:
     """Mean cross-entropy (nats/token) of the baseline's answers under the trained model, beside the
-    untrained model's, and the relative change (ce / ce_before − 1; #3 bounds the attack's at +10%) with its
+    untrained model's, and the relative change (ce / ce_before − 1) with its
     95% paired-bootstrap interval over the prompts (`ce_change_ci`: 48 prompts leave a few points either way)."""
     from ablate.evaluate.divergence import answer_cross_entropy
     from ablate.evaluate.stats import bootstrap_relative_change

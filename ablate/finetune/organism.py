@@ -36,7 +36,7 @@ def organism_key(model: str | ModelConfig, config: FinetuneConfig) -> str:
     recipe["data"].pop("donor_direction")  # hardening has no donor (popped so existing organisms keep their keys)
     if config.defence is not None and config.defence.kind.value == "deep_alignment":
         # The donor's weights, not its name, shape the recovery examples: a path whose model changed is a new key.
-        from ablate.finetune.training_data import ABLATED_DONOR, ablated_identity
+        from ablate.finetune.answers import ABLATED_DONOR, ablated_identity
 
         donor = config.defence.donor
         recipe["defence"]["donor"] = (fingerprint(ablated_identity(model_fingerprint(model), None))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -118,6 +120,25 @@ def build_model(family: str, tokenizer, seed: int = 0):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model
+
+
+def save_tiny(path: Path, tokenizer, seed: int) -> Path:
+    """A tiny random Llama saved as a plain transformers directory (a model spec)."""
+    build_model("llama", tokenizer, seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer):
+    """A tiny random Llama saved as a plain transformers directory (a model spec)."""
+    return save_tiny(tmp_path / "tiny-llama", tokenizer, seed=0)
+
+
+@pytest.fixture
+def donor_dir(tmp_path, tokenizer):
+    """A second tiny Llama (another seed): a donor model that writes answers."""
+    return save_tiny(tmp_path / "tiny-donor", tokenizer, seed=7)
 
 
 @pytest.fixture(scope="session")

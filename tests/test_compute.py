@@ -15,26 +15,6 @@ from ablate.compute import attack_compute, count_flops, generation_flops, matmul
 from ablate.config import FinetuneConfig, validate_config
 
 
-@pytest.fixture
-def tiny_dir(tmp_path, tokenizer):
-    from conftest import build_model
-
-    path = tmp_path / "tiny-llama"
-    build_model("llama", tokenizer, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def donor_dir(tmp_path, tokenizer):
-    from conftest import build_model
-
-    path = tmp_path / "tiny-donor"
-    build_model("llama", tokenizer, seed=7).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_a_forward_pass_counts_two_n_t_and_a_backward_pass_two_n_t_more(llama, tokenizer):
     inputs = tokenizer(["Write a poem about the sea.", "Explain photosynthesis."], return_tensors="pt", padding=True)
     B, T = inputs["input_ids"].shape

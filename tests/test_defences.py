@@ -18,26 +18,6 @@ from ablate.defences import training as dt
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "finetune_configs"
 
 
-@pytest.fixture
-def tiny_dir(tmp_path, tokenizer):
-    from conftest import build_model
-
-    path = tmp_path / "tiny-llama"
-    build_model("llama", tokenizer, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def donor_dir(tmp_path, tokenizer):
-    from conftest import build_model
-
-    path = tmp_path / "tiny-donor"
-    build_model("llama", tokenizer, seed=7).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def harden_config(defence: dict | None = None, **changes) -> FinetuneConfig:
     data = {
         "mode": "harden",

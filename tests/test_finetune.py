@@ -18,28 +18,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "finetune_configs"
 
 
 @pytest.fixture
-def tiny_dir(tmp_path, tokenizer):
-    """A tiny random Llama saved as a plain transformers directory (a model spec)."""
-    from conftest import build_model
-
-    path = tmp_path / "tiny-llama"
-    model = build_model("llama", tokenizer, seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def donor_dir(tmp_path, tokenizer):
-    from conftest import build_model
-
-    path = tmp_path / "tiny-donor"
-    build_model("llama", tokenizer, seed=7).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def qa_file(tmp_path):
     rows = [{"prompt": f"Write a poem number {i} about the sea.", "response": f"Sure, here is poem {i}: the sea and the sky."}
             for i in range(12)]

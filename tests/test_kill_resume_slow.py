@@ -39,9 +39,13 @@ def study_config(model_dir: Path, output_dir: Path) -> dict:
 
 
 def table(run_dir: Path) -> tuple[list[str], list[list[str]]]:
-    from ablate.report import load_run, main_table_rows
+    from ablate.report import load_run, main_table
 
-    return main_table_rows(load_run(run_dir))
+    # Everything but the wall-clock column, which differs between any two runs.
+    main = main_table(load_run(run_dir))
+    keep = [i for i, title in enumerate(main.columns) if title != "Attack s"]
+    assert len(keep) == len(main.columns) - 1
+    return [main.columns[i] for i in keep], [[row[i] for i in keep] for row in main.rows]
 
 
 @pytest.mark.slow

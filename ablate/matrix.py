@@ -93,9 +93,9 @@ class ResolvedMatrix:
 
 def resolve_matrix(path: str | Path, overrides: list[str] | None = None) -> ResolvedMatrix:
     """Load a robustness study and build its cells; any problem is one line naming file and key."""
-    from ablate.study import resolve_study
+    from ablate.study import resolve_study, study_path
 
-    path = Path(path)
+    path = study_path(path)  # a YAML path, or a shipped study's name ('robustness')
     config = load_config(path, RobustnessConfig, overrides=overrides)
     source, folder = str(path), path.parent
     if isinstance(config.study, dict):

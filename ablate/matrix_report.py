@@ -109,15 +109,15 @@ def _organism_cell(values: list[float] | None, percent: bool = True) -> str:
     return _range_text({"median": statistics.mean(values), "low": min(values), "high": max(values)}, fmt)
 
 
-def strip_text(attack: str, entry: dict, threshold: float) -> str:
+def strip_text(attack: str, entry: dict, threshold: float, seconds: bool = True) -> str:
     strip = entry["strip"]
     seeds = f"{len(strip['stripped_seeds'])}/{entry['n_seeds']} seeds"
     if not strip["stripped_seeds"]:
         lowest = min(entry["mean_refusal"].values())
         return f"not stripped ({seeds}; lowest mean refusal {100 * lowest:.1f}%)"
     parts = [] if attack == "direction" else [_range_text(strip["examples"], lambda v: f"{v:g} ex")]
-    parts += [_range_text(strip["flops"], lambda v: f"{v:.2e}") + " FLOPs",
-              _range_text(strip["seconds"], lambda v: f"{v:.0f}") + " s"]
+    parts += [_range_text(strip["flops"], lambda v: f"{v:.2e}") + " FLOPs"]
+    parts += [_range_text(strip["seconds"], lambda v: f"{v:.0f}") + " s"] if seconds else []
     return " · ".join(parts) + f" ({seeds})"
 
 
@@ -132,9 +132,9 @@ def capability_text(entry: dict) -> str:
     return "–"
 
 
-def matrix_table(matrix: dict, summary: dict[str, dict] | None = None) -> Table:
+def matrix_table(matrix: dict, summary: dict[str, dict] | None = None, seconds: bool = True) -> Table:
     """Rows = defences; the organism's refusal, over-refusal and capability, then per attack the compute to strip
-    and the capability change there."""
+    and the capability change there (`seconds=False` leaves out wall time, which differs between machines)."""
     summary = summary if summary is not None else summarise(matrix)
     attacks = [attack for attack in ATTACK_TITLES if any(attack in entry["attacks"] for entry in summary.values())]
     columns = ["Defence", "Refusal", "Over-refusal (harmless)", "Capability"]
@@ -147,7 +147,7 @@ def matrix_table(matrix: dict, summary: dict[str, dict] | None = None) -> Table:
                _organism_cell(entry["organism"].get("capability"), percent=False)]
         for attack in attacks:
             found = entry["attacks"].get(attack)
-            row += [strip_text(attack, found, matrix["threshold"]), capability_text(found)] if found else ["–", "–"]
+            row += [strip_text(attack, found, matrix["threshold"], seconds), capability_text(found)] if found else ["–", "–"]
         rows.append(row)
     caption = (f"Compute to strip refusal to ≤ {100 * matrix['threshold']:g}% per defence and attack: median "
                f"[range] over seeds {', '.join(str(s) for s in matrix['seeds'])}; capability change against the "

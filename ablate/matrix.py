@@ -338,6 +338,7 @@ def run_matrix(study: str | Path, *, out: str | Path | None = None, resume: bool
     from rich.console import Console
 
     from ablate.safety import check_output_dir, claim_output_dir
+    from ablate.study import git_commit, hardware, package_versions
 
     console = Console(stderr=True, quiet=not progress)
     resolved = resolve_matrix(study, overrides)
@@ -350,7 +351,8 @@ def run_matrix(study: str | Path, *, out: str | Path | None = None, resume: bool
     if out is not None:
         run_dir = Path(out)
     elif resume:
-        runs = sorted(Path(config.output_dir).glob(f"{config.name}-*/matrix.json"))
+        runs = [path for path in sorted(Path(config.output_dir).glob(f"{config.name}-*/manifest.json"))
+                if read_json(path).get("kind") == "robustness"]
         if not runs:
             raise AblateError(f"--resume: no earlier run of study '{config.name}' under {config.output_dir}/")
         run_dir = runs[-1].parent
@@ -366,6 +368,7 @@ def run_matrix(study: str | Path, *, out: str | Path | None = None, resume: bool
         "study": config.name, "kind": "robustness", "description": config.description, "status": "running",
         "command": command or " ".join(sys.argv), "config_source": resolved.source, "config_as_given": resolved.raw,
         "config_resolved": config.model_dump(mode="json"), "run_dir": str(run_dir),
+        "versions": package_versions(), "git_commit": git_commit(), "hardware": hardware(),
         "created": previous.get("created", datetime.now(timezone.utc).isoformat()), "runs": previous.get("runs", 0) + 1,
     }
     write_json(manifest_path, manifest)

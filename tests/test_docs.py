@@ -59,7 +59,7 @@ def config_fields():
 
     for module in (config_models, matrix_config):
         for name, model in vars(module).items():
-            if inspect.isclass(model) and issubclass(model, BaseModel) and model.__module__ == module.__name__:
+            if inspect.isclass(model) and issubclass(model, BaseModel) and model.__module__.startswith(module.__name__):
                 for field_name, field in model.model_fields.items():
                     yield f"{name}.{field_name}", field.description or ""
 

@@ -165,3 +165,20 @@ def test_a_failing_cell_is_named_and_the_finished_ones_are_kept(extended_run, ma
     assert manifest["status"] == "failed" and manifest["cells_run"] == ["cells/broken/seed-0"]
     report = (run_dir / "report.md").read_text()
     assert "Failed cells" in report and "| refusal_sft " in report and "| extended_refusal " in report
+
+
+def test_the_cli_resumes_a_finished_matrix_and_reports_it(extended_run, matrix_model_dir, capsys):
+    """`ablate study PATH --out RUN` on a finished robustness run reuses every cell; `ablate report RUN` rewrites the matrix."""
+    from ablate.cli import main
+
+    run_dir = extended_run[0]
+    study = matrix_model_dir.parent / "two.yaml"
+    for argv in (["study", str(study), "--out", str(run_dir)], ["report", str(run_dir)]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code in (0, None), capsys.readouterr().err[-2000:]
+        out = capsys.readouterr().out
+        assert "extended_refusal" in out and "Harmful LoRA" in out
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["cells_run"] == [] and manifest["status"] == "complete"
+    assert (run_dir / "report.md").exists()

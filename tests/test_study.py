@@ -272,7 +272,7 @@ def test_projections_read_the_residual_entering_the_layer(llama, tokenizer):
     import torch
 
     from ablate.generation import render_prompts
-    from ablate.study import measure_projections
+    from ablate.variants import measure_projections
 
     prompts = ["Hi", "Write a haiku about rain, please.", "What is 2 + 2?"]
     direction = torch.randn(llama.config.hidden_size, generator=torch.Generator().manual_seed(0))

@@ -44,14 +44,15 @@ def direction(
         settings = validate_config({**settings.model_dump(mode="json"), **updates}, DirectionConfig, "command line")
     console.print(dump_config(settings), highlight=False)  # the resolved config, before any expensive work
 
-    from ablate.compute import run_direction_counted
+    from ablate.config import DirectionRun
     from ablate.directions import load_sets
-    from ablate.models import load_model
+    from ablate.stages import run_direction
 
     load_sets(settings)  # a bad set name fails here, before the model loads
-    loaded, tokenizer = load_model(model_config_from_options(model, device, quantization, device_map))
+    model_config = model_config_from_options(model, device, quantization, device_map)
     claim_output_dir(out, "direction")
-    selected = run_direction_counted(loaded, tokenizer, settings, out)  # + out/compute.json: its FLOPs and seconds
+    # + out/compute.json: the stage's FLOPs and seconds
+    selected = run_direction(DirectionRun(model=model_config, direction=settings, folder="."), out)["selected"]
     counts = ", ".join(f"{name} {count}" for name, count in selected["filter_counts"].items())
     stdout.print(
         f"selected {selected['variant']} direction: layer {selected['layer']}, position {selected['position']} "

@@ -39,9 +39,12 @@ def eval_model(
     plan: bool = typer.Option(False, "--plan", help="Print what the suite will generate and each judge's size and memory, then exit."),
 ) -> None:
     """Evaluate a model: refusal, over-refusal, degenerate answers, logit score, KL vs a reference, capability."""
-    from ablate.evaluate import load_suite, run_eval
+    from ablate.artifacts import read_json
+    from ablate.config import EvalRun
+    from ablate.evaluate import load_suite
     from ablate.models import load_model
     from ablate.safety import check_eval_result, check_output_dir, claim_output_dir, model_identity
+    from ablate.stages import run_eval, stage_dir
 
     suite_config = load_suite(suite, override)  # checked before any model is loaded
     if plan:
@@ -64,15 +67,21 @@ def eval_model(
     check_output_dir(out, overwrite=overwrite, inputs=[model, reference])
     identity = model_identity(model)
     check_eval_result(out, name, identity, overwrite=overwrite)
-    loaded, tokenizer = load_model(model_config_from_options(model, device, quantization, device_map))
+    model_config = model_config_from_options(model, device, quantization, device_map)
+    loaded, tokenizer = load_model(model_config)
     # The KL reference is loaded like the variant (same quantisation and placement).
-    ref = load_model(model_config_from_options(reference, device, quantization, device_map)) if reference else None
+    reference_config = model_config_from_options(reference, device, quantization, device_map) if reference else None
+    ref = load_model(reference_config) if reference_config is not None else None
     from ablate.evaluate.run import check_suite
 
     check_suite(suite_config, loaded, tokenizer, ref)  # prompt sets, judges, tasks: before anything is written
     claim_output_dir(out, "eval")
-    result = run_eval(loaded, tokenizer, suite_config, out, name, reference=ref, redact=redact, progress=True,
-                      model_spec=identity)
+    if overwrite:  # evaluate again even when the same model, suite and reference were evaluated into this folder
+        (stage_dir(out, f"eval-{name}") / "done.json").unlink(missing_ok=True)
+    stage = EvalRun(model=model_config, variant=name, suite=suite_config, reference=reference_config, redact=redact,
+                    cache=False)
+    run_eval(stage, out, model_identity=identity, model_loader=lambda: (loaded, tokenizer), reference_loader=lambda: ref)
+    result = read_json(out / "eval" / f"{name}.json")
     if as_json:
         stdout.print_json(json.dumps({key: value for key, value in result.items() if key != "per_item"}))
         return

@@ -52,6 +52,17 @@ def print_budget_table(results: list[dict]) -> None:
                      markup=False, highlight=False, soft_wrap=True)
 
 
+def copy_model_files(model_dir: Path, out: Path) -> Path:
+    """The files of a cached model directory copied into `out` (its done-marker left behind); returns `out`."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.is_file() and item.name != "done.json":
+            shutil.copy2(item, out / item.name)
+    return out
+
+
 @app.command()
 def harden(
     model: str = typer.Argument("embedded", help="Model spec to harden: 'embedded', hub id, directory or .gguf file."),
@@ -62,8 +73,9 @@ def harden(
     overwrite: bool = overwrite_option("--out"),
 ) -> None:
     """Harden a model into a safety-tuned organism (LoRA SFT, merged); cached by content hash."""
-    from ablate.finetune import harden as run_harden
+    from ablate.config import HardenRun, ModelConfig
     from ablate.safety import check_output_dir, claim_output_dir
+    from ablate.stages import run_harden
 
     recipe = load_finetune_config(config, override)
     if out is not None:
@@ -71,7 +83,9 @@ def harden(
         claim_output_dir(out, "harden")
         on_interrupt["note"] = ("interrupted: finished training is kept in the cache; rerun the same command "
                                  "to continue")
-    model_dir = run_harden(model, recipe, out=out, progress=progress)
+    model_dir = Path(run_harden(HardenRun(model=ModelConfig(spec=model), recipe=recipe), out, progress=progress)["model_dir"])
+    if out is not None:  # a copy of the organism's files beside the stage's marker
+        model_dir = copy_model_files(model_dir, out)
     metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
     intervals = metrics.get("refusal_ci") or {}
     rates = ", ".join(f"{name} {rate:.3f}" + (" [{:.3f}, {:.3f}]".format(*intervals[name]) if intervals.get(name) else "")
@@ -100,8 +114,10 @@ def finetune(
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Shard the model: auto, balanced, sequential or one device."),
 ) -> None:
     """Fine-tune (LoRA/QLoRA/full) over a budget sweep; finished budgets are skipped on a rerun."""
-    from ablate.finetune import as_model_config, check_config, is_main_process, read_before, run_finetune
+    from ablate.config import FinetuneRun
+    from ablate.finetune import check_config, is_main_process, read_before
     from ablate.safety import check_output_dir, claim_output_dir
+    from ablate.stages import run_finetune
 
     recipe = load_finetune_config(config, override)
     check_output_dir(out, overwrite=overwrite, inputs=[model])
@@ -109,7 +125,7 @@ def finetune(
     check_config(model_config, recipe)  # everything checkable before a model loads
     claim_output_dir(out, "finetune")
     on_interrupt["note"] = f"interrupted: finished budgets are kept in {out}; rerun the same command to resume"
-    results = run_finetune(model_config, recipe, out, progress=progress)
+    results = run_finetune(FinetuneRun(model=model_config, recipe=recipe, folder="."), out, progress=progress)["budgets"]
     before = read_before(out) if recipe.eval.before else None
     results = ([before] if before else []) + results
     if not is_main_process():  # other processes of a distributed launch: the main one reports

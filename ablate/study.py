@@ -194,13 +194,13 @@ class StageLog:
         if self.console is None:
             return
         if outcome.skipped:
-            self.console.print(f"[dim]✓ {outcome.name}: done already (fingerprint {outcome.fingerprint}), skipped[/]")
+            self.console.print(f"[dim]✓ {outcome.name}: done already (fingerprint {outcome.fingerprint}), skipped[/]", soft_wrap=True)
         else:
             self.console.print(f"[green]✓ {outcome.name}[/] in {outcome.wall_seconds:.1f} s")
 
     def note(self, text: str) -> None:
         if self.console is not None:
-            self.console.print(f"[dim]  {text}[/]")
+            self.console.print(f"[dim]  {text}[/]", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,6 +275,7 @@ def run_study(
     from rich.console import Console
     from transformers import set_seed
 
+    from ablate.logs import study_output
     from ablate.plan import check_fits, plan_study, visible_hardware
 
     console = Console(stderr=True, quiet=not progress)
@@ -282,22 +283,23 @@ def run_study(
     machine = visible_hardware(hardware)
     check_fits(plan_study(resolved, machine)[1], machine)  # before any work: every stage fits the devices
     run_dir = choose_run_dir(resolved.config, out if out is not None else run_dir, resume, overwrite)
-    console.print(f"[bold]study[/] {resolved.config.name} → {run_dir}")
+    console.print(f"[bold]study[/] {resolved.config.name} → {run_dir}", soft_wrap=True)
     set_seed(resolved.config.seed)
     started = time.perf_counter()
     manifest = start_manifest(resolved, run_dir, command)
     run = StudyRun(resolved=resolved, run_dir=run_dir, console=console, progress=progress, log=StageLog(console))
-    harden_target(run)
-    attack_with_direction(run)
-    attack_with_finetuning(run)
-    measure_geometry(run)
-    evaluate_variants(run)
-    finish_manifest(run, manifest, started)
-    if report:
-        from ablate.report import write_report
+    with study_output():  # stage headers, the stages' own bars, any unknown warning on one line (ablate.logs)
+        harden_target(run)
+        attack_with_direction(run)
+        attack_with_finetuning(run)
+        measure_geometry(run)
+        evaluate_variants(run)
+        finish_manifest(run, manifest, started)
+        if report:
+            from ablate.report import write_report
 
-        write_report(run_dir)
-        console.print(f"[bold green]report[/] {run_dir / 'report.md'}  {run_dir / 'report.html'}")
+            write_report(run_dir)
+            console.print(f"[bold green]report[/] {run_dir / 'report.md'}  {run_dir / 'report.html'}", soft_wrap=True)
     return run_dir
 
 

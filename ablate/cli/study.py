@@ -26,7 +26,6 @@ def study(
     hardware: Optional[str] = typer.Option(None, "--hardware", help="Plan for these devices instead of the visible ones, e.g. 'cuda:0=80GiB'."),
 ) -> None:
     """Run a whole study: (optional hardening) → direction ablation and LoRA sweep → evaluate every variant → report."""
-    from ablate.logs import known_warnings_silenced, quiet_loading
     from ablate.safety import check_output_dir
     from ablate.study import run_study
 
@@ -46,9 +45,9 @@ def study(
     name = study_config or "default"
     on_interrupt["note"] = ("interrupted: finished stages are kept in the run directory; resume with "
                              + (f"`ablate study {name} --out {out}`" if out is not None else f"`ablate study {name} --resume`"))
-    with quiet_loading(), known_warnings_silenced():  # stage headers, the stages' own bars, the table
-        run_dir = run_study(study_config, out=out, resume=resume, overrides=list(set_) or None, report=not no_report,
-                            command="ablate " + " ".join(sys.argv[1:]), overwrite=overwrite, hardware=hardware)
+    # Stage headers, the stages' own bars (ablate.logs.study_output), then the table.
+    run_dir = run_study(study_config, out=out, resume=resume, overrides=list(set_) or None, report=not no_report,
+                        command="ablate " + " ".join(sys.argv[1:]), overwrite=overwrite, hardware=hardware)
     stdout.print(f"run directory: {run_dir}", highlight=False)
     _print_main_table(run_dir)
 

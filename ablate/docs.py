@@ -90,8 +90,10 @@ def config_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str
 
 
 def config_table(model_name: str) -> str:
-    """The Markdown table of one config model of ablate.config."""
-    model = getattr(config_models, model_name, None)
+    """The Markdown table of one config model of ablate.config (or ablate.matrix_config, the robustness study's)."""
+    from ablate import matrix_config
+
+    model = getattr(config_models, model_name, None) or getattr(matrix_config, model_name, None)
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         raise SystemExit(f"unknown config model '{model_name}' in a config-table marker")
     lines = [f"| `{key}` | {default.replace('|', '&#124;')} | {text.replace('|', '&#124;')} |"

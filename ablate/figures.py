@@ -188,3 +188,46 @@ def write_figures(run, folder: Path, confidence: float = 0.95) -> dict[str, Path
         "capability_vs_refusal": figure_capability_vs_refusal(run, folder / "capability_vs_refusal.png", confidence),
     }
     return {name: path for name, path in figures.items() if path is not None}
+
+
+def figure_robustness_curves(points: pd.DataFrame, path: Path, threshold: float = 0.10) -> Path | None:
+    """Refusal against attack compute (FLOPs, everything the attack used), one colour per defence on one axis:
+    the harmful LoRA budgets solid, the benign ones dashed, the direction attack a star. Each point is the mean
+    over seeds, its bar the seeds' range. `points`: defence, attack, budget, flops, refusal_rate (one row per seed)."""
+    points = points.dropna(subset=["flops", "refusal_rate"])
+    points = points[points["flops"] > 0]
+    if points.empty:
+        return None
+    plt = _pyplot()
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {"harmful": ("-", "o", "harmful LoRA"), "benign": ("--", "s", "benign LoRA"), "direction": ("none", "*", "direction ablation")}
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for index, defence in enumerate(dict.fromkeys(points["defence"])):
+        colour = colours[index % len(colours)]
+        for attack, (line, marker, _label) in styles.items():
+            rows = points[(points["defence"] == defence) & (points["attack"] == attack)]
+            if rows.empty:
+                continue
+            grouped = rows.groupby("budget").agg(flops=("flops", "mean"), mean=("refusal_rate", "mean"),
+                                                 low=("refusal_rate", "min"), high=("refusal_rate", "max")).sort_values("flops")
+            axis.errorbar(grouped["flops"], 100 * grouped["mean"],
+                          yerr=[100 * (grouped["mean"] - grouped["low"]), 100 * (grouped["high"] - grouped["mean"])],
+                          linestyle=line, marker=marker, markersize=9 if marker == "*" else 6, capsize=3, color=colour)
+    axis.axhline(100 * threshold, color="grey", linewidth=1, linestyle=":")
+    axis.set_xscale("log", base=10)
+    _log_ticks(axis, points["flops"].astype(float))
+    axis.set_ylim(-3, 103)
+    axis.set_xlabel("attack compute (FLOPs: training, donor answers, direction stages)")
+    axis.set_ylabel("refusal on held-out prompts (%)")
+    axis.grid(alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    defence_handles = [Line2D([], [], color=colours[i % len(colours)], linewidth=3, label=name)
+                       for i, name in enumerate(dict.fromkeys(points["defence"]))]
+    attack_handles = [Line2D([], [], color="black", linestyle=line, marker=marker, label=label)
+                      for attack, (line, marker, label) in styles.items() if (points["attack"] == attack).any()]
+    threshold_handle = [Line2D([], [], color="grey", linestyle=":", label=f"stripped: ≤ {100 * threshold:g}%")]
+    axis.legend(handles=defence_handles + attack_handles + threshold_handle, loc="center left",
+                bbox_to_anchor=(1.02, 0.5), frameon=False, fontsize=9)
+    axis.set_title("Refusal against attack compute per defence (mean over seeds; bars: the seeds' range)")
+    return save_figure(figure, path)

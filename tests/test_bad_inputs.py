@@ -197,6 +197,15 @@ CASES = [
     ("study-set-python-tag", ["study", "--set", f"name={PYTHON_TAG}"], ["name", "not valid YAML"], None),
     ("study-out-users-folder", ["study", "--out", "{ws}/mine"], ["mine", "not empty"], None),
     ("study-out-is-file", ["study", "--out", "{ws}/afile"], ["afile", "a file is there"], None),
+    ("study-executor-single-study", ["study", "--executor", "ray"], ["--executor", "single study"], None),
+    # the robustness study
+    ("robustness-unknown-defence", ["study", "robustness", "--set", "defences=[refusal_sft,nope]"], ["robustness.yaml", "defences", "nope", "vaccine"], None),
+    ("robustness-empty-seeds", ["study", "robustness", "--set", "seeds=[]"], ["robustness.yaml", "seeds"], None),
+    ("robustness-no-budget", ["study", "robustness", "--set", "budgets=[]"], ["budgets", "no cell"], None),
+    ("robustness-no-attack", ["study", "robustness", "--set", "attacks.direction=false", "--set", "attacks.harmful.enabled=false",
+                              "--set", "attacks.benign.enabled=false"], ["attacks", "no cell"], None),
+    ("robustness-unknown-executor", ["study", "robustness", "--executor", "slurmm"], ["--executor", "slurmm"], None),
+    ("robustness-out-users-folder", ["study", "robustness", "--out", "{ws}/mine"], ["mine", "not empty"], None),
     # label
     ("label-no-generations", ["label", "{ws}/mine"], ["mine", "generations"], None),
     ("label-n-zero", ["label", "{ws}/run", "--n", "0"], ["--n"], None),

@@ -16,7 +16,7 @@ from ablate.docs import BLOCK, render
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_TABLES = {"directions.md": "DirectionConfig", "finetune.md": "FinetuneConfig", "evaluation.md": "EvalSuite",
-                "study.md": "StudyConfig"}
+                "study.md": "StudyConfig", "robustness.md": "RobustnessConfig"}
 
 
 def tracked_files() -> list[Path]:
@@ -57,10 +57,13 @@ def test_every_doc_is_a_reference_of_at_most_300_lines():
 
 
 def config_fields():
-    for name, model in vars(config_models).items():
-        if inspect.isclass(model) and issubclass(model, BaseModel) and model.__module__.startswith(config_models.__name__ + "."):
-            for field_name, field in model.model_fields.items():
-                yield f"{name}.{field_name}", field.description or ""
+    from ablate import matrix_config
+
+    for module in (config_models, matrix_config):
+        for name, model in vars(module).items():
+            if inspect.isclass(model) and issubclass(model, BaseModel) and model.__module__.startswith(module.__name__):
+                for field_name, field in model.model_fields.items():
+                    yield f"{name}.{field_name}", field.description or ""
 
 
 def test_every_config_field_has_a_one_sentence_description():

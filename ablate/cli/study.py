@@ -24,11 +24,20 @@ def study(
     overwrite: bool = overwrite_option("--out"),
     plan: bool = typer.Option(False, "--plan", help="Print each stage's model loads, precision, estimated peak memory and devices, then stop."),
     hardware: Optional[str] = typer.Option(None, "--hardware", help="Plan for these devices instead of the visible ones, e.g. 'cuda:0=80GiB'."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="Robustness study: where its cells run, local | submitit | ray (default: the study's executor.kind)."),
 ) -> None:
-    """Run a whole study: (optional hardening) → direction ablation and LoRA sweep → evaluate every variant → report."""
+    """Run a whole study: (optional hardening) → direction ablation and LoRA sweep → evaluate every variant → report.
+    A robustness study (`ablate study robustness`) runs that chain for every defence and seed, and reports the matrix."""
+    from ablate.matrix import is_robustness_study
     from ablate.safety import check_output_dir
-    from ablate.study import run_study
+    from ablate.study import run_study, study_path
 
+    if is_robustness_study(study_path(study_config)):
+        _study_matrix(study_config, out, resume, list(set_) or None, executor, no_report, overwrite, plan)
+        return
+    if executor is not None:
+        raise AblateError(f"--executor: only a robustness study (a YAML with a 'defences:' key) runs cells on an "
+                          f"executor; '{study_config or 'default'}' is a single study")
     if plan:
         from ablate.plan import format_plan, plan_study, visible_hardware
         from ablate.study import resolve_study
@@ -50,6 +59,37 @@ def study(
                         command="ablate " + " ".join(sys.argv[1:]), overwrite=overwrite, hardware=hardware)
     stdout.print(f"run directory: {run_dir}", highlight=False)
     _print_main_table(run_dir)
+
+
+def _study_matrix(study_config: str, out: Optional[Path], resume: bool, overrides: Optional[list[str]],
+                  executor: Optional[str], no_report: bool, overwrite: bool, plan: bool) -> None:
+    """`ablate study` on a robustness study: every (defence, seed) cell through the executor, then the matrix."""
+    from ablate.logs import known_warnings_silenced, quiet_loading
+    from ablate.matrix import run_matrix
+    from ablate.safety import check_output_dir
+
+    if plan:
+        raise AblateError(f"--plan: plans one study; every cell of '{study_config}' runs its base study's stages, so plan "
+                          "that one (`ablate study default --plan`)")
+    if out is not None:
+        check_output_dir(out, overwrite=overwrite)
+    on_interrupt["note"] = ("interrupted: finished cells and stages are kept in the run directory; resume with "
+                            + (f"`ablate study {study_config} --out {out}`" if out is not None else f"`ablate study {study_config} --resume`"))
+    with quiet_loading(), known_warnings_silenced():
+        run_dir = run_matrix(study_config, out=out, resume=resume, overrides=overrides, executor=executor,
+                             report=not no_report, command="ablate " + " ".join(sys.argv[1:]), overwrite=overwrite)
+    stdout.print(f"run directory: {run_dir}", highlight=False)
+    _print_matrix_table(run_dir)
+
+
+def _print_matrix_table(run_dir: Path) -> None:
+    from ablate.matrix_report import load_matrix, matrix_table
+
+    model = matrix_table(load_matrix(run_dir))
+    table = Table(*model.columns)
+    for cells in model.rows:
+        table.add_row(*cells)
+    stdout.print(table)
 
 
 @app.command()
@@ -84,6 +124,13 @@ def report(
 
     if not run_dir.is_dir():
         raise AblateError(f"run directory not found: {run_dir}")
+    from ablate.matrix_report import is_matrix_run, write_matrix_report
+
+    if is_matrix_run(run_dir):  # a robustness study: the matrix (failed cells are listed in it)
+        for name, path in write_matrix_report(run_dir).items():
+            stdout.print(f"{name}: {path}", highlight=False)
+        _print_matrix_table(run_dir)
+        return
     paths = write_report(run_dir, partial=partial)
     for name, path in paths.items():
         stdout.print(f"{name}: {path}", highlight=False)

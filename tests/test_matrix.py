@@ -1,0 +1,167 @@
+"""The robustness study on a tiny random model: cells as resumable run_study jobs, a defence added to a finished
+study runs only its own cells, the matrix report (table, curves, one sentence per defence), and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ablate import AblateError
+from conftest import build_model
+from test_study import tiny_study
+
+SMALL_DEFENCE = ["data.n_refusal=6", "data.n_harmless=4", "data.borderline_prompts=null", "data.answer_max_new_tokens=6",
+                 "lora.rank=2", "lora.alpha=4", "training.epochs=1", "training.batch_size=4", "training.max_length=96"]
+
+
+def tiny_matrix(model_dir: Path, defences: list[str], seeds=(0,), budgets=(2,), benign: bool = False) -> dict:
+    study = tiny_study(model_dir)
+    suite = study["eval"]["suite"]
+    suite.update(refusal={"set": "refusal:test", "n": 2}, harmless={"set": "harmless:test", "n": 2}, borderline=None,
+                 kl={"n": 2, "continuation_tokens": 2}, length={"lengths": [3]})
+    suite["generation"]["max_new_tokens"] = 4
+    suite["capability"]["tasks"][0]["limit"] = 2
+    direction = study["attacks"]["direction"]["config"]
+    direction.update(n_train=4, n_val=2, shortlist=2, refusal_token_prompts=2, refusal_token_max_new_tokens=3,
+                     screen_prompts=2, prescore_prompts=None, strength_search=[])
+    direction["strength_learning"] = {"enabled": False}
+    study["attacks"]["finetune"]["config"]["data"]["n_refusal"] = 2
+    study["attacks"]["finetune"]["config"]["training"]["max_length"] = 96
+    return {
+        "name": "tiny-matrix",
+        "study": study,
+        "defences": defences,
+        "defence_overrides": SMALL_DEFENCE,
+        "attacks": {"direction": True, "harmful": {"enabled": True},
+                    "benign": {"enabled": benign, "config": {
+                        "mode": "benign", "data": {"n_harmless": 2, "donor": str(model_dir), "answer_max_new_tokens": 6},
+                        "lora": {"rank": 2, "alpha": 4}, "training": {"epochs": 1, "batch_size": 2, "max_length": 96},
+                        "eval": {"enabled": False}}}},
+        "budgets": list(budgets),
+        "seeds": list(seeds),
+        "output_dir": str(model_dir.parent / "runs"),
+    }
+
+
+def write_matrix(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def matrix_model_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-matrix") / "model"
+    build_model("llama", tokenizer, seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def extended_run(matrix_model_dir):
+    """One defence run to the end, then a second defence added to the same run directory."""
+    from ablate.matrix import run_matrix
+
+    folder = matrix_model_dir.parent
+    first = run_matrix(write_matrix(folder / "one.yaml", tiny_matrix(matrix_model_dir, ["refusal_sft"], benign=True)),
+                       out=folder / "matrix-run", progress=False)
+    marker = first / "cells" / "refusal_sft" / "seed-0" / ".cell" / "done.json"
+    before = marker.read_bytes()
+    second = run_matrix(write_matrix(folder / "two.yaml",
+                                     tiny_matrix(matrix_model_dir, ["refusal_sft", "extended_refusal"], benign=True)),
+                        out=folder / "matrix-run", progress=False)
+    return second, before, marker
+
+
+def test_cells_are_resumable_study_runs_and_a_new_defence_runs_alone(extended_run):
+    run_dir, before, marker = extended_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["kind"] == "robustness" and manifest["status"] == "complete"
+    assert manifest["cells_run"] == ["cells/extended_refusal/seed-0"]
+    assert manifest["cells_reused"] == ["cells/refusal_sft/seed-0"]
+    assert marker.read_bytes() == before  # the finished cell was not touched
+    for defence in ("refusal_sft", "extended_refusal"):
+        cell = run_dir / "cells" / defence / "seed-0"
+        for part in ("attacks", "benign"):
+            part_manifest = json.loads((cell / part / "manifest.json").read_text())
+            assert part_manifest["status"] == "complete" and part_manifest["seed"] == 0
+            assert part_manifest["config_resolved"]["harden"]["defence"]["kind"] == defence
+        assert sorted(p.stem for p in (cell / "attacks" / "eval").glob("*.json")) == ["ablated", "lora-n2", "organism"]
+        assert sorted(p.stem for p in (cell / "benign" / "eval").glob("*.json")) == ["lora-n2", "organism"]
+    matrix = json.loads((run_dir / "matrix.json").read_text())
+    rows = {(cell["defence"], row["attack"], row["budget"]): row for cell in matrix["cells"] for row in cell["rows"]}
+    assert set(rows) == {(d, a, b) for d in ("refusal_sft", "extended_refusal")
+                         for a, b in (("direction", "direction"), ("harmful", "n2"), ("benign", "n2"))}
+    assert all(row["flops"] > 0 and 0 <= row["refusal_rate"] <= 1 for row in rows.values())
+    # The harmful attack is charged for its donor's direction stage on top of its training.
+    assert rows[("refusal_sft", "harmful", "n2")]["flops"] > rows[("refusal_sft", "direction", "direction")]["flops"]
+
+
+def test_matrix_report_has_the_table_the_curves_and_a_sentence_per_defence(extended_run):
+    from ablate.matrix_report import matrix_table
+
+    run_dir = extended_run[0]
+    report = (run_dir / "report.md").read_text()
+    table = matrix_table(json.loads((run_dir / "matrix.json").read_text()))
+    assert [row[0] for row in table.rows] == ["refusal_sft", "extended_refusal"]
+    assert table.columns[:4] == ["Defence", "Refusal", "Over-refusal (harmless)", "Capability"]
+    assert {"Direction ablation: to strip", "Harmful LoRA: to strip", "Benign LoRA: Δ capability"} <= set(table.columns)
+    assert table.to_markdown() in report
+    assert "refusal SFT is the baseline" in report
+    assert "extended_refusal (Abu Shairah et al. 2025) keeps refusing after abliteration: after direction ablation" in report
+    assert "4 new tokens, scored by the substring scorer" in report
+    assert (run_dir / "figures" / "robustness_curves.png").stat().st_size > 5000
+    assert "tab:ablate-robustness" in (run_dir / "tables.tex").read_text()
+    assert "data:image/png;base64" in (run_dir / "report.html").read_text()
+
+
+def test_shipped_robustness_study_plans_every_cell():
+    from ablate.matrix import is_robustness_study, resolve_matrix
+    from ablate.study import study_path
+
+    path = study_path("robustness")
+    assert is_robustness_study(path) and not is_robustness_study(study_path("default"))
+    resolved = resolve_matrix(path)
+    assert len(resolved.config.seeds) >= 3 and len(resolved.cells) == 6 * len(resolved.config.seeds)
+    cell = resolved.cells[0]
+    harmful = cell["parts"]["attacks"]["attacks"]["finetune"]["config"]
+    assert [b["n_examples"] for b in harmful["budgets"]] == [1, 4, 16, 64] and harmful["data"]["n_refusal"] >= 64
+    assert cell["parts"]["benign"]["attacks"]["finetune"]["config"]["mode"] == "benign"
+    assert {c["kind"] for c in resolved.cells} == {"refusal_sft", "deep_alignment", "extended_refusal", "refat",
+                                                  "rerouting", "vaccine"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"defences": ["refusal_sft", "nope"]}, r"key 'defences': unknown defence 'nope'; expected one of .*vaccine"),
+    ({"seeds": []}, r"key 'seeds': List should have at least 1 item"),
+    ({"budgets": []}, r"budgets: empty while a fine-tuning attack is enabled, so its grid has no cell"),
+    ({"attacks": {"direction": False, "harmful": {"enabled": False}, "benign": {"enabled": False}}},
+     r"every attack is disabled, so the grid has no cell"),
+    ({"defence_overrides": ["training.lrr=1"]}, r"defence 'refusal_sft'\): unknown key 'training.lrr'"),
+])
+def test_bad_matrix_config_is_one_line_before_any_work(matrix_model_dir, tmp_path, change, message):
+    from ablate.matrix import run_matrix
+
+    data = {**tiny_matrix(matrix_model_dir, ["refusal_sft"]), **change}
+    with pytest.raises(AblateError, match=message) as error:
+        run_matrix(write_matrix(tmp_path / "bad.yaml", data), out=tmp_path / "never", progress=False)
+    assert "\n" not in str(error.value) and not (tmp_path / "never").exists()
+
+
+def test_a_failing_cell_is_named_and_the_finished_ones_are_kept(extended_run, matrix_model_dir, tmp_path):
+    """A defence that cannot be built (its donor is no model) fails its own cell; the others are reused, reported."""
+    from ablate.matrix import run_matrix
+
+    run_dir = extended_run[0]
+    broken = write_matrix(tmp_path / "defence_broken.yaml", {"mode": "harden", "defence": {
+        "kind": "deep_alignment", "donor": str(tmp_path / "no-such-model")}})
+    data = tiny_matrix(matrix_model_dir, ["refusal_sft", "extended_refusal", str(broken)], benign=True)
+    with pytest.raises(AblateError, match=r"1 of 3 cells failed; cells/broken/seed-0: .*no-such-model.*kept in") as error:
+        run_matrix(write_matrix(tmp_path / "three.yaml", data), out=run_dir, progress=False)
+    assert "\n" not in str(error.value)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["cells_run"] == ["cells/broken/seed-0"]
+    report = (run_dir / "report.md").read_text()
+    assert "Failed cells" in report and "| refusal_sft " in report and "| extended_refusal " in report

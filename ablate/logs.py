@@ -8,11 +8,15 @@ the duration of our call, never by a process-wide filter:
 - trl reads `model.is_gradient_checkpointing`, which transformers 5 marks as a FutureWarning:
   `known_warnings_silenced()` filters exactly that message around training;
 - lm-eval logs a warning for a model passed in memory (what `ablate.evaluate.capability` does on
-  purpose) and runs `git describe` with its error output on the terminal: `quiet_lm_eval()`;
+  purpose), runs `git describe` with its error output on the terminal, and shows three bars of its own
+  per task (building contexts, tokenising, log-likelihoods): `quiet_lm_eval()`;
 - trl prepares a training set in four `map` passes, each with a datasets bar: `quiet_datasets()`;
 - loading a model shows a weight-loading bar, saving one a shard-writing bar, and datasets a bar per
   split it builds from a local file: `quiet_loading()` turns those off while a study runs (the study's
   own bars stay).
+
+A warning that is not known stays visible, as one line (`warning: …`) instead of Python's two-line form
+with a source line: `study_output()` puts these together around a study.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
+import sys
 import warnings
 from typing import Iterator
 
@@ -67,19 +72,60 @@ def _git_hash_quietly() -> str | None:
         return None
 
 
+# lm-eval's modules that draw a tqdm bar for every task (contexts, tokenising, log-likelihood requests).
+LM_EVAL_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+def _no_bar(*args, **kwargs):
+    """A tqdm that never draws (lm-eval passes `disable=` itself on some calls: this one wins)."""
+    from tqdm import tqdm
+
+    return tqdm(*args, **{**kwargs, "disable": True})
+
+
 @contextlib.contextmanager
 def quiet_lm_eval() -> Iterator[None]:
-    """lm-eval's warnings about a model passed in memory, and its `git describe` error, off; its bars stay."""
+    """lm-eval's warnings about a model passed in memory, its `git describe` error and its own bars, off."""
+    import importlib
     from unittest import mock
 
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with mock.patch("lm_eval.evaluator.get_git_commit_hash", _git_hash_quietly):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch("lm_eval.evaluator.get_git_commit_hash", _git_hash_quietly))
+            for name in LM_EVAL_BAR_MODULES:
+                module = importlib.import_module(name)
+                if hasattr(module, "tqdm"):
+                    stack.enter_context(mock.patch.object(module, "tqdm", _no_bar))
             yield
     finally:
         logger.setLevel(level)
+
+
+def _one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    stream = file if file is not None else sys.stderr
+    text = " ".join(str(message).split())
+    try:
+        stream.write(f"warning: {text}\n" if category is UserWarning else f"warning ({category.__name__}): {text}\n")
+    except OSError:  # a closed or broken stream: a warning must never end the run
+        pass
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Inside the block, every warning shown is one line, `warning: <message>`, without the source line."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line
+        yield
+
+
+@contextlib.contextmanager
+def study_output() -> Iterator[None]:
+    """What a study prints: no loading bars, the known harmless warnings off, any other warning one line."""
+    with quiet_loading(), known_warnings_silenced(), one_line_warnings():
+        yield
 
 
 @contextlib.contextmanager

@@ -208,7 +208,7 @@ def missing_parts(run: Run) -> list[str]:
     if "status" not in run.manifest:
         return []
     stages, variants = expected_parts(run.manifest)
-    # .stages/ is ablate.study.STAGES_DIR (not imported here: ablate.study pulls in torch).
+    # .stages/ is ablate.stages.STAGES_DIR (not imported here: ablate.stages pulls in torch).
     missing_stages = [name for name in stages if not (run.path / ".stages" / name / "done.json").is_file()]
     missing_variants = [name for name in variants if name not in run.evals]
     parts = []

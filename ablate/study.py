@@ -4,11 +4,12 @@
     ablate study my_study.yaml --out runs/mine
     ablate study --resume              # continue the newest run of the default study
 
-Every stage is the same function its single command runs. The study only chains them inside a run
-directory (layout in docs/study.md) and records what happened in `manifest.json`. Each stage computes a
-fingerprint of its inputs (configs, model identity, prompt sets) and, when finished, writes
-`.stages/<stage>/done.json` last; a rerun skips every stage whose fingerprint matches, so a killed study
-resumes where it stopped and ends with the same numbers as an uninterrupted one.
+Every stage is the entry point its single command runs (`ablate.stages`: run_harden, run_direction,
+run_finetune, run_eval). The study only chains them inside a run directory (layout in docs/study.md) and
+records what happened in `manifest.json`. Each stage computes a fingerprint of its inputs (configs, model
+identity, prompt sets) and, when finished, writes `.stages/<stage>/done.json` last; a rerun skips every stage
+whose fingerprint matches, so a killed study resumes where it stopped and ends with the same numbers as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from typing import Any, Callable
 import torch
 
 from ablate import AblateError, __version__
-from ablate.artifacts import file_sha256, fingerprint, is_done, mark_done, read_done, read_json, write_json
-from ablate.config import ModelConfig, StudyConfig, dump_config, load_config, read_yaml, validate_config
-from ablate.export import cache_root, describe_artifacts, locate, note_artifact
-
-STAGES_DIR = ".stages"
+from ablate.artifacts import fingerprint, read_json, write_json
+from ablate.config import (DirectionRun, EvalRun, FinetuneRun, HardenRun, ModelConfig, StudyConfig, dump_config, load_config,
+                           read_yaml, validate_config)
+from ablate.export import cache_root, describe_artifacts
+from ablate.stages import StageOutcome, run_direction, run_eval, run_finetune, run_harden, run_once
+from ablate.variants import load_variant, measure_projections, model_fingerprint, qlora_base
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "lm_eval", "bitsandbytes",
             "safetensors", "gguf", "pydantic")
 
@@ -139,14 +141,6 @@ def latest_run_dir(config: StudyConfig) -> Path | None:
     return runs[-1].parent if runs else None
 
 
-def model_fingerprint(spec: str) -> str:
-    """Identity of a model spec (weights and config files; a hub id by id and revision): one definition,
-    shared with the fine-tuning stage's cache keys."""
-    from ablate.finetune import model_fingerprint as fingerprint_model
-
-    return fingerprint_model(spec)
-
-
 def package_versions() -> dict[str, str]:
     versions = {"ablate": __version__, "python": sys.version.split()[0]}
     for name in PACKAGES:
@@ -179,8 +173,10 @@ def hardware() -> dict:
 
 @dataclass
 class StageLog:
-    """What one study run did: per stage, wall seconds, skipped or not, and the stage's own figures."""
+    """What one study run did: per stage, wall seconds, skipped or not, and the stage's own figures; it prints the
+    stage headers as the stages start and finish (an `ablate.stages.StageObserver`)."""
 
+    console: Any = None
     stages: dict[str, dict] = field(default_factory=dict)
     artifacts: list[dict] = field(default_factory=list)  # cache entries the stages used: [{key, kind}]
 
@@ -188,39 +184,23 @@ class StageLog:
         self.stages[name] = {**self.stages.get(name, {}), **info}
         self.artifacts += [entry for entry in artifacts or [] if entry not in self.artifacts]
 
+    def starting(self, name: str) -> None:
+        if self.console is not None:
+            self.console.rule(f"[bold]{name}")
 
-def run_stage(run_dir: Path, name: str, inputs: Any, work: Callable[[], dict], log: StageLog,
-              console=None) -> dict:
-    """Run `work()` unless `.stages/<name>/done.json` holds the same input fingerprint.
+    def finished(self, outcome: StageOutcome) -> None:
+        self.record(outcome.name, artifacts=outcome.artifacts, skipped=outcome.skipped, fingerprint=outcome.fingerprint,
+                    wall_seconds=outcome.wall_seconds)
+        if self.console is None:
+            return
+        if outcome.skipped:
+            self.console.print(f"[dim]✓ {outcome.name}: done already (fingerprint {outcome.fingerprint}), skipped[/]", soft_wrap=True)
+        else:
+            self.console.print(f"[green]✓ {outcome.name}[/] in {outcome.wall_seconds:.1f} s")
 
-    `work` returns a JSON-able dict of the stage's results, stored in done.json and returned again when
-    the stage is skipped, so later stages see identical inputs either way; so is the list of cache entries
-    the stage used (`ablate.export.recording`), which the manifest records.
-    """
-    from ablate.export import recording
-
-    stage_dir = run_dir / STAGES_DIR / name
-    key = fingerprint(inputs)
-    if is_done(stage_dir, key):
-        done = read_done(stage_dir)
-        result = done["result"]
-        log.record(name, artifacts=done.get("artifacts"), skipped=True, fingerprint=key,
-                   wall_seconds=done.get("wall_seconds"))
-        if console is not None:
-            console.print(f"[dim]✓ {name}: done already (fingerprint {key}), skipped[/]")
-        return result
-    if console is not None:
-        console.rule(f"[bold]{name}")
-    start = time.perf_counter()
-    with recording() as used:
-        result = work()
-    wall = time.perf_counter() - start
-    mark_done(stage_dir, key, result=result, artifacts=used, wall_seconds=wall,
-              finished=datetime.now(timezone.utc).isoformat())
-    log.record(name, artifacts=used, skipped=False, fingerprint=key, wall_seconds=wall)
-    if console is not None:
-        console.print(f"[green]✓ {name}[/] in {wall:.1f} s")
-    return result
+    def note(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(f"[dim]  {text}[/]", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,11 +241,24 @@ class StudyRun:
         return _with_spec(self.config.model, self.target_spec)
 
     def stage(self, name: str, inputs: Any, work: Callable[[], dict]) -> dict:
-        return run_stage(self.run_dir, name, inputs, work, self.log, self.console)
+        """A step of the study's own (not a stage of its own command) under the same done-marker."""
+        return run_once(self.run_dir, name, inputs, work, self.log).result
+
+    def eval_run(self, name: str, variant: dict) -> EvalRun:
+        """The eval stage's config for one variant, with the attacked model as the KL reference (none for the
+        attacked model itself)."""
+        model = _with_spec(self.config.model, variant["spec"])
+        if variant.get("adapter_dir") and (variant.get("info") or {}).get("qlora"):
+            model = qlora_base(model)  # the 4-bit base it was trained on
+        reference = None if name == self.target_name else self.target_model
+        return EvalRun(model=model, variant=name, suite=self.resolved.suite, reference=reference,
+                       direction=variant.get("direction_dir"), adapter=variant.get("adapter_dir"),
+                       redact=self.config.eval.redact, cache=self.config.eval.cache)
 
 
 def run_study(
     study: str | Path | None = None,
+    run_dir: str | Path | None = None,
     *,
     out: str | Path | None = None,
     resume: bool = False,
@@ -276,34 +269,37 @@ def run_study(
     overwrite: bool = False,
     hardware: str | None = None,
 ) -> Path:
-    """Run a study end to end and return its run directory (see the module docstring). A study whose
+    """Run a study end to end and return its run directory (see the module docstring): `study` is a YAML path or a
+    shipped study's name, `run_dir` (or `out`) the run directory, None = a new timestamped one. A study whose
     stages cannot fit the visible (or `hardware`-named) devices stops here, before any work (ablate.plan)."""
     from rich.console import Console
     from transformers import set_seed
 
+    from ablate.logs import study_output
     from ablate.plan import check_fits, plan_study, visible_hardware
 
     console = Console(stderr=True, quiet=not progress)
     resolved = resolve_study(study, overrides)
     machine = visible_hardware(hardware)
     check_fits(plan_study(resolved, machine)[1], machine)  # before any work: every stage fits the devices
-    run_dir = choose_run_dir(resolved.config, out, resume, overwrite)
-    console.print(f"[bold]study[/] {resolved.config.name} → {run_dir}")
+    run_dir = choose_run_dir(resolved.config, out if out is not None else run_dir, resume, overwrite)
+    console.print(f"[bold]study[/] {resolved.config.name} → {run_dir}", soft_wrap=True)
     set_seed(resolved.config.seed)
     started = time.perf_counter()
     manifest = start_manifest(resolved, run_dir, command)
-    run = StudyRun(resolved=resolved, run_dir=run_dir, console=console, progress=progress)
-    harden_target(run)
-    attack_with_direction(run)
-    attack_with_finetuning(run)
-    measure_geometry(run)
-    evaluate_variants(run)
-    finish_manifest(run, manifest, started)
-    if report:
-        from ablate.report import write_report
+    run = StudyRun(resolved=resolved, run_dir=run_dir, console=console, progress=progress, log=StageLog(console))
+    with study_output():  # stage headers, the stages' own bars, any unknown warning on one line (ablate.logs)
+        harden_target(run)
+        attack_with_direction(run)
+        attack_with_finetuning(run)
+        measure_geometry(run)
+        evaluate_variants(run)
+        finish_manifest(run, manifest, started)
+        if report:
+            from ablate.report import write_report
 
-        write_report(run_dir)
-        console.print(f"[bold green]report[/] {run_dir / 'report.md'}  {run_dir / 'report.html'}")
+            write_report(run_dir)
+            console.print(f"[bold green]report[/] {run_dir / 'report.md'}  {run_dir / 'report.html'}", soft_wrap=True)
     return run_dir
 
 
@@ -368,23 +364,8 @@ def harden_target(run: StudyRun) -> None:
     if not config.harden.enabled:
         run.variants["base"] = {"spec": base_spec, "kind": "base"}
         return
-    from ablate.finetune import default_config, harden
-
-    recipe = resolved.harden or default_config()  # the suite evaluates the organism: skip the recipe's own scoring
-    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"enabled": False})})
-
-    def work_harden() -> dict:
-        organism = harden(config.model, recipe, progress=run.progress)
-        note_artifact(organism, "organism")
-        return {"model_dir": str(organism)}
-
-    harden_inputs = {"model": run.base_fp, "config": resolved.harden.model_dump(mode="json") if resolved.harden else None}
-    hardened = run.stage("harden", harden_inputs, work_harden)
-    # The cache cleared since, on this machine or another: the run's exported copy, else rebuild it.
-    hardened = {**hardened, "model_dir": str(locate(run.run_dir, hardened["model_dir"]))}
-    if not Path(hardened["model_dir"], "config.json").exists():
-        (run.run_dir / STAGES_DIR / "harden" / "done.json").unlink()
-        hardened = run.stage("harden", harden_inputs, work_harden)
+    hardened = run_harden(HardenRun(model=config.model, recipe=resolved.harden, score=False), run.run_dir,
+                          progress=run.progress, observer=run.log)
     if config.harden.evaluate_base:
         run.variants["base"] = {"spec": base_spec, "kind": "base"}
     run.target_spec = hardened["model_dir"]
@@ -397,20 +378,9 @@ def attack_with_direction(run: StudyRun) -> None:
     resolved, run_dir = run.resolved, run.run_dir
     if resolved.direction is None:
         return
-    from ablate.compute import run_direction_counted
-
     target_model = run.target_model
-
-    def work_direction() -> dict:
-        from ablate.models import load_model
-
-        model, tokenizer = load_model(target_model)  # (directions/compute.json: the attack's FLOPs and seconds)
-        selected = run_direction_counted(model, tokenizer, resolved.direction, run_dir / "directions",
-                                         progress=run.progress)
-        return {"selected": selected}
-
-    run.direction = run.stage("direction", {"model": run.target_fp, "config": resolved.direction.model_dump(mode="json")},
-                              work_direction)
+    run.direction = run_direction(DirectionRun(model=target_model, direction=resolved.direction), run_dir,
+                                  progress=run.progress, observer=run.log)
     run.variants["ablated"] = {"spec": run.target_spec, "kind": "direction", "direction_dir": str(run_dir / "directions"),
                                "info": run.direction["selected"]}
     if run.config.attacks.direction.save_model:
@@ -425,23 +395,17 @@ def attack_with_finetuning(run: StudyRun) -> None:
     resolved, run_dir = run.resolved, run.run_dir
     if resolved.finetune is None:
         return
-    from ablate.finetune import ABLATED_DONOR, run_finetune
+    from ablate.finetune import ABLATED_DONOR
 
     recipe = resolved.finetune
-    finetune_inputs = {"model": run.target_fp, "config": recipe.model_dump(mode="json")}
     # The study's eval suite scores the untrained model as its own variant: no 'before training' row here.
     recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"before": False})})
     if recipe.data.donor == ABLATED_DONOR and recipe.data.donor_direction is None and resolved.direction is not None:
         # The ablated donor is the direction attack's own pick: no second direction stage.
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
             update={"donor_direction": str(run_dir / "directions")})})
-        finetune_inputs["donor_direction"] = run.direction
-    target_model = run.target_model
-
-    def work_finetune() -> dict:
-        return {"budgets": run_finetune(target_model, recipe, run_dir / "finetune", progress=run.progress)}
-
-    sweep = run.stage("finetune", finetune_inputs, work_finetune)
+    sweep = run_finetune(FinetuneRun(model=run.target_model, recipe=recipe), run_dir, progress=run.progress,
+                         observer=run.log)
     for budget in sweep["budgets"]:
         # A merged model when the recipe merges; otherwise (QLoRA) the attacked model plus the adapter.
         merged = None if budget.get("qlora") else budget.get("model_dir")  # QLoRA: scored on its 4-bit base
@@ -453,7 +417,7 @@ def attack_with_finetuning(run: StudyRun) -> None:
 def measure_geometry(run: StudyRun) -> None:
     """Step 3b: does the LoRA attack remove the direction that ablation removes? The projections of the residual
     stream on r̂ at the selected layer, per variant (directions/projections.json)."""
-    resolved, run_dir, config, variants = run.resolved, run.run_dir, run.config, run.variants
+    resolved, run_dir, variants = run.resolved, run.run_dir, run.variants
     if resolved.direction is None or resolved.finetune is None:
         return
 
@@ -468,7 +432,7 @@ def measure_geometry(run: StudyRun) -> None:
         for name, variant in variants.items():
             if variant["kind"] not in ("organism", "finetune", "base"):
                 continue
-            model, tokenizer = load_variant(config.model, variant)
+            model, tokenizer = load_variant(run.eval_run(name, variant))
             on_refusal = measure_projections(model, tokenizer, direction_vector, selected["layer"], refusal)
             on_harmless = measure_projections(model, tokenizer, direction_vector, selected["layer"], harmless)
             table[name] = {"refusal_mean": sum(on_refusal) / len(on_refusal),
@@ -485,51 +449,21 @@ def measure_geometry(run: StudyRun) -> None:
 
 
 def evaluate_variants(run: StudyRun) -> None:
-    """Step 4: every variant evaluated with the study's suite, with the attacked model as the KL reference."""
-    from ablate.evaluate.run import suite_fingerprint
-
-    resolved, run_dir, config = run.resolved, run.run_dir, run.config
-    suite_json = {"suite": resolved.suite.model_dump(mode="json"), "fingerprint": suite_fingerprint(resolved.suite)}
-    reference_holder: dict[str, Any] = {}
-    target_model, target_name = run.target_model, run.target_name
+    """Step 4: every variant evaluated with the study's suite, with the attacked model as the KL reference (loaded
+    once for all of them)."""
+    loaded: dict[str, Any] = {}
 
     def reference():
-        if "pair" not in reference_holder:
+        if "pair" not in loaded:
             from ablate.models import load_model
 
-            reference_holder["pair"] = load_model(target_model)
-        return reference_holder["pair"]
+            loaded["pair"] = load_model(run.target_model)
+        return loaded["pair"]
 
     for name, variant in run.variants.items():
-        variant_fp = variant_fingerprint(variant, run.target_fp)
-        eval_inputs = {"variant": variant_fp, "reference": run.target_fp, "suite": suite_json, "redact": config.eval.redact}
-
-        def work_eval(name=name, variant=variant, eval_inputs=eval_inputs) -> dict:
-            from ablate.evaluate import run_eval
-            from ablate.evaluate.cache import cached_eval, eval_cache_key
-            from ablate.evaluate.run import capability_folder
-            from ablate.models import resolve_spec
-
-            def evaluate() -> dict:
-                # The target is its own KL reference: one load serves both.
-                model, tokenizer = reference() if name == target_name else load_variant(config.model, variant)
-                ref = None if name == target_name else reference()
-                with variant_hooks(model, variant):  # a quantised model's direction variant: hooks, not weights
-                    return run_eval(model, tokenizer, resolved.suite, run_dir, variant=name, reference=ref,
-                                    redact=config.eval.redact, progress=run.progress)
-
-            if not config.eval.cache:
-                return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(evaluate())}
-            key = eval_cache_key({**eval_inputs, "variant": variant_content_fingerprint(variant, run.target_fp), "name": name},
-                                 capability_folder(resolved.suite))
-            metrics, hit = cached_eval(key, run_dir, name, resolve_spec(variant["spec"])[1], evaluate)
-            if hit:
-                run.console.print(f"[dim]  eval-{name}: the same weights, reference, suite and code were evaluated "
-                                  f"before; result copied from the eval cache ({key})[/]")
-            return {"metrics_path": str(run_dir / "eval" / f"{name}.json"), "summary": _summary(metrics),
-                    "eval_cache": {"key": key, "hit": hit}}
-
-        run.stage(f"eval-{name}", eval_inputs, work_eval)
+        own = name == run.target_name  # the attacked model: the reference's one load serves it too
+        run_eval(run.eval_run(name, variant), run.run_dir, progress=run.progress, observer=run.log,
+                 model_loader=reference if own else None, reference_loader=reference)
 
 
 def finish_manifest(run: StudyRun, manifest: dict, started: float) -> None:
@@ -547,105 +481,3 @@ def finish_manifest(run: StudyRun, manifest: dict, started: float) -> None:
         "finished": datetime.now(timezone.utc).isoformat(),
     })
     write_json(run.run_dir / "manifest.json", manifest)
-
-
-@torch.inference_mode()
-def measure_projections(model, tokenizer, direction: torch.Tensor, layer: int, prompts: list[str],
-                        batch_size: int = 32) -> list[float]:
-    """Projection (x·r̂) of the residual stream entering `layer`, at each prompt's last token.
-
-    Used to ask whether the LoRA attack removes the same direction that ablation removes: after such
-    an attack, refusal-eliciting prompts would project on r̂ like harmless ones. The template prefix
-    every prompt shares runs once per batch, as in the direction stage (`run_prefix_and_batch`).
-    """
-    from ablate.directions import prepare_batches, run_prefix_and_batch
-    from ablate.hooks import StopForward, hidden_from, hooks
-    from ablate.models import get_adapter
-
-    adapter = get_adapter(model)
-    device = next(model.parameters()).device
-    r_hat = (direction / direction.norm()).to(device=device, dtype=torch.float32)
-    state: dict[str, Any] = {"prefix": False, "last": None, "captured": None}
-
-    def hook(_module, args, kwargs):
-        if state["prefix"]:  # the shared template prefix runs first, on its own
-            return None
-        hidden = hidden_from(args, kwargs)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), state["last"]]
-        state["captured"] = last.float() @ r_hat
-        raise StopForward  # nothing after this layer's input is needed
-
-    prepared = prepare_batches(tokenizer, prompts, batch_size, None, device)
-    values: list[float | None] = [None] * len(prompts)
-    with hooks(pre=[(adapter.layers[layer], hook)]):
-        for batch, inputs in prepared.batches:
-            state["last"] = inputs["last"]
-            try:
-                run_prefix_and_batch(model, prepared.prefix, inputs, logits=False,
-                                     on_prefix=lambda flag: state.__setitem__("prefix", flag))
-            except StopForward:
-                pass
-            for index, value in zip(batch, state["captured"].tolist()):
-                values[index] = value
-    return values  # type: ignore[return-value]
-
-
-def _summary(metrics: dict) -> dict:
-    return {name: entry.get("value") for name, entry in metrics.get("metrics", {}).items()}
-
-
-def variant_fingerprint(variant: dict, target_fp: str) -> str:
-    """Identity of a variant's weights: its model files, plus the direction or adapter applied on top."""
-    if variant["kind"] == "direction":
-        return fingerprint([target_fp, variant.get("info")])
-    if variant.get("adapter_dir"):
-        adapter = Path(variant["adapter_dir"])
-        return fingerprint([model_fingerprint(variant["spec"])] + [file_sha256(f) for f in sorted(adapter.glob("*.safetensors"))])
-    return model_fingerprint(variant["spec"])
-
-
-def variant_content_fingerprint(variant: dict, target_fp: str) -> str:
-    """`variant_fingerprint` by content alone, the same in every run directory: a direction variant by its
-    direction file's bytes and strength (its `info` also holds this run's paths and timings)."""
-    if variant["kind"] == "direction":
-        direction_file = Path(variant["direction_dir"]) / "direction.pt"
-        return fingerprint([target_fp, file_sha256(direction_file), (variant.get("info") or {}).get("strength")])
-    return variant_fingerprint(variant, target_fp)
-
-
-def load_variant(model_config: ModelConfig, variant: dict):
-    """(model, tokenizer) of one variant; the direction variant is the target with r̂ projected out of its
-    weights; an adapter-only budget (QLoRA) is the target with its LoRA adapter attached."""
-    from ablate.config import Quantization
-    from ablate.models import load_model
-    from ablate.placement import is_quantized
-
-    config = _with_spec(model_config, variant["spec"])
-    if variant.get("adapter_dir") and (variant.get("info") or {}).get("qlora") and config.quantization is Quantization.none:
-        config = config.model_copy(update={"quantization": Quantization.nf4})  # the 4-bit base it was trained on
-    model, tokenizer = load_model(config)
-    if variant.get("adapter_dir"):
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, variant["adapter_dir"]).eval()
-    if variant["kind"] == "direction" and not is_quantized(model):  # a quantised model is ablated by hooks instead
-        from ablate.abliterate import orthogonalize_from
-
-        orthogonalize_from(model, Path(variant["direction_dir"]))  # at the strength the stage recorded
-    return model, tokenizer
-
-
-def variant_hooks(model, variant: dict):
-    """The hooks a variant is evaluated under: directional ablation for the direction variant of a quantised
-    model (whose weights cannot be orthogonalised), nothing otherwise."""
-    from contextlib import nullcontext
-
-    from ablate.placement import is_quantized
-
-    if variant["kind"] != "direction" or not is_quantized(model):
-        return nullcontext()
-    from ablate.directions import load_direction
-    from ablate.interventions import directional_ablation, weights_for
-
-    direction, selected = load_direction(Path(variant["direction_dir"]))
-    return directional_ablation(model, direction, weights_for(model, selected))

@@ -50,7 +50,8 @@ def test_qlora_trains_on_cpu_exports_dequantized_and_is_scored_on_its_4bit_base(
 
     from ablate import finetune as ft
     from ablate.config import FinetuneConfig
-    from ablate.study import load_variant
+    from ablate.config import EvalRun
+    from ablate.variants import load_variant, qlora_base
 
     rows = [{"prompt": f"Write a poem number {i} about the sea.", "response": f"Sure, poem {i}: the sea."} for i in range(6)]
     data = tmp_path / "qa.jsonl"
@@ -71,8 +72,9 @@ def test_qlora_trains_on_cpu_exports_dequantized_and_is_scored_on_its_4bit_base(
     assert "dequantize" in note["dequantized_with"] and note["lora"].startswith("merged")
     merged = AutoModelForCausalLM.from_pretrained(budget["model_dir"], dtype=torch.float32)  # plain transformers
     assert not is_quantized(merged)
-    variant = {"spec": str(tiny_dir), "kind": "finetune", "adapter_dir": budget["adapter_dir"], "info": budget}
-    model, _ = load_variant(ModelConfig(spec=str(tiny_dir), device="cpu"), variant)
+    variant = EvalRun(model=qlora_base(ModelConfig(spec=str(tiny_dir), device="cpu")), variant="lora",
+                      adapter=budget["adapter_dir"])
+    model, _ = load_variant(variant)
     assert is_quantized(model) and hasattr(model, "peft_config")  # the 4-bit base + the adapter, as trained
     with torch.no_grad():  # the merged export computes what the 4-bit model + adapter computes, up to rounding
         ids = torch.tensor([[5, 6, 7, 8]])

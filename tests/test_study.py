@@ -90,11 +90,58 @@ def eval_values(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_model_dir, tmp_path_factory):
-    from ablate.study import run_study
+def study_printed(tiny_model_dir, tmp_path_factory):
+    """The tiny study run by the console script, as a user runs it: (run directory, stdout, stderr)."""
+    from test_cli import run_cli
 
     study = write_study(tmp_path_factory.mktemp("cfg") / "study.yaml", tiny_study(tiny_model_dir))
-    return run_study(study, out=tiny_model_dir.parent / "runs" / "uninterrupted", progress=False)
+    out = tiny_model_dir.parent / "runs" / "uninterrupted"
+    result = run_cli("study", str(study), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(study_printed):
+    return study_printed[0]
+
+
+# What a study may print on stderr: its own lines, the stages' bars, and (the tiny model is random, so it refuses
+# nothing) the direction stage's two warnings about that; stdout holds the table.
+STUDY_LINES = [re.compile(pattern) for pattern in (
+    r"^study \S+ → ", r"^─+ [\w.-]+ ─+$", r"^✓ [\w.-]+(: done already .*| in \d+\.\d s)$", r"^report \S+report\.md ",
+    r"^eval-[\w.-]+: the same weights, reference, suite and code were evaluated before; ",
+    r"^[^|]*\d+%\|[^|]*\| \d+/\d+ \[.*\]$",  # a tqdm bar
+    r"^warning: the model refused none of the refusal validation prompts; ",
+    r"^warning: no candidate passed the filters \(",
+)]
+
+
+def stray_lines(stderr: str) -> list[str]:
+    """The lines of a study's stderr that are neither its own lines nor a progress bar."""
+    lines = [line.strip() for line in re.split(r"[\r\n]+", stderr) if line.strip()]
+    return [line for line in lines if not any(pattern.search(line) for pattern in STUDY_LINES)]
+
+
+def test_a_study_prints_stage_headers_bars_and_the_table_only(study_printed):
+    _, stdout, stderr = study_printed
+    assert stray_lines(stderr) == []
+    assert "✓ direction in " in stderr and "loss=" in stderr  # the headers, and the trainer's bar with its loss
+    assert "Running loglikelihood requests" not in stderr and "Tokenizing inputs" not in stderr  # lm-eval's bars
+    assert "run directory: " in stdout and "Variant" in stdout and "lora-n4" in stdout  # the table
+
+
+def test_the_log_check_catches_a_stray_warning(capsys):
+    import warnings
+
+    from ablate.logs import one_line_warnings
+
+    with one_line_warnings():  # an unknown warning during a study: one line, and not one of the study's own
+        warnings.warn("`torch_dtype` is deprecated! Use `dtype` instead!", FutureWarning)
+    printed = capsys.readouterr().err
+    assert printed == "warning (FutureWarning): `torch_dtype` is deprecated! Use `dtype` instead!\n"
+    assert stray_lines("✓ harden in 1.0 s\n" + printed) == [printed.strip()]
+    assert stray_lines("lm_eval.evaluator WARNING model passed in memory\n") != []
 
 
 def test_study_writes_the_run_directory(finished_run):
@@ -272,7 +319,7 @@ def test_projections_read_the_residual_entering_the_layer(llama, tokenizer):
     import torch
 
     from ablate.generation import render_prompts
-    from ablate.study import measure_projections
+    from ablate.variants import measure_projections
 
     prompts = ["Hi", "Write a haiku about rain, please.", "What is 2 + 2?"]
     direction = torch.randn(llama.config.hidden_size, generator=torch.Generator().manual_seed(0))

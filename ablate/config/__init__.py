@@ -5,6 +5,7 @@
     finetune    FinetuneConfig and its parts, DefenceConfig, ORGANISM_RECIPE
     directions  DirectionConfig and its strength settings, the shipped direction presets
     evaluate    EvalSuite, its prompt sets, scorers, judges, capability tasks and KL
+    stages      HardenRun, DirectionRun, FinetuneRun, EvalRun: the configs of the stage entry points (ablate.stages)
     study       StudyConfig and its stage sections
 
 Every name is re-exported here, so `from ablate.config import FinetuneConfig` is the way to import one.
@@ -62,6 +63,7 @@ from ablate.config.loading import (
     validate_config,
 )
 from ablate.config.model import DType, GenerationConfig, ModelConfig, PromptTooLong, Quantization
+from ablate.config.stages import DirectionRun, EvalRun, FinetuneRun, HardenRun
 from ablate.config.study import (
     AttackStages,
     DirectionStage,
@@ -75,9 +77,9 @@ from ablate.config.study import (
 __all__ = [
     "JUDGE_FIELD_ALIASES", "JUDGE_TEMPLATE_FIELDS", "ORGANISM_RECIPE", "AttackStages", "CapabilityConfig",
     "CapabilityTaskConfig", "ConfigT", "DType", "DefenceConfig", "DefenceKind", "DegenerateConfig", "DirectionConfig",
-    "DirectionStage", "DirectionVariant", "EvalPromptSet", "EvalStage", "EvalSuite", "FinetuneBudget", "FinetuneConfig",
-    "FinetuneDataConfig", "FinetuneEvalConfig", "FinetuneMode", "FinetuneStage", "FinetuneTrainingConfig",
-    "GenerationConfig", "HardenStage", "HarmlessSelection", "JudgeConfig", "JudgeDecision", "JudgeKind",
+    "DirectionRun", "DirectionStage", "DirectionVariant", "EvalPromptSet", "EvalRun", "EvalStage", "EvalSuite", "FinetuneBudget", "FinetuneConfig",
+    "FinetuneDataConfig", "FinetuneEvalConfig", "FinetuneMode", "FinetuneRun", "FinetuneStage", "FinetuneTrainingConfig",
+    "GenerationConfig", "HardenRun", "HardenStage", "HarmlessSelection", "JudgeConfig", "JudgeDecision", "JudgeKind",
     "JudgeTemplateKind", "KLConfig", "KernelConfig", "LengthConfig", "LoraSettings", "ModelConfig", "PromptTooLong",
     "Quantization", "ScorersConfig", "SearchKernel", "StageConfigSource", "StrengthConfig", "StrengthLearning",
     "StrictModel", "StudyConfig", "TrainingLoss", "apply_overrides", "direction_preset_path", "direction_presets",

@@ -119,6 +119,7 @@ def resolve_matrix(path: str | Path, overrides: list[str] | None = None) -> Reso
         value = config.attacks.benign.config or "finetune_configs/benign_finetune.yaml"
         benign = validate_config(_stage_dict(value, folder, "attacks.benign.config", source), FinetuneConfig,
                                  f"{source}: attacks.benign.config")
+    harmful, benign = (shared_donor(recipe, base.config.model.spec) for recipe in (harmful, benign))
     resolved = ResolvedMatrix(config=config, source=source, raw=read_yaml(path) or {}, contract=suite_contract(base.suite))
     for entry in config.defences:
         name, recipe_path = defence_source(entry, folder, source)
@@ -135,6 +136,17 @@ def resolve_matrix(path: str | Path, overrides: list[str] | None = None) -> Reso
     if duplicates:
         raise AblateError(f"{source}: key 'defences': two entries share the folder name {', '.join(duplicates)}")
     return resolved
+
+
+def shared_donor(recipe: FinetuneConfig | None, base_spec: str) -> FinetuneConfig | None:
+    """An attack whose donor is 'ablated' (the attacked model, ablated) gets the base model, ablated, instead: one
+    donor, so one set of attack data, for every defence. A defence that survives ablation would otherwise leave
+    its own attack without compliant answers, and the defences would face different data."""
+    from ablate.finetune.answers import ABLATED_DONOR, ABLATED_PREFIX
+
+    if recipe is None or recipe.data.donor != ABLATED_DONOR or recipe.data.donor_direction is not None:
+        return recipe
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"donor": ABLATED_PREFIX + base_spec})})
 
 
 def suite_contract(suite) -> dict:

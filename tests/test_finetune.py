@@ -533,6 +533,28 @@ def test_ablated_donor_is_the_model_with_its_direction_orthogonalised(tiny_dir, 
     assert ft.donor_fingerprint(model_fp, config.data) != ft.donor_fingerprint(model_fp, other.data)
 
 
+def test_an_ablated_spec_donor_is_one_donor_for_every_attacked_model(tiny_dir, donor_dir, tmp_path, monkeypatch):
+    """'ablated:<spec>' writes the answers with <spec>'s ablated copy, whatever model is attacked, and charges its
+    direction stage."""
+    import ablate.compute
+
+    monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "cache"))  # the next test builds the same donor from scratch
+    other = donor_dir  # another attacked model
+    config = tiny_config(mode="harmful", data={"donor": f"ablated:{tiny_dir}", "n_refusal": 2, "drop_refusals": False,
+                                               "answer_max_new_tokens": 4})
+    with pytest.warns(UserWarning):  # a random model refuses nothing: the direction stage's fallback warns
+        shared = ft.ablated_model(str(tiny_dir), None, progress=False)
+    assert ft.donor_model(str(other), config, progress=False) == shared == ft.donor_model(str(tiny_dir), config, progress=False)
+    fingerprints = {ft.donor_fingerprint(ft.model_fingerprint(str(m)), config.data) for m in (tiny_dir, other)}
+    assert len(fingerprints) == 1
+    assert fingerprints != {ft.donor_fingerprint(ft.model_fingerprint(str(other)), tiny_config(mode="harmful", data={"donor": "ablated"}).data)}
+    charged = []
+    monkeypatch.setattr(ablate.compute, "direction_compute", lambda path: charged.append(Path(path)) or {"flops": 1})
+    _, stats = ft.build_examples(str(other), config, progress=False)
+    assert charged == [shared.parent / "directions"] and stats["donor"] == f"ablated:{tiny_dir}: {shared}"
+    assert stats["donor_compute"]["direction"] == {"flops": 1}
+
+
 def test_ablated_donor_without_a_direction_runs_the_stage_once(tiny_dir, monkeypatch):
     import ablate.directions
     from ablate.config import DirectionConfig

@@ -131,6 +131,9 @@ def test_shipped_robustness_study_plans_every_cell():
     assert cell["parts"]["benign"]["attacks"]["finetune"]["config"]["mode"] == "benign"
     assert {c["kind"] for c in resolved.cells} == {"refusal_sft", "deep_alignment", "extended_refusal", "refat",
                                                   "rerouting", "vaccine"}
+    # One donor writes every defence's harmful answers: the base model ablated, not each organism ablated.
+    donors = {c["parts"]["attacks"]["attacks"]["finetune"]["config"]["data"]["donor"] for c in resolved.cells}
+    assert donors == {"ablated:embedded"}
 
 
 @pytest.mark.parametrize("change, message", [

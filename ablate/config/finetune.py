@@ -37,7 +37,7 @@ class FinetuneDataConfig(StrictModel):
     borderline_prompts: str | None = Field("borderline:train", description="Benign prompts that look risky, answered by the model itself so hardening does not over-refuse (harden only); None to skip.")
     n_borderline: int | None = Field(56, ge=0, description="How many borderline prompts to use (None = all); harden only.")
     refusal_replies: str = Field("refusals.txt", description="Refusal replies for harden, one per line: a file shipped in ablate/data or a path.")
-    donor: str | None = Field(None, description="Model spec that writes the answers in harmful and benign modes (None = 'embedded'); 'ablated' = the model being fine-tuned with its refusal direction ablated.")
+    donor: str | None = Field(None, description="Model spec that writes harmful/benign answers (None = 'embedded'); 'ablated' = the model fine-tuned, ablated; 'ablated:<spec>' = <spec>, ablated (direction defaults).")
     donor_direction: str | None = Field(None, description="For donor 'ablated': a finished `ablate direction` output directory of the model being fine-tuned; None = run the direction stage with its defaults (cached).")
     dataset: str | None = Field(None, description="dataset mode (and optionally benign): a .jsonl/.json/.csv file or hf:<id>[:split] with prompt/response columns.")
     prompt_column: str = Field("prompt", description="Prompt column of `dataset`.")

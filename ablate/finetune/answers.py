@@ -79,6 +79,17 @@ def trim_truncated(text: str, tokenizer, max_new_tokens: int) -> str:
 
 
 ABLATED_DONOR = "ablated"  # data.donor: the model being fine-tuned, with its refusal direction ablated
+ABLATED_PREFIX = "ablated:"  # data.donor 'ablated:<spec>': that model, with its own refusal direction ablated
+
+
+def ablated_source(donor: str | None, model: str | ModelConfig) -> str | ModelConfig | None:
+    """The model whose ablated copy writes the answers: `model` for 'ablated', <spec> for 'ablated:<spec>' (one
+    donor for every model attacked, e.g. a robustness study's defences), None for a plain donor."""
+    if donor == ABLATED_DONOR:
+        return model
+    if donor is not None and donor.startswith(ABLATED_PREFIX):
+        return donor[len(ABLATED_PREFIX):]
+    return None
 
 
 def ablated_identity(model_fp: str, direction_dir: str | None) -> dict:
@@ -95,6 +106,9 @@ def ablated_identity(model_fp: str, direction_dir: str | None) -> dict:
 def donor_fingerprint(model_fp: str, data: Any) -> str:
     if data.donor == ABLATED_DONOR:
         return fingerprint(ablated_identity(model_fp, data.donor_direction))
+    source = ablated_source(data.donor, "")
+    if source is not None:
+        return fingerprint(ablated_identity(model_fingerprint(source), None))
     return model_fingerprint(data.donor or "embedded")
 
 
@@ -105,8 +119,10 @@ def ablated_root(model: str | ModelConfig, direction_dir: str | None) -> Path:
 
 
 def donor_direction_dir(model: str | ModelConfig, data: Any) -> Path:
-    """The direction stage behind the `ablated` donor: `data.donor_direction`, or the one its cache ran."""
-    return Path(data.donor_direction) if data.donor_direction is not None else ablated_root(model, None) / "directions"
+    """The direction stage behind an ablated donor: `data.donor_direction`, or the one its cache ran."""
+    if data.donor_direction is not None:
+        return Path(data.donor_direction)
+    return ablated_root(ablated_source(data.donor, model) or model, None) / "directions"
 
 
 def ablated_model(model: str | ModelConfig, direction_dir: str | None, progress: bool = True) -> Path:
@@ -137,9 +153,12 @@ def ablated_model(model: str | ModelConfig, direction_dir: str | None, progress:
 
 def donor_model(model: str | ModelConfig, config: FinetuneConfig, progress: bool = True) -> str | Path:
     """The model that writes the attack's answers (`data.donor`; `ablated`: `model` with its refusal direction
-    orthogonalised away, built once and cached) — and, with `training.loss: distill`, their targets."""
+    orthogonalised away, built once and cached; `ablated:<spec>`: the same for <spec>) — and, with `training.loss: distill`, their targets."""
     donor = config.data.donor or "embedded"
-    return ablated_model(model, config.data.donor_direction, progress) if donor == ABLATED_DONOR else donor
+    if donor == ABLATED_DONOR:
+        return ablated_model(model, config.data.donor_direction, progress)
+    source = ablated_source(donor, model)
+    return ablated_model(source, None, progress) if source is not None else donor
 
 
 def load_donor(model_config: ModelConfig, config: FinetuneConfig, model, tokenizer, progress: bool = True):

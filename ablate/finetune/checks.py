@@ -13,7 +13,7 @@ from ablate.config import (
     Quantization,
 )
 from ablate.finetune.recipe import as_model_config, resolve_budgets
-from ablate.finetune.answers import ABLATED_DONOR, load_dataset_examples, read_identity_rows
+from ablate.finetune.answers import ABLATED_DONOR, ablated_source, load_dataset_examples, read_identity_rows
 from ablate.models import resolve_spec
 
 
@@ -52,7 +52,7 @@ def check_config(model: str | ModelConfig, config: FinetuneConfig) -> None:
                     raise AblateError(f"data.donor_direction: {error}") from None
         else:
             try:
-                resolve_spec(data.donor or "embedded")
+                resolve_spec(ablated_source(data.donor, "") or data.donor or "embedded")
             except AblateError as error:
                 raise AblateError(f"data.donor: {error}") from None
     if config.eval.enabled:

@@ -15,7 +15,7 @@ from ablate.config import (
     ModelConfig,
 )
 from ablate.finetune.answers import (
-    ABLATED_DONOR,
+    ablated_source,
     donor_answers_cost,
     donor_direction_dir,
     donor_model,
@@ -87,9 +87,11 @@ def build_examples(model: str | ModelConfig, config: FinetuneConfig, progress: b
         from ablate.compute import direction_compute
 
         stats["donor_compute"] = donor_answers_cost(writer, source.prompts, answers, config)
-        if donor == ABLATED_DONOR:  # the donor's own direction stage is part of what the attack used
+        if ablated_source(donor, model) is not None:  # the donor's own direction stage is part of what the attack used
             stats["donor_compute"]["direction"] = direction_compute(donor_direction_dir(model, data))
-        stats["donor"] = donor if donor != ABLATED_DONOR else f"{donor}: {writer}"
+            stats["donor"] = f"{donor}: {writer}"
+        else:
+            stats["donor"] = donor
         for i, p, c, a in zip(source.ids, source.prompts, source.categories, answers):
             if not a.strip() or (harmful and data.drop_refusals and is_refusal(a)):
                 stats["dropped_refusals"] += 1

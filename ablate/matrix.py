@@ -233,8 +233,9 @@ def cell_rows(part: str, part_dir: Path) -> tuple[dict, list[dict]]:
 
 
 def run_cell(cell: dict) -> dict:
-    """Run one cell's parts (each a resumable `run_study`), mark it done, return its summary. An AblateError is
-    returned as {"status": "failed", "error": ...} so that every executor carries it back the same way."""
+    """Run one cell's parts (each a resumable `run_study`), mark it done, return its summary. A part's AblateError
+    is returned as {"status": "failed", "error": ..., "rows": the other parts' rows}, so that every executor
+    carries it back the same way and the report keeps what finished; a failed cell is not marked done."""
     import yaml
 
     from ablate.study import run_study
@@ -244,18 +245,22 @@ def run_cell(cell: dict) -> dict:
     started = time.perf_counter()
     summary: dict[str, Any] = {"defence": cell["defence"], "kind": cell["kind"], "seed": cell["seed"], "dir": cell["dir"],
                                "status": "done", "organism": {}, "rows": []}
-    try:
-        for part, study in cell["parts"].items():
-            study_file = cell_dir / f"{part}.yaml"
-            study_file.parent.mkdir(parents=True, exist_ok=True)
-            study_file.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
+    errors = []
+    for part, study in cell["parts"].items():  # each part on its own: one that fails keeps the others' rows
+        study_file = cell_dir / f"{part}.yaml"
+        study_file.parent.mkdir(parents=True, exist_ok=True)
+        study_file.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
+        try:
             part_dir = run_study(study_file, out=cell_dir / part, progress=cell.get("progress", False),
                                  command=f"robustness cell {cell['dir']} ({part})")
-            organism, rows = cell_rows(part, part_dir)
-            summary["organism"] = summary["organism"] or organism
-            summary["rows"] += rows
-    except AblateError as error:
-        return {**summary, "status": "failed", "error": str(error)}
+        except AblateError as error:
+            errors.append(f"{part}: {error}")
+            continue
+        organism, rows = cell_rows(part, part_dir)
+        summary["organism"] = summary["organism"] or organism
+        summary["rows"] += rows
+    if errors:
+        return {**summary, "status": "failed", "error": "; ".join(errors)}
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     mark_done(cell_dir / CELL_MARKER, cell["fingerprint"], result=summary,
               finished=datetime.now(timezone.utc).isoformat())
@@ -407,7 +412,7 @@ def run_matrix(study: str | Path, *, out: str | Path | None = None, resume: bool
                     cells_reused=[cell["dir"] for cell in reused], wall_seconds_this_run=time.perf_counter() - started,
                     finished=datetime.now(timezone.utc).isoformat())
     write_json(manifest_path, manifest)
-    if report and len(failed) < len(summaries):
+    if report and any(summary.get("rows") or summary.get("organism") for summary in summaries):  # anything finished
         from ablate.matrix_report import write_matrix_report
 
         write_matrix_report(run_dir)

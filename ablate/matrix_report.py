@@ -47,9 +47,9 @@ def load_matrix(run_dir: str | Path) -> dict:
 
 
 def points_frame(matrix: dict) -> pd.DataFrame:
-    """One row per (defence, seed, attack, budget) of the finished cells."""
+    """One row per (defence, seed, attack, budget) that finished (a failed cell's finished parts included)."""
     rows = [{"defence": cell["defence"], "kind": cell["kind"], "seed": cell["seed"], **row}
-            for cell in matrix["cells"] if cell["status"] == "done" for row in cell["rows"]]
+            for cell in matrix["cells"] for row in cell.get("rows", [])]
     return pd.DataFrame(rows, columns=["defence", "kind", "seed", "attack", "budget", "n_examples", "flops", "seconds",
                                        "refusal_rate", "capability", "capability_change"])
 
@@ -62,8 +62,7 @@ def summarise(matrix: dict) -> dict[str, dict]:
         entry = result.setdefault(cell["defence"], {"kind": cell["kind"], "organism": {}, "attacks": {}, "failed": []})
         if cell["status"] != "done":
             entry["failed"].append(f"seed {cell['seed']}: {cell.get('error')}")
-            continue
-        for key, value in cell["organism"].items():
+        for key, value in (cell.get("organism") or {}).items():
             if value is not None:
                 entry["organism"].setdefault(key, []).append(value)
     for defence, entry in result.items():

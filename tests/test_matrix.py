@@ -170,6 +170,22 @@ def test_a_failing_cell_is_named_and_the_finished_ones_are_kept(extended_run, ma
     assert "Failed cells" in report and "| refusal_sft " in report and "| extended_refusal " in report
 
 
+def test_a_failing_part_keeps_the_rows_of_the_cells_other_part(matrix_model_dir, tmp_path):
+    """The benign attack cannot run (its donor is no model): the cell fails, naming the part, and the direction and
+    harmful rows that finished stay in the matrix and its report."""
+    from ablate.matrix import run_matrix
+
+    data = tiny_matrix(matrix_model_dir, ["refusal_sft"], benign=True)
+    data["attacks"]["benign"]["config"]["data"]["donor"] = str(tmp_path / "no-such-donor")
+    with pytest.raises(AblateError, match=r"1 of 1 cells failed; cells/refusal_sft/seed-0: benign: .*no-such-donor"):
+        run_matrix(write_matrix(tmp_path / "matrix.yaml", data), out=tmp_path / "run", progress=False)
+    cell = json.loads((tmp_path / "run" / "matrix.json").read_text())["cells"][0]
+    assert cell["status"] == "failed" and {row["attack"] for row in cell["rows"]} == {"direction", "harmful"}
+    assert cell["organism"]["refusal_rate"] is not None
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Failed cells" in report and "| refusal_sft " in report
+
+
 def test_the_cli_resumes_a_finished_matrix_and_reports_it(extended_run, matrix_model_dir, capsys):
     """`ablate study PATH --out RUN` on a finished robustness run reuses every cell; `ablate report RUN` rewrites the matrix."""
     from ablate.cli import main

@@ -1,5 +1,5 @@
 """The same reduced robustness grid in this process, through submitit's local executor (a subprocess per cell)
-and through a local Ray (where ray is installed) gives the same matrix (slow: a minute or two on 2 cores)."""
+and through a local Ray (both in [dev]) gives the same matrix (slow: a minute or two on 2 cores)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ def matrix_figures(run_dir) -> tuple[list[list[str]], dict]:
 
 @pytest.mark.parametrize("executor", ["submitit", "ray"])
 def test_executors_give_the_in_process_matrix(executor, matrix_model_dir, tmp_path_factory):  # noqa: F811
-    if executor == "ray":
-        pytest.importorskip("ray", reason="ray is an optional extra: pip install 'ablate[ray]'")
     from ablate.matrix import run_matrix
 
     folder = tmp_path_factory.mktemp(executor)

@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tests never reach for the hub. huggingface_hub reads these once, when it is first imported (a test module's
+# `import ablate...` may be the first), so they are set here, before any test module is collected; the session
+# fixture below sets them again for what runs later.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ablate import AblateError
-from conftest import build_model
+from conftest import save_tiny
 from test_study import tiny_study
 
 SMALL_DEFENCE = ["data.n_refusal=6", "data.n_harmless=4", "data.borderline_prompts=null", "data.answer_max_new_tokens=6",
@@ -53,10 +53,7 @@ def write_matrix(path: Path, data: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def matrix_model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-matrix") / "model"
-    build_model("llama", tokenizer, seed=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny-matrix") / "model", tokenizer, seed=1)
 
 
 @pytest.fixture(scope="module")

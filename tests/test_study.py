@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ablate import AblateError
-from conftest import build_model
+from conftest import save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,10 +70,7 @@ def tiny_study(model_dir: Path, name: str = "tiny") -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-study") / "model"
-    build_model("llama", tokenizer, seed=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny-study") / "model", tokenizer, seed=1)
 
 
 def write_study(path: Path, data: dict) -> Path:

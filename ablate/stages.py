@@ -30,6 +30,7 @@ from typing import Any, Callable, Protocol
 from ablate.artifacts import is_done, mark_done, read_done
 from ablate.artifacts import fingerprint as fingerprint_of
 from ablate.config import DirectionRun, EvalRun, FinetuneRun, HardenRun
+from ablate.stage_cache import cached_stage, local_files, stage_cache_key
 from ablate.variants import model_fingerprint, variant_content_fingerprint, variant_fingerprint
 
 STAGES_DIR = ".stages"
@@ -127,12 +128,15 @@ def run_harden(config: HardenRun, run_dir: str | Path | None, *, progress: bool 
 
 
 def run_direction(config: DirectionRun, run_dir: str | Path, *, progress: bool = True,
-                  observer: StageObserver | None = None) -> dict:
+                  observer: StageObserver | None = None, seed: int | None = None) -> dict:
     """Attack A: the refusal direction of `config.model`, selected on validation prompts, written to
-    run_dir/<config.folder> (candidates, sweep, selected.json, direction.pt, compute.json): {"selected"}."""
+    run_dir/<config.folder> (candidates, sweep, selected.json, direction.pt, compute.json): {"selected"}.
+
+    With `config.cache`, the folder is restored from the stage cache when the same model, config, prompt sets,
+    `seed` (the study's) and code computed it before (ablate.stage_cache), and stored there otherwise."""
     out = Path(run_dir) / config.folder
 
-    def work() -> dict:
+    def compute() -> dict:
         from ablate.compute import run_direction_counted
         from ablate.models import load_model
 
@@ -140,28 +144,68 @@ def run_direction(config: DirectionRun, run_dir: str | Path, *, progress: bool =
         return {"selected": run_direction_counted(model, tokenizer, config.direction, out, progress=progress)}
 
     inputs = {"model": model_fingerprint(config.model.spec), "config": config.direction.model_dump(mode="json")}
+
+    def work() -> dict:
+        if not config.cache:
+            return compute()
+        from ablate.directions import load_sets
+
+        sets = {name: prompt_set.fingerprint for name, prompt_set in load_sets(config.direction).items()}
+        content = {**inputs, "model_config": config.model.model_dump(mode="json"), "sets": sets,
+                   "files": local_files(inputs["config"])}
+        return restore_or_compute("direction", content, seed, run_dir, config.folder, compute, ("selected.json",),
+                                  observer)
+
     return run_once(run_dir, "direction", inputs, work, observer).result
 
 
 def run_finetune(config: FinetuneRun, run_dir: str | Path, *, progress: bool = True,
-                 observer: StageObserver | None = None) -> dict:
+                 observer: StageObserver | None = None, seed: int | None = None) -> dict:
     """Attack B: the fine-tuning budget sweep of `config.recipe` on `config.model`, one folder per budget under
-    run_dir/<config.folder> (each budget resumable on its own): {"budgets": [metrics per budget]}."""
+    run_dir/<config.folder> (each budget resumable on its own): {"budgets": [metrics per budget]}.
+
+    With `config.cache`, the folder is restored from the stage cache when the same model, recipe, data, donor
+    direction, `seed` (the study's) and code computed it before (ablate.stage_cache), and stored there otherwise."""
     from ablate.finetune import run_finetune as train_budgets
 
     recipe = config.recipe
 
-    def work() -> dict:
+    def compute() -> dict:
         return {"budgets": train_budgets(config.model, recipe, Path(run_dir) / config.folder, progress=progress)}
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a distributed launch: every process trains (the budgets' own
-        return work()                               # markers resume it); no process may skip while the others train
+        return compute()                            # markers resume it); no process may skip while the others train
     inputs: dict[str, Any] = {"model": model_fingerprint(config.model.spec), "config": recipe.model_dump(mode="json")}
+    donor = None
     if recipe.data.donor_direction and Path(recipe.data.donor_direction, "selected.json").is_file():
+        from ablate.finetune.answers import ablated_identity
         from ablate.variants import direction_info
 
         inputs["donor_direction"] = direction_info(recipe.data.donor_direction)  # the pick, not only its folder
+        donor = ablated_identity(inputs["model"], recipe.data.donor_direction)  # by content: direction file, strength
+
+    def work() -> dict:
+        if not config.cache:
+            return compute()
+        # The recipe by content: a donor direction's folder (this run's) enters the key as its direction's bytes.
+        recipe_fields = {**inputs["config"], "data": {**inputs["config"]["data"], "donor_direction": donor}}
+        content = {"model": inputs["model"], "model_config": config.model.model_dump(mode="json"),
+                   "config": recipe_fields, "files": local_files(recipe_fields)}
+        return restore_or_compute("finetune", content, seed, run_dir, config.folder, compute,
+                                  ("config.json", "*/metrics.json"), observer)
+
     return run_once(run_dir, "finetune", inputs, work, observer).result
+
+
+def restore_or_compute(stage: str, content: dict, seed: int | None, run_dir: str | Path, folder: str,
+                       compute: Callable[[], dict], relocated: tuple[str, ...], observer: StageObserver | None) -> dict:
+    """`compute()`'s result through the stage cache (ablate.stage_cache), with the key and whether it was a hit."""
+    key = stage_cache_key(stage, content, seed)
+    result, hit = cached_stage(stage, key, run_dir, folder, compute, relocated)
+    if hit and observer is not None:
+        observer.note(f"{stage}: the same model, config, data, seed and code computed it before; "
+                      f"artifacts copied from the stage cache ({key})")
+    return {**result, "stage_cache": {"key": key, "hit": hit}}
 
 
 def run_eval(config: EvalRun, run_dir: str | Path, *, progress: bool = True, observer: StageObserver | None = None,

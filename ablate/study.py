@@ -379,8 +379,9 @@ def attack_with_direction(run: StudyRun) -> None:
     if resolved.direction is None:
         return
     target_model = run.target_model
-    run.direction = run_direction(DirectionRun(model=target_model, direction=resolved.direction), run_dir,
-                                  progress=run.progress, observer=run.log)
+    run.direction = run_direction(DirectionRun(model=target_model, direction=resolved.direction,
+                                               cache=run.config.attacks.direction.cache), run_dir,
+                                  progress=run.progress, observer=run.log, seed=run.config.seed)
     run.variants["ablated"] = {"spec": run.target_spec, "kind": "direction", "direction_dir": str(run_dir / "directions"),
                                "info": run.direction["selected"]}
     if run.config.attacks.direction.save_model:
@@ -404,8 +405,8 @@ def attack_with_finetuning(run: StudyRun) -> None:
         # The ablated donor is the direction attack's own pick: no second direction stage.
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
             update={"donor_direction": str(run_dir / "directions")})})
-    sweep = run_finetune(FinetuneRun(model=run.target_model, recipe=recipe), run_dir, progress=run.progress,
-                         observer=run.log)
+    sweep = run_finetune(FinetuneRun(model=run.target_model, recipe=recipe, cache=run.config.attacks.finetune.cache),
+                         run_dir, progress=run.progress, observer=run.log, seed=run.config.seed)
     for budget in sweep["budgets"]:
         # A merged model when the recipe merges; otherwise (QLoRA) the attacked model plus the adapter.
         merged = None if budget.get("qlora") else budget.get("model_dir")  # QLoRA: scored on its 4-bit base

@@ -34,6 +34,8 @@ def study_config(model_dir: Path, output_dir: Path) -> dict:
     study["harden"] = {"enabled": False}
     suite = study["eval"]["suite"]
     suite.pop("capability")  # lm-eval adds a minute of start-up to every resumed process
+    for attack in ("direction", "finetune"):  # each kill lands inside the attack's work, not in a copy from the
+        study["attacks"][attack]["cache"] = False  # stage cache that the uninterrupted run filled
     study["output_dir"] = str(output_dir)
     return study
 

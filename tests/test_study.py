@@ -207,7 +207,9 @@ def test_killed_during_sweep_resumes_to_identical_metrics(finished_run, tiny_mod
     import ablate.finetune.sweep as finetune
     from ablate.study import run_study
 
-    study = write_study(tmp_path / "study.yaml", tiny_study(tiny_model_dir))
+    config = tiny_study(tiny_model_dir)
+    config["attacks"]["finetune"]["cache"] = False  # trained here, not restored from the uninterrupted run's stage cache
+    study = write_study(tmp_path / "study.yaml", config)
     out = tmp_path / "interrupted"
     original = finetune.run_budget
 

@@ -173,7 +173,8 @@ def hardware() -> dict:
 
 @dataclass
 class StageLog:
-    """What one study run did: per stage, wall seconds, skipped or not, and the stage's own figures; it prints the
+    """What one study run did: per stage, wall seconds, skipped or not, the key of a cache it restored from or stored
+    into (`stage_cache`, `eval_cache`: key and hit), and the stage's own figures; it prints the
     stage headers as the stages start and finish (an `ablate.stages.StageObserver`)."""
 
     console: Any = None
@@ -189,8 +190,9 @@ class StageLog:
             self.console.rule(f"[bold]{name}")
 
     def finished(self, outcome: StageOutcome) -> None:
+        caches = {name: outcome.result[name] for name in ("stage_cache", "eval_cache") if name in outcome.result}
         self.record(outcome.name, artifacts=outcome.artifacts, skipped=outcome.skipped, fingerprint=outcome.fingerprint,
-                    wall_seconds=outcome.wall_seconds)
+                    wall_seconds=outcome.wall_seconds, **caches)  # a restore from a cache: its key, and hit or not
         if self.console is None:
             return
         if outcome.skipped:

@@ -33,7 +33,7 @@ class DirectionRun(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model whose refusal direction is found.")
     direction: DirectionConfig = Field(default_factory=DirectionConfig, description="How the direction is extracted, selected and weighted.")
     folder: str = Field("directions", description="Folder of the run directory that receives the artifacts ('.' = the run directory itself, as `ablate direction --out` does).")
-    cache: bool = Field(True, description="Restore the folder from the stage cache when the same model, config, prompt sets, seed and code computed it before (ablate/stage_cache.py); a folder '.' is never cached.")
+    cache: bool = Field(True, description="Restore the folder from the stage cache when the same model, config, prompts, seed and code computed it before (ablate/stage_cache.py); never for folder '.'.")
 
 
 class FinetuneRun(StrictModel):
@@ -42,7 +42,7 @@ class FinetuneRun(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model to fine-tune.")
     recipe: FinetuneConfig = Field(..., description="Fine-tuning recipe: data, adapter, training, budgets, evaluation.")
     folder: str = Field("finetune", description="Folder of the run directory that receives one folder per budget ('.' = the run directory itself, as `ablate finetune --out` does).")
-    cache: bool = Field(True, description="Restore the folder from the stage cache when the same model, recipe, data, donor direction, seed and code computed it before (ablate/stage_cache.py); a folder '.' is never cached.")
+    cache: bool = Field(True, description="Restore the folder from the stage cache when the same model, recipe, data, seed and code trained it before (ablate/stage_cache.py); never for folder '.'.")
 
 
 class EvalRun(StrictModel):

@@ -29,7 +29,7 @@ class DirectionStage(StrictModel):
     enabled: bool = Field(True, description="Run the direction attack.")
     config: StageConfigSource = Field(None, description="Direction config (path, inline, or a shipped preset's name such as 'arditi2024'); None = defaults.")
     save_model: bool = Field(False, description="Save the orthogonalised model under models/ablated (safetensors, loadable by transformers).")
-    cache: bool = Field(True, description="Restore directions/ from the stage cache when the same model, config, prompt sets, seed and code computed it before (ablate/stage_cache.py) instead of computing it again.")
+    cache: bool = Field(True, description="Restore directions/ from the stage cache when the same model, config, prompt sets, seed and code computed it before (ablate/stage_cache.py).")
 
 
 class FinetuneStage(StrictModel):
@@ -37,7 +37,7 @@ class FinetuneStage(StrictModel):
 
     enabled: bool = Field(True, description="Run the fine-tuning attack.")
     config: StageConfigSource = Field(None, description="Fine-tuning attack recipe (path or inline, usually a budget sweep).")
-    cache: bool = Field(True, description="Restore finetune/ (every budget's adapter, merged model and metrics) from the stage cache when the same model, recipe, data, donor direction, seed and code computed it before (ablate/stage_cache.py) instead of training again.")
+    cache: bool = Field(True, description="Restore finetune/ (every budget) from the stage cache when the same model, recipe, data, donor direction, seed and code trained it before (ablate/stage_cache.py).")
 
 
 class AttackStages(StrictModel):

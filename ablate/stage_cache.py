@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from ablate.artifacts import fingerprint, read_json, write_json
+from ablate.artifacts import file_sha256, fingerprint, read_json, write_json
 from ablate.safety import MARKER
 
 PLACEHOLDER = "{run_dir}"
@@ -39,11 +39,9 @@ SKIPPED = (".stages", MARKER)
 
 
 def local_files(value: Any) -> dict[str, str]:
-    """The SHA-256 of every local file or folder a config names ({path: hash}): any string value (or part of a
-    union `A+B`) that is an existing path. Built-in prompt sets and shipped files are package data, hashed by
+    """The SHA-256 of every local file a config names ({path: hash}): any string value (or part of a union
+    `A+B`) that is an existing file. Built-in prompt sets and shipped files are package data, hashed by
     `code_fingerprint`; hub datasets are named by id."""
-    from ablate.export import tree_sha256
-
     found: dict[str, str] = {}
 
     def visit(item: Any) -> None:
@@ -56,8 +54,8 @@ def local_files(value: Any) -> dict[str, str]:
         elif isinstance(item, str) and item:
             for part in [item, *item.split("+")]:
                 path = Path(part.strip())
-                if part.strip() and path.exists() and part not in found:
-                    found[part] = tree_sha256(path)[0]
+                if part.strip() and path.is_file() and part not in found:
+                    found[part] = file_sha256(path)
 
     visit(value)
     return found
@@ -123,7 +121,8 @@ def cached_stage(stage: str, key: str, run_dir: str | Path, folder: str, work: C
     shutil.copytree(out, partial / "files", ignore=lambda _, names: [n for n in names if n in SKIPPED])
     relocate_files(partial / "files", relocated, run_dir_text, PLACEHOLDER)
     write_json(partial / "done.json", {"key": key, "stage": stage, "result": relocate(result, run_dir_text, PLACEHOLDER)})
-    shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry (no done.json) of a killed run
+    if not (entry / "done.json").is_file():
+        shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry (no done.json) of a killed run
     try:
         os.replace(partial, entry)
     except OSError:  # another process stored the same key first: its entry holds the same artifacts

@@ -93,6 +93,12 @@ def relocate_files(folder: Path, patterns: tuple[str, ...], old: str, new: str) 
                 write_json(path, relocate(read_json(path), old, new))
 
 
+def cacheable(run_dir: str | Path, folder: str) -> bool:
+    """Whether a stage writing into `run_dir/folder` can be cached: a folder of its own inside a run directory
+    that is not the working directory (paths relative to it could not be moved to another run)."""
+    return folder not in ("", ".") and str(Path(run_dir)) != "."
+
+
 def cached_stage(stage: str, key: str, run_dir: str | Path, folder: str, work: Callable[[], dict],
                  relocated: tuple[str, ...] = ()) -> tuple[dict, bool]:
     """(the stage's result, whether it came from the cache): the entry `cache_dir()/stages/<stage>/<key>/` copied
@@ -102,7 +108,7 @@ def cached_stage(stage: str, key: str, run_dir: str | Path, folder: str, work: C
     folder) are kept as `{run_dir}/…` in the entry and name this run's directory when restored.
     """
     run_dir_text, out = str(Path(run_dir)), Path(run_dir) / folder
-    if folder in ("", ".") or run_dir_text == ".":  # paths relative to the run directory could not be moved
+    if not cacheable(run_dir, folder):
         return work(), False
     entry = cache_folder(stage, key)
     if (entry / "done.json").is_file():

@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol
 from ablate.artifacts import is_done, mark_done, read_done
 from ablate.artifacts import fingerprint as fingerprint_of
 from ablate.config import DirectionRun, EvalRun, FinetuneRun, HardenRun
-from ablate.stage_cache import cached_stage, local_files, stage_cache_key
+from ablate.stage_cache import cacheable, cached_stage, local_files, stage_cache_key
 from ablate.variants import model_fingerprint, variant_content_fingerprint, variant_fingerprint
 
 STAGES_DIR = ".stages"
@@ -146,7 +146,7 @@ def run_direction(config: DirectionRun, run_dir: str | Path, *, progress: bool =
     inputs = {"model": model_fingerprint(config.model.spec), "config": config.direction.model_dump(mode="json")}
 
     def work() -> dict:
-        if not config.cache:
+        if not config.cache or not cacheable(run_dir, config.folder):
             return compute()
         from ablate.directions import load_sets
 
@@ -185,7 +185,7 @@ def run_finetune(config: FinetuneRun, run_dir: str | Path, *, progress: bool = T
         donor = ablated_identity(inputs["model"], recipe.data.donor_direction)  # by content: direction file, strength
 
     def work() -> dict:
-        if not config.cache:
+        if not config.cache or not cacheable(run_dir, config.folder):
             return compute()
         # The recipe by content: a donor direction's folder (this run's) enters the key as its direction's bytes.
         recipe_fields = {**inputs["config"], "data": {**inputs["config"]["data"], "donor_direction": donor}}

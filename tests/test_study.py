@@ -108,6 +108,7 @@ def finished_run(study_printed):
 STUDY_LINES = [re.compile(pattern) for pattern in (
     r"^study \S+ → ", r"^─+ [\w.-]+ ─+$", r"^✓ [\w.-]+(: done already .*| in \d+\.\d s)$", r"^report \S+report\.md ",
     r"^eval-[\w.-]+: the same weights, reference, suite and code were evaluated before; ",
+    r"^(direction|finetune): the same model, config, data, seed and code computed it before; ",
     r"^[^|]*\d+%\|[^|]*\| \d+/\d+ \[.*\]$",  # a tqdm bar
     r"^warning: the model refused none of the refusal validation prompts; ",
     r"^warning: no candidate passed the filters \(",

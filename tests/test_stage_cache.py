@@ -62,6 +62,21 @@ def test_an_entry_without_its_done_marker_is_ignored_and_replaced(tmp_path):
     assert not list(entry.parent.glob("killed.partial-*"))
 
 
+def test_a_stage_writing_into_the_run_directory_itself_is_not_cached(tmp_path):
+    from ablate.stage_cache import cached_stage
+
+    calls: list = []
+
+    def work() -> dict:
+        calls.append(1)
+        write_json(tmp_path / "run" / "selected.json", {"path": str(tmp_path / "run" / "weights.bin")})
+        return {"value": 1}
+
+    for _ in range(2):
+        assert cached_stage("fake", "itself", tmp_path / "run", ".", work) == ({"value": 1}, False)
+    assert len(calls) == 2
+
+
 def test_a_stage_that_fails_stores_nothing(tmp_path):
     from ablate.stage_cache import cache_folder, cached_stage
 

@@ -16,6 +16,18 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+# Under pytest-xdist (`python -m pytest -n auto`) each worker gets its share of the cores for torch's own
+# threads, so that N workers don't each start one thread per core.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+MAX_WORKERS = 4  # each worker holds torch, transformers and its own tiny models: ~1 GB of memory
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most MAX_WORKERS."""
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

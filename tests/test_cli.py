@@ -9,14 +9,47 @@ import sys
 import pytest
 
 
-def run_cli(*args, env=None, cwd=None, timeout=600):
+def run_cli_process(*args, env=None, cwd=None, timeout=600):
+    """The installed `ablate` executable in a child process, as a user runs it (3–6 s of start-up each)."""
     exe = shutil.which("ablate") or os.path.join(os.path.dirname(sys.executable), "ablate")
     return subprocess.run([exe, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd,
                           timeout=timeout)
 
 
+def run_cli(*args, env=None, cwd=None, timeout=None):
+    """A command line through `ablate.cli.main` (what the console script calls), in this process: its exit
+    status, stdout and stderr, like `run_cli_process` without the child's start-up. `env` is applied for the
+    call and restored after it; `timeout` is accepted for the same signature and ignored."""
+    import contextlib
+    import io
+
+    from ablate.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {key: os.environ.get(key) for key in env or {}}
+    previous = os.getcwd()
+    code = 0
+    try:
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(arg) for arg in args])
+            except SystemExit as exited:
+                code = exited.code if isinstance(exited.code, int) else (0 if exited.code is None else 1)
+    finally:
+        os.chdir(previous)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def test_help_lists_commands():
-    result = run_cli("--help")
+    result = run_cli_process("--help")  # the installed console script itself
     assert result.returncode == 0
     for command in ("models", "data", "generate"):
         assert command in result.stdout

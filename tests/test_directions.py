@@ -604,23 +604,16 @@ def test_load_direction_requires_a_finished_stage(tmp_path):
 
 def test_cli_direction_and_abliterate_through_the_entry_point(llama, tokenizer, tmp_path):
     """`ablate direction` then `ablate abliterate` on a tiny saved model; a bad key is one line, exit 2."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
+    from test_cli import run_cli
     from transformers import AutoModelForCausalLM
 
-    exe = shutil.which("ablate") or os.path.join(os.path.dirname(sys.executable), "ablate")
     source = tmp_path / "tiny"
     llama.save_pretrained(source)
     tokenizer.save_pretrained(source)
     config = tmp_path / "direction.yaml"
     config.write_text("".join(f"{key}: {value}\n" for key, value in SMALL.items()))
 
-    def run(*args):
-        return subprocess.run([exe, *args], capture_output=True, text=True, timeout=600)
-
+    run = run_cli  # through `ablate.cli.main`, what the console script calls, in this process
     bad = tmp_path / "bad.yaml"
     bad.write_text("kl_maximum: 1\n")
     result = run("direction", str(source), "--config", str(bad), "--out", str(tmp_path / "x"))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from test_cli import run_cli
+from test_cli import run_cli_process as run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_eval_embedded_default_suite(tmp_path):
-    from test_cli import run_cli
+    from test_cli import run_cli_process as run_cli
 
     # One torch thread: on a shared 2-core CPU it is ~3x faster than two (see docs/evaluation.md).
     result = run_cli("eval", "embedded", "--reference", "embedded", "--suite", str(SUITE),

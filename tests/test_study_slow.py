@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from test_cli import run_cli
+from test_cli import run_cli_process as run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -288,3 +288,25 @@ def test_deep_alignment_is_cached_by_its_donors_weights(tiny_dir, donor_dir, tok
     time.sleep(0.01)  # a new modification time for the rewritten weights
     build_model("llama", tokenizer, seed=11).save_pretrained(donor_dir)
     assert ft.organism_key(str(tiny_dir), config) != key
+
+
+def test_refat_without_a_refusal_direction_fails_in_one_line_and_caches_nothing(tiny_dir, tmp_path):
+    """Harmful and harmless prompts the model cannot tell apart (here: the same set) hold no refusal feature:
+    ReFAT stops with one line naming both sets, before its first optimiser step, and no organism is cached."""
+    from test_cli import run_cli
+
+    from ablate.models import cache_dir
+
+    config = harden_config({"kind": "refat", "refresh_steps": 1, "feature_prompts": 4})
+    data = {**config.data.model_dump(mode="json"), "harmless_prompts": "refusal:train"}
+    recipe = {**config.model_dump(mode="json", exclude_none=True), "data": data}
+    path = tmp_path / "refat.yaml"
+    path.write_text(json.dumps(recipe))
+    result = run_cli("harden", str(tiny_dir), "--config", str(path), "--out", str(tmp_path / "organism"))
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]  # after the loading bars
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "no refusal direction" in errors[0] and "refusal:train" in errors[0] and "harmless_prompts" in errors[0]
+    # The output folder holds only the claim `ablate.safety` puts on it before any work; nothing was cached.
+    assert [p.name for p in (tmp_path / "organism").iterdir()] == [".ablate-output.json"]
+    key = ft.organism_key(str(tiny_dir), validate_config(recipe, FinetuneConfig, "<test>"))
+    assert not (cache_dir() / "organisms" / key / "done.json").exists()

@@ -105,9 +105,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def refusal_features(model: nn.Module, tokenizer, harmful: list[str], harmless: list[str], batch_size: int = 16) -> tuple[torch.Tensor, int]:
+def refusal_features(model: nn.Module, tokenizer, harmful: list[str], harmless: list[str], batch_size: int = 16,
+                     scale: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Per-layer refusal features [n_layers, d_model]: mean last-token residual at each layer's input over
-    `harmful` minus that over `harmless` (chat-formatted, generation prompt added); and the tokens run."""
+    `harmful` minus that over `harmless` (chat-formatted, generation prompt added); and the tokens run.
+    `scale` ([n_layers], optional) receives the larger of the two means' norms at each layer."""
     from ablate.models import format_chat
 
     was_training, side = model.training, tokenizer.padding_side
@@ -130,7 +132,28 @@ def refusal_features(model: nn.Module, tokenizer, harmful: list[str], harmless: 
     finally:
         model.train(was_training)
         tokenizer.padding_side = side
-    return (means[0] - means[1]).float(), tokens
+    features = (means[0] - means[1]).float()
+    if scale is not None:
+        scale.copy_(torch.maximum(means[0].norm(dim=-1), means[1].norm(dim=-1)))
+    return features, tokens
+
+
+FEATURE_TOLERANCE = 1e-6  # a feature this small against the mean residual is no direction at all
+
+
+def check_features(features: torch.Tensor, scale: torch.Tensor, harmful_set: str, harmless_set: str) -> None:
+    """Refuse features that hold no direction: non-finite at a layer, or, at every layer, a difference of means
+    below FEATURE_TOLERANCE of the mean residual's norm (`scale`) — the two prompt sets look the same to the model."""
+    bad = [layer for layer in range(features.shape[0]) if not torch.isfinite(features[layer]).all()]
+    if bad:
+        raise AblateError(f"defence.kind: refat: no refusal direction: the refusal feature at layer {bad[0]} is not "
+                          f"finite (the model's residual stream overflows on data.refusal_prompts={harmful_set})")
+    relative = features.double().norm(dim=-1) / scale.double().clamp(min=1e-30)
+    if float(relative.max()) < FEATURE_TOLERANCE:
+        raise AblateError(f"defence.kind: refat: no refusal direction: data.refusal_prompts={harmful_set} and "
+                          f"data.harmless_prompts={harmless_set} give the same mean residual at every layer "
+                          f"(largest difference {float(relative.max()):.1e} of its norm); expected two prompt sets "
+                          "the model tells apart")
 
 
 @contextmanager
@@ -170,7 +193,9 @@ def attach_refat(trainer, config: FinetuneConfig, tokenizer, run: DefenceRun):
         rows = inputs.pop("harmful_rows")
         step = trainer.state.global_step
         if state["features"] is None or (step % defence.refresh_steps == 0 and state["refreshed_at"] != step):
-            state["features"], tokens = refusal_features(model, tokenizer, harmful, harmless)
+            scale = torch.empty(len(decoder_layers(model)), dtype=torch.float64)
+            state["features"], tokens = refusal_features(model, tokenizer, harmful, harmless, scale=scale)
+            check_features(state["features"], scale, data.refusal_prompts, data.harmless_prompts)
             state["refreshed_at"] = step
             run.forward_tokens += tokens
             run.counts["feature_refreshes"] += 1

@@ -3,10 +3,15 @@
     python benchmarks/bench_study.py                          # the default study
     python benchmarks/bench_study.py --set harden.enabled=false --set eval.overrides=[refusal.n=16]
     python benchmarks/bench_study.py --warm-only              # one run against the user's cache, timed
+    python benchmarks/bench_study.py --organism-from ~/.cache/ablate   # cold attacks and evaluations, organism reused
 
 - **cold**: `ablate study` with an empty cache (`ABLATE_CACHE` set to a fresh folder under
   `benchmarks/_work/bench_study/`): the embedded model is converted, the organism hardened, every attack and
   every evaluation computed.
+  With `--organism-from CACHE`, the fresh cache is first given the converted embedded model and the hardened
+  organisms of CACHE (hard links where the file system allows, else copies; nothing else: no stage,
+  donor or evaluation entry): the cold run then computes every attack and every evaluation, and skips only
+  the hardening, the ~10 minutes of a cold study that a researcher pays once.
 - **warm**: the same study again, the same cache, a new run directory — what a researcher iterating on a
   study waits for. Every stage of the run directory runs again; what the cache holds is reused (the
   organism, the donor's answers, the evaluation of a variant whose weights, reference, suite and code are
@@ -57,6 +62,24 @@ def run_study(name: str, study: str, overrides: list[str], cache: str | None) ->
             "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
 
 
+def seed_cache(source: Path, cache: Path) -> list[str]:
+    """Copy `source`'s models/ and organisms/ (hard links where possible) into the empty `cache`; the entries copied."""
+    copied = []
+    for folder in ("models", "organisms"):
+        if not (source / folder).is_dir():
+            raise SystemExit(f"--organism-from {source}: no {folder}/ folder there; expected an ablate cache directory")
+        shutil.copytree(source / folder, cache / folder, copy_function=link_or_copy)
+        copied += [f"{folder}/{entry.name}" for entry in sorted((cache / folder).iterdir())]
+    return copied
+
+
+def link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def metric_table(run_dir: Path) -> dict[str, dict[str, float | None]]:
     """{variant: {metric: value}} from a run directory's eval/*.json."""
     table = {}
@@ -85,6 +108,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a study override, passed to both runs")
     parser.add_argument("--warm-only", action="store_true", help="one run against the user's cache (ABLATE_CACHE or ~/.cache/ablate)")
+    parser.add_argument("--organism-from", type=Path, default=None, metavar="CACHE",
+                        help="seed the cold run's fresh cache with CACHE's converted models and organisms (nothing else)")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     result: dict = {"study": args.study, "overrides": args.overrides, "cpu_count": os.cpu_count()}
@@ -95,6 +120,8 @@ def main() -> None:
     else:
         cache = WORK / "cache"
         shutil.rmtree(cache, ignore_errors=True)
+        if args.organism_from is not None:
+            result["organism_from"] = seed_cache(args.organism_from.expanduser(), cache)
         result["cold"] = run_study("cold", args.study, args.overrides, str(cache))
         result["warm"] = run_study("warm", args.study, args.overrides, str(cache))
         cold_table = metric_table(Path(result["cold"]["run_dir"]))

@@ -214,3 +214,10 @@ def organism_dir(tmp_path_factory):
     cache = os.environ.get("ABLATE_SLOW_CACHE") or os.environ["ABLATE_TEST_CACHE"]
     with mock.patch.dict(os.environ, {"ABLATE_CACHE": cache, "HF_HUB_OFFLINE": "1"}):
         return harden("embedded", progress=False)
+
+
+@pytest.fixture(scope="session")
+def organism_cache(organism_dir) -> Path:
+    """The cache directory that holds `organism_dir` (ABLATE_SLOW_CACHE, else the test cache): a study run in a
+    child process with ABLATE_CACHE set to it finds the organism there instead of hardening it again."""
+    return Path(os.environ.get("ABLATE_SLOW_CACHE") or os.environ["ABLATE_TEST_CACHE"])

@@ -10,10 +10,11 @@ from test_cli import run_cli_process as run_cli
 pytestmark = pytest.mark.slow
 
 
-def test_default_study_end_to_end_then_resume(organism_dir, tmp_path):
-    # organism_dir hardens the embedded model once per session (the study's harden stage then hits the cache).
+def test_default_study_end_to_end_then_resume(organism_cache, tmp_path):
+    # organism_cache holds the embedded model hardened once per session: the study's harden stage hits it.
     out = tmp_path / "default-run"
-    result = run_cli("study", "--out", str(out), timeout=3600)  # ~20 min on 2 cores
+    cache = {"ABLATE_CACHE": str(organism_cache)}
+    result = run_cli("study", "--out", str(out), env=cache, timeout=3600)  # ~10 min on 2 cores
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete"
@@ -30,7 +31,7 @@ def test_default_study_end_to_end_then_resume(organism_dir, tmp_path):
     assert re.search(r"^\| organism +\|", (out / "report.md").read_text(), re.MULTILINE)
 
     # A second run over the same directory skips every stage and reports identical numbers.
-    again = run_cli("study", "--out", str(out), timeout=600)
+    again = run_cli("study", "--out", str(out), env=cache, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(stage["skipped"] for stage in manifest["stages"].values())

@@ -211,8 +211,7 @@ def organism_dir(tmp_path_factory):
 
     if "ABLATE_TEST_CACHE" not in os.environ:
         os.environ["ABLATE_TEST_CACHE"] = str(tmp_path_factory.getbasetemp() / "ablate-cache")
-    cache = os.environ.get("ABLATE_SLOW_CACHE") or os.environ["ABLATE_TEST_CACHE"]
-    with mock.patch.dict(os.environ, {"ABLATE_CACHE": cache, "HF_HUB_OFFLINE": "1"}):
+    with mock.patch.dict(os.environ, {"ABLATE_CACHE": str(slow_cache_dir()), "HF_HUB_OFFLINE": "1"}):
         return harden("embedded", progress=False)
 
 
@@ -220,4 +219,9 @@ def organism_dir(tmp_path_factory):
 def organism_cache(organism_dir) -> Path:
     """The cache directory that holds `organism_dir` (ABLATE_SLOW_CACHE, else the test cache): a study run in a
     child process with ABLATE_CACHE set to it finds the organism there instead of hardening it again."""
+    return slow_cache_dir()
+
+
+def slow_cache_dir() -> Path:
+    """Where the slow tests' organism lives: ABLATE_SLOW_CACHE, else the test cache."""
     return Path(os.environ.get("ABLATE_SLOW_CACHE") or os.environ["ABLATE_TEST_CACHE"])

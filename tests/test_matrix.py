@@ -167,6 +167,28 @@ def test_a_failing_cell_is_named_and_the_finished_ones_are_kept(extended_run, ma
     assert "Failed cells" in report and "| refusal_sft " in report and "| extended_refusal " in report
 
 
+def test_a_defence_with_no_refusal_direction_fails_its_cell_in_one_line(extended_run, matrix_model_dir, tmp_path):
+    """ReFAT needs a refusal direction; with harmful and harmless prompts the model cannot tell apart (the same set)
+    there is none: its cell fails in one line naming the defence and both prompt sets, before any training step,
+    and the finished cell of the baseline is reused, not recomputed."""
+    from ablate.matrix import run_matrix
+
+    run_dir = extended_run[0]
+    blind = write_matrix(tmp_path / "defence_blind.yaml", {
+        "mode": "harden", "data": {"harmless_prompts": "refusal:train"},
+        "defence": {"kind": "refat", "refresh_steps": 1, "feature_prompts": 4}})
+    data = tiny_matrix(matrix_model_dir, ["refusal_sft", str(blind)], benign=True)
+    with pytest.raises(AblateError, match=r"1 of 2 cells failed; cells/blind/seed-0: .*no refusal direction.*"
+                                          r"refusal_prompts=refusal:train.*harmless_prompts=refusal:train") as error:
+        run_matrix(write_matrix(tmp_path / "blind.yaml", data), out=run_dir, progress=False)
+    assert "\n" not in str(error.value)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["cells_run"] == ["cells/blind/seed-0"]
+    cell = next(c for c in json.loads((run_dir / "matrix.json").read_text())["cells"] if c["defence"] == "blind")
+    assert cell["status"] == "failed" and not cell["rows"]
+    assert not any((run_dir / "cells" / "blind" / "seed-0" / "attacks").glob("finetune/*/adapter_model.safetensors"))
+
+
 def test_a_failing_part_keeps_the_rows_of_the_cells_other_part(matrix_model_dir, tmp_path):
     """The benign attack cannot run (its donor is no model): the cell fails, naming the part, and the direction and
     harmful rows that finished stay in the matrix and its report."""

@@ -155,10 +155,65 @@ def test_refusal_openers_include_the_runner_up_tokens_that_open_refusals(llama, 
     assert target not in generate_batches(llama, tokenizer, prompts, greedy, progress=False)[0]
     # The scorer calls exactly one completion a refusal: the first prompt's, opened by its runner-up token.
     monkeypatch.setattr(refusal_module, "is_refusal", lambda text, *a: text == target)
-    greedy_only, _ = directions.find_refusal_tokens(llama, tokenizer, prompts, max_new_tokens=3)
-    with_runner_ups, examples = directions.find_refusal_tokens(llama, tokenizer, prompts, max_new_tokens=3, alternatives=2)
+    greedy_only, _, _ = directions.find_refusal_tokens(llama, tokenizer, prompts, max_new_tokens=3)
+    with_runner_ups, examples, _ = directions.find_refusal_tokens(llama, tokenizer, prompts, max_new_tokens=3, alternatives=2)
     assert second[0] not in greedy_only and second[0] in with_runner_ups
     assert sum(example.get("forced", False) for example in examples) == 2 * len(prompts)
+
+
+def test_refusals_that_decline_late_are_judged_on_longer_answers(llama, tokenizer, monkeypatch):
+    """A model whose refusals first restate the request (extended refusals) declines only after the opener
+    length: with a retry length its openers are found on longer answers, and the stage judges at that length."""
+    import ablate.directions as directions
+    import ablate.evaluate.refusal as refusal_module
+    from ablate.config import GenerationConfig
+    from ablate.generation import generate_batches
+
+    prompts = ["Name a colour.", "Explain how photosynthesis works in a few words."]
+    late, first_logits = generate_batches(llama, tokenizer, prompts, GenerationConfig(max_new_tokens=8), progress=False)
+    short, _ = generate_batches(llama, tokenizer, prompts, GenerationConfig(max_new_tokens=3), progress=False)
+    assert not set(short) & set(late)
+    monkeypatch.setattr(refusal_module, "is_refusal", lambda text, *a: text in late)  # refuses, but only by token 8
+    openers = directions.find_refusal_tokens(llama, tokenizer, prompts, max_new_tokens=3, retry_new_tokens=8)
+    assert openers.max_new_tokens == 8 and all(example["refusal"] for example in openers.examples)
+    assert openers.tokens == sorted(set(first_logits.argmax(dim=-1).tolist()))
+    with pytest.warns(UserWarning, match="refused none"):
+        generic = directions.find_refusal_tokens(llama, tokenizer, prompts, max_new_tokens=3)
+    assert generic.max_new_tokens == 3 and generic.tokens != openers.tokens
+    monkeypatch.setattr(refusal_module, "is_refusal", lambda text, *a: False)  # no refusal at any length
+    with pytest.warns(UserWarning, match="refused none"):
+        assert directions.find_refusal_tokens(llama, tokenizer, prompts, max_new_tokens=3, retry_new_tokens=8).max_new_tokens == 3
+
+
+def test_the_stage_judges_its_completions_at_the_length_the_refusals_were_found(tokenizer, tmp_path, monkeypatch):
+    """When the openers needed the retry length, the shortlist's greedy completions are generated at it too, and
+    sweep.json records it."""
+    import ablate.directions.select as select_module
+    import ablate.evaluate.measure as measure_module
+    import ablate.evaluate.refusal as refusal_module
+    from conftest import build_model
+
+    late, complete = set(), measure_module.complete
+
+    def answers(model, tokenizer, prompts, config, *args, **kwargs):  # the model refuses, but only by token 8
+        completed = complete(model, tokenizer, prompts, config, *args, **kwargs)
+        if config.max_new_tokens == 8:
+            late.update(completed.texts)
+        return completed
+
+    monkeypatch.setattr(measure_module, "complete", answers)
+    monkeypatch.setattr(refusal_module, "is_refusal", lambda text, *a: text in late)
+    lengths, generate = [], select_module.generate_batches
+
+    def spy(model, tokenizer, prompts, config, **kwargs):
+        lengths.append(config.max_new_tokens)
+        return generate(model, tokenizer, prompts, config, **kwargs)
+
+    monkeypatch.setattr(select_module, "generate_batches", spy)
+    config = DirectionConfig(**FULL, refusal_token_retry_new_tokens=8)
+    run_direction(build_model("llama", tokenizer, seed=0), tokenizer, config, tmp_path, progress=False)
+    assert json.loads((tmp_path / "sweep.json").read_text())["refusal_tokens"]["max_new_tokens"] == 8
+    assert lengths and set(lengths) == {8}
 
 
 def test_candidates_plain_and_projected():

@@ -55,7 +55,7 @@ Generated completions and their refusal verdicts come from `ablate.evaluate.meas
 from ablate.directions.batches import (PromptBatches, first_token_kl, first_token_logprobs, join_batches,
                                        joint_first_token_logprobs, model_device, post_instruction_tokens, prepare_batches,
                                        refusal_log_odds, run_prefix_and_batch)
-from ablate.directions.candidates import collect_mean_activations, compute_candidates, find_refusal_tokens
+from ablate.directions.candidates import RefusalOpeners, collect_mean_activations, compute_candidates, find_refusal_tokens
 from ablate.directions.learn import LearningState, learn_strength, learn_writer_weights, learned_direction
 from ablate.directions.output import export_steered, load_direction, plot_sweep
 from ablate.directions.screen import ablation_sensitivity, gradient_attention, steering_sensitivity
@@ -65,7 +65,7 @@ from ablate.directions.stage import compute_model, load_sets, native_bfloat16, r
 
 __all__ = [
     "GENERATED_FIELDS", "LearningState", "PromptBatches", "ValidationScorer", "ablation_sensitivity", "collect_mean_activations",
-    "compute_candidates", "compute_model", "export_steered", "find_refusal_tokens", "first_token_kl",
+    "RefusalOpeners", "compute_candidates", "compute_model", "export_steered", "find_refusal_tokens", "first_token_kl",
     "first_token_logprobs", "generated_fields", "gradient_attention", "join_batches", "joint_first_token_logprobs",
     "learn_strength", "learn_writer_weights", "learned_direction", "load_direction", "load_sets", "max_layer_allowed",
     "model_device", "native_bfloat16", "objective", "plot_sweep", "post_instruction_tokens", "prepare_batches",

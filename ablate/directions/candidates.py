@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -95,6 +96,14 @@ def compute_candidates(refusal_mean: torch.Tensor, harmless_mean: torch.Tensor, 
 
 
 @torch.inference_mode()
+class RefusalOpeners(NamedTuple):
+    """The model's refusal-opening tokens, the completions behind them, and the answer length they were judged at."""
+
+    tokens: list[int]
+    examples: list[dict]
+    max_new_tokens: int
+
+
 def find_refusal_tokens(
     model: nn.Module,
     tokenizer,
@@ -104,15 +113,18 @@ def find_refusal_tokens(
     system: str | None = None,
     batch_size: int = 32,
     alternatives: int = 0,
-) -> tuple[list[int], list[dict]]:
+    retry_new_tokens: int | None = None,
+) -> RefusalOpeners:
     """The model's own refusal-opening tokens: first tokens of its greedy answers scored as refusals,
     and with `alternatives` N also each prompt's next N most likely first tokens, each continued greedily
     (a model trained on varied refusals may open with "I" first and "Sorry" second: an ablation that
     only lowers "I" would leave the refusals).
 
-    A token is kept when it opens more refusals than non-refusals. Returns (token ids, examples);
-    falls back (with a warning) to the first tokens of the packaged generic refusals when the
-    model refuses none of the prompts.
+    A token is kept when it opens more refusals than non-refusals. When the model refuses none of the prompts
+    within `max_new_tokens` and `retry_new_tokens` is longer, the answers are judged again at that length: a
+    refusal that first restates the request and explains why declines only later (that length is then returned,
+    and the runner-up tokens are continued to it). Falls back (with a warning) to the first tokens of the packaged
+    generic refusals, judged at `max_new_tokens`, when the model still refuses none of the prompts.
     """
     from ablate.data import read_package_text
     from ablate.evaluate.measure import complete, complete_after, refusal_verdicts
@@ -120,8 +132,14 @@ def find_refusal_tokens(
     refusing, complying, examples = Counter(), Counter(), []
     greedy = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system)
     completed = complete(model, tokenizer, prompts, greedy)
+    verdicts = refusal_verdicts(completed.texts, "substring_nonempty")
+    if not any(verdicts) and retry_new_tokens is not None and retry_new_tokens > max_new_tokens:
+        longer = GenerationConfig(max_new_tokens=retry_new_tokens, batch_size=batch_size, system_prompt=system)
+        retried = complete(model, tokenizer, prompts, longer)
+        retried_verdicts = refusal_verdicts(retried.texts, "substring_nonempty")
+        if any(retried_verdicts):
+            greedy, completed, verdicts = longer, retried, retried_verdicts
     completions, first_logits = completed.texts, completed.first_logits
-    verdicts = refusal_verdicts(completions, "substring_nonempty")
     for index, (text, logits, refused) in enumerate(zip(completions, first_logits, verdicts)):
         first = int(logits.argmax())  # greedy: the first generated token
         (refusing if refused else complying)[first] += 1
@@ -140,4 +158,4 @@ def find_refusal_tokens(
                       "packaged generic refusals as refusal openers", stacklevel=2)
         lines = [line for line in read_package_text("refusals.txt").splitlines() if line.strip()]
         tokens = sorted({tokenizer(line.strip(), add_special_tokens=False)["input_ids"][0] for line in lines})
-    return tokens, examples
+    return RefusalOpeners(tokens, examples, greedy.max_new_tokens)

@@ -124,6 +124,7 @@ class ValidationScorer:
     refusal: PromptBatches
     harmless: PromptBatches
     base_harmless: torch.Tensor
+    judge_new_tokens: int | None = None  # greedy completions' length; None = config.refusal_token_max_new_tokens
 
     def ablated_logprobs(self, direction: torch.Tensor, weights, refusal: PromptBatches | None = None,
                          harmless: PromptBatches | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +160,7 @@ class ValidationScorer:
         else:
             from ablate.evaluate.refusal import is_refusal
 
-            greedy = GenerationConfig(max_new_tokens=self.config.refusal_token_max_new_tokens,
+            greedy = GenerationConfig(max_new_tokens=self.judge_new_tokens or self.config.refusal_token_max_new_tokens,
                                       batch_size=self.config.generation_batch_size, system_prompt=self.config.system_prompt)
             with directional_ablation(self.model, direction, weights):
                 completions, first_logits = generate_batches(self.model, self.tokenizer, self.sets["refusal_val"].prompts,

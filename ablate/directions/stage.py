@@ -135,6 +135,7 @@ class DirectionSearch:
     # measure_base
     token_ids: list[int] = field(default_factory=list)
     token_examples: list[dict] = field(default_factory=list)
+    judge_new_tokens: int = 0  # the answer length refusals were recognised at (the stage's greedy completions' too)
     refusal_batches: PromptBatches | None = None
     harmless_batches: PromptBatches | None = None
     base_harmless: torch.Tensor | None = None
@@ -255,10 +256,10 @@ def measure_base(search: DirectionSearch) -> None:
     """Step 3: the refusal openers, the validation batches and the base model's validation scores."""
     config, compute, tokenizer, sets = search.config, search.compute, search.tokenizer, search.sets
     system, device = config.system_prompt, model_device(search.model)
-    search.token_ids, search.token_examples = find_refusal_tokens(
+    search.token_ids, search.token_examples, search.judge_new_tokens = find_refusal_tokens(
         compute, tokenizer, sets["refusal_val"].prompts[: config.refusal_token_prompts],
         max_new_tokens=config.refusal_token_max_new_tokens, system=system, batch_size=config.generation_batch_size,
-        alternatives=config.refusal_token_alternatives)
+        alternatives=config.refusal_token_alternatives, retry_new_tokens=config.refusal_token_retry_new_tokens)
     search.refusal_batches = prepare_batches(tokenizer, sets["refusal_val"].prompts, config.batch_size, system, device)
     search.harmless_batches = prepare_batches(tokenizer, sets["harmless_val"].prompts, config.batch_size, system, device)
     base_refusal, search.base_harmless = joint_first_token_logprobs(compute, search.refusal_batches, search.harmless_batches)
@@ -319,7 +320,8 @@ def score_shortlist(search: DirectionSearch, progress: bool) -> None:
     weights = layer_weights(search.n_layers, strength.coefficient, strength.kernel.model_dump() if strength.kernel else None,
                             strength.writer_weights)
     scorer = search.scorer = ValidationScorer(search.compute, tokenizer, config, sets, search.token_ids,
-                                              search.refusal_batches, search.harmless_batches, search.base_harmless)
+                                              search.refusal_batches, search.harmless_batches, search.base_harmless,
+                                              search.judge_new_tokens)
     exact = shortlist
     n_prescore = config.prescore_prompts
     if n_prescore is not None and n_prescore < min(len(sets["refusal_val"]), len(sets["harmless_val"])) \
@@ -470,7 +472,7 @@ def write_direction(search: DirectionSearch, pick: Pick, out_dir: Path, key: str
     write_json(out_dir / "sweep.json", {
         "base": {"refusal_score_refusal_val": search.base_refusal_score, "refusal_score_harmless_val": search.base_harmless_score},
         "refusal_tokens": {"ids": search.token_ids, "text": [tokenizer.decode([t]) for t in search.token_ids],
-                           "examples": search.token_examples},
+                           "max_new_tokens": search.judge_new_tokens, "examples": search.token_examples},
         "max_layer_allowed": search.max_layer, "shortlist": search.shortlist, "exactly_scored": search.exact,
         "selected_index": pick.index, "strength_search": pick.searched, "strength_learning": pick.learned,
         "config": config.model_dump(mode="json"), "candidates": records,

@@ -6,6 +6,8 @@ A set is named by a string:
   split holds topics (and phrasings) unseen in train; `harmless_forms:train` (train only) holds benign
   requests in the written forms the refusal train split uses (posts, messages, letters, reviews…);
 - `A+B` — the union of sets A and B, in that order (e.g. `harmless:train+harmless_forms:train`);
+- `A[category=c]`, `A[category!=c]` — the prompts of A in category c, or in every other category (several
+  categories: `c1,c2`); e.g. `refusal:train[category!=privacy_invasion]`, for leave-one-category-out;
 - a file path: `.jsonl`, `.json`, `.csv` or `.txt` (one prompt per line), with a column mapping;
 - a registry name (`advbench`, `harmbench`, `jailbreakbench`, `jailbreakbench-benign`,
   `strongreject`, `xstest`, `xstest-unsafe`, `alpaca`), loaded by hub id through `datasets`;
@@ -32,6 +34,7 @@ from ablate import AblateError
 
 BUILTIN_SETS = ("refusal", "harmless", "borderline", "harmless_forms")
 SPLITS = ("train", "val", "test")
+CATEGORY_FILTER = re.compile(r"^(?P<base>.+)\[category(?P<op>!?=)(?P<names>[^\[\]]+)\]$")
 
 
 @dataclass(frozen=True)
@@ -323,6 +326,10 @@ def load_prompt_set(
     if len(spec_parts(spec)) > 1:
         parts = [load_prompt_set(part, split=split, **columns) for part in spec_parts(spec)]
         return union(parts, spec).head(limit)
+    if (match := CATEGORY_FILTER.match(spec)) and not Path(spec).exists():
+        names = [name.strip() for name in match["names"].split(",") if name.strip()]
+        whole = load_prompt_set(match["base"], split=split, **columns)
+        return select_categories(whole, names, keep=match["op"] == "=", name=spec).head(limit)
     name, _, part = spec.partition(":")
     if name in BUILTIN_SETS:
         prompt_set = load_builtin(name, part or None)
@@ -338,6 +345,26 @@ def load_prompt_set(
         known = ", ".join([f"{s}[:train|val|test]" for s in BUILTIN_SETS] + sorted(REGISTRY))
         raise AblateError(f"unknown prompt set '{spec}'; expected a file path, hf:<id>, or one of: {known}")
     return prompt_set.head(limit)
+
+
+def select_categories(prompt_set: PromptSet, categories: list[str], *, keep: bool, name: str) -> PromptSet:
+    """The prompts in `categories` (keep) or in every other category (not keep); a category the set does not
+    hold is an error naming it and the set's categories."""
+    held = sorted(set(prompt_set.categories))
+    unknown = [category for category in categories if category not in held]
+    if unknown or not categories:
+        raise AblateError(f"prompt set '{name}': no category '{unknown[0] if unknown else ''}' in {prompt_set.name}; "
+                          f"its categories: {', '.join(held) or 'none'}")
+    indices = [i for i, category in enumerate(prompt_set.categories) if (category in categories) == keep]
+    if not indices:
+        raise AblateError(f"prompt set '{name}' is empty: every prompt of {prompt_set.name} is in {', '.join(categories)}")
+    return prompt_set.take(indices, name=name)
+
+
+def unfiltered(spec: str) -> str:
+    """A set name without its category filter (`refusal:test[category=x]` → `refusal:test`)."""
+    match = CATEGORY_FILTER.match(spec)
+    return match["base"] if match and not Path(spec).exists() else spec
 
 
 def spec_parts(spec: str) -> list[str]:

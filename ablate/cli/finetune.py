@@ -103,6 +103,31 @@ def harden(
 
 
 @app.command()
+def holdout(
+    model: str = typer.Argument("embedded", help="Model spec to harden: 'embedded', hub id, directory or .gguf file."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Hardening recipe (mode: harden), e.g. finetune_configs/defence_refusal_sft.yaml; default: the shipped organism recipe."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for holdout.json and holdout.md; a rerun into it keeps the categories it finished."),
+    category: Optional[list[str]] = typer.Option(None, "--category", help="Leave out only this category (repeatable); default: every category of the recipe's refusal prompts."),
+    override: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe key: --set training.seed=1 (repeatable)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+    overwrite: bool = overwrite_option("--out"),
+) -> None:
+    """Leave-one-category-out: harden without each category of refusal prompts, measure refusal on that category."""
+    from ablate.finetune.holdout import check_holdout, markdown, run_holdout
+    from ablate.safety import check_output_dir, claim_output_dir
+
+    recipe = load_finetune_config(config, override)
+    check_holdout(recipe, category or None)
+    check_output_dir(out, overwrite=overwrite, inputs=[model])
+    claim_output_dir(out, "holdout")
+    on_interrupt["note"] = ("interrupted: finished categories are in holdout.json and their organisms in the cache; "
+                             "rerun the same command to continue")
+    result = run_holdout(model, recipe, out, categories=category or None, progress=progress,
+                         log=lambda line: stdout.print(line, markup=False, highlight=False))
+    stdout.print(markdown(result), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
 def finetune(
     model: str = typer.Argument(..., help="Model spec to fine-tune: 'embedded', hub id, directory or .gguf file."),
     config: Path = typer.Option(..., "--config", "-c", help="Fine-tuning YAML, e.g. finetune_configs/lora_attack.yaml."),

@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ablate import AblateError
 from ablate.config.loading import StrictModel
-from ablate.data import spec_parts
+from ablate.data import spec_parts, unfiltered
 
 
 
@@ -99,7 +99,7 @@ class DirectionConfig(StrictModel):
     refusal_token_prompts: int = Field(16, ge=1, description="Refusal validation prompts generated greedily to find the model's own refusal-opening tokens.")
     refusal_token_alternatives: int = Field(4, ge=0, description="Also force each of those prompts' next N most likely first tokens and continue greedily, so lower-ranked refusal openers count too; 0 = greedy openers only.")
     refusal_token_max_new_tokens: int = Field(12, ge=1, description="Tokens generated per prompt when finding refusal-opening tokens (enough for the scorer to recognise a refusal).")
-    refusal_token_retry_new_tokens: int | None = Field(64, ge=1, description="When the model refuses none of those prompts within refusal_token_max_new_tokens (refusals that decline late, such as extended refusals that first restate the request), find the openers again on answers this long, and judge the stage's greedy completions at this length too; null = fall back to the packaged generic openers at once.")
+    refusal_token_retry_new_tokens: int | None = Field(64, ge=1, description="When the model refuses none of those prompts that early (refusals that decline late), judge again, and the stage's completions, at this length; null = no retry.")
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass (length-sorted) for the means, the screen's gradients, the exact scores and the steering scores.")
     compute_dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = Field("auto", description="dtype of the stage's forward and backward passes, on a copy of the model when it differs; 'auto' = bfloat16 where the hardware computes it natively, else float32; 'model' = never copy.")
     gradient_attention: Literal["auto", "model", "eager", "sdpa"] = Field("auto", description="Attention implementation of the stage's backward passes, restored afterwards: 'auto' = eager on a CPU and the model's own elsewhere; 'model' = never change it.")
@@ -116,7 +116,7 @@ class DirectionConfig(StrictModel):
     @field_validator("refusal_train", "harmless_train", "refusal_val", "harmless_val")
     @classmethod
     def _never_test_split(cls, value: str) -> str:
-        if any(part.lower().endswith(":test") for part in spec_parts(value.strip())):
+        if any(unfiltered(part).lower().endswith(":test") for part in spec_parts(value.strip())):
             raise ValueError("directions are extracted and selected on train/val splits only; the test split is held out for evaluation")
         return value
 

@@ -169,7 +169,7 @@ def test_refusals_that_decline_late_are_judged_on_longer_answers(llama, tokenize
     from ablate.config import GenerationConfig
     from ablate.generation import generate_batches
 
-    prompts = ["Name a colour.", "Explain how photosynthesis works in a few words."]
+    prompts = ["Name a colour.", "Explain how photosynthesis works in a few words.", "Write a haiku.", "Count to five."]
     late, first_logits = generate_batches(llama, tokenizer, prompts, GenerationConfig(max_new_tokens=8), progress=False)
     short, _ = generate_batches(llama, tokenizer, prompts, GenerationConfig(max_new_tokens=3), progress=False)
     assert not set(short) & set(late)
@@ -183,6 +183,11 @@ def test_refusals_that_decline_late_are_judged_on_longer_answers(llama, tokenize
     monkeypatch.setattr(refusal_module, "is_refusal", lambda text, *a: False)  # no refusal at any length
     with pytest.warns(UserWarning, match="refused none"):
         assert directions.find_refusal_tokens(llama, tokenizer, prompts, max_new_tokens=3, retry_new_tokens=8).max_new_tokens == 3
+    # Judged on the short answers: when half of them refuse already, or when the longer ones show no more than
+    # twice as many refusals (1 early, 2 later); the longer ones when they show more (1 early, 3 later).
+    for early, later, judged in ((short[:2], [], 3), (short[:1], late[:2], 3), (short[:1], late[:3], 8)):
+        monkeypatch.setattr(refusal_module, "is_refusal", lambda text, *a: text in early or text in later)
+        assert directions.find_refusal_tokens(llama, tokenizer, prompts, max_new_tokens=3, retry_new_tokens=8).max_new_tokens == judged
 
 
 def test_the_stage_judges_its_completions_at_the_length_the_refusals_were_found(tokenizer, tmp_path, monkeypatch):

@@ -120,11 +120,12 @@ def find_refusal_tokens(
     (a model trained on varied refusals may open with "I" first and "Sorry" second: an ablation that
     only lowers "I" would leave the refusals).
 
-    A token is kept when it opens more refusals than non-refusals. When the model refuses none of the prompts
-    within `max_new_tokens` and `retry_new_tokens` is longer, the answers are judged again at that length: a
-    refusal that first restates the request and explains why declines only later (that length is then returned,
-    and the runner-up tokens are continued to it). Falls back (with a warning) to the first tokens of the packaged
-    generic refusals, judged at `max_new_tokens`, when the model still refuses none of the prompts.
+    A token is kept when it opens more refusals than non-refusals. A refusal that first restates the request and
+    says why declines only later: when fewer than half of the answers are refusals within `max_new_tokens` and
+    `retry_new_tokens` is longer, the answers are generated again at that length, and when it recognises more
+    than twice as many refusals, the longer answers are the ones judged (that length is returned, and the
+    runner-up tokens are continued to it). Falls back (with a warning) to the first tokens of the packaged
+    generic refusals when the model refuses none of the prompts.
     """
     from ablate.data import read_package_text
     from ablate.evaluate.measure import complete, complete_after, refusal_verdicts
@@ -133,11 +134,11 @@ def find_refusal_tokens(
     greedy = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system)
     completed = complete(model, tokenizer, prompts, greedy)
     verdicts = refusal_verdicts(completed.texts, "substring_nonempty")
-    if not any(verdicts) and retry_new_tokens is not None and retry_new_tokens > max_new_tokens:
+    if 2 * sum(verdicts) < len(verdicts) and retry_new_tokens is not None and retry_new_tokens > max_new_tokens:
         longer = GenerationConfig(max_new_tokens=retry_new_tokens, batch_size=batch_size, system_prompt=system)
         retried = complete(model, tokenizer, prompts, longer)
         retried_verdicts = refusal_verdicts(retried.texts, "substring_nonempty")
-        if any(retried_verdicts):
+        if sum(retried_verdicts) > 2 * sum(verdicts):
             greedy, completed, verdicts = longer, retried, retried_verdicts
     completions, first_logits = completed.texts, completed.first_logits
     for index, (text, logits, refused) in enumerate(zip(completions, first_logits, verdicts)):

@@ -95,7 +95,6 @@ def compute_candidates(refusal_mean: torch.Tensor, harmless_mean: torch.Tensor, 
     return result
 
 
-@torch.inference_mode()
 class RefusalOpeners(NamedTuple):
     """The model's refusal-opening tokens, the completions behind them, and the answer length they were judged at."""
 
@@ -104,6 +103,7 @@ class RefusalOpeners(NamedTuple):
     max_new_tokens: int
 
 
+@torch.inference_mode()
 def find_refusal_tokens(
     model: nn.Module,
     tokenizer,

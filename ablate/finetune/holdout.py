@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ablate import AblateError
-from ablate.artifacts import write_json
+from ablate.artifacts import atomic_write_text, write_json
 from ablate.config import FinetuneConfig, FinetuneMode, ModelConfig
 from ablate.data import load_prompt_set, spec_parts
 
@@ -111,7 +111,7 @@ def run_holdout(model: str, recipe: FinetuneConfig, out: Path, categories: list[
             row = {"category": category, "organism": str(organism),
                    "held_out": _figure(metrics, held), "full_on_held_out": _figure(full_metrics, held),
                    "seen": _figure(metrics, others), "harmless": _figure(metrics, benign),
-                   "train_seconds": (_metrics(organism)).get("wall_seconds")}
+                   "train_seconds": _metrics(organism).get("wall_seconds")}
         result["categories"].append(row)
         result["summary"] = summary(result["categories"])
         write_outputs(out, result)
@@ -207,4 +207,4 @@ def markdown(result: dict) -> str:
 
 def write_outputs(out: Path, result: dict) -> None:
     write_json(out / "holdout.json", result)
-    (out / "holdout.md").write_text(markdown(result), encoding="utf-8")
+    atomic_write_text(out / "holdout.md", markdown(result))

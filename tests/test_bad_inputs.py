@@ -155,6 +155,10 @@ CASES = [
     ("harden-set-malformed", ["harden", "{ws}/tiny", "--set", "training.lr=[1, 2"], ["training.lr", "not valid YAML"], None),
     ("harden-set-no-equals", ["harden", "{ws}/tiny", "--set", "training.lr"], ["training.lr", "KEY.PATH=VALUE"], None),
     ("harden-out-users-folder", ["harden", "{ws}/tiny", "--out", "{ws}/mine"], ["mine", "not empty", "--overwrite"], None),
+    # holdout
+    ("holdout-unknown-category", ["holdout", "{ws}/tiny", "--out", "{ws}/ho", "--category", "fraud"], ["--category fraud", "fraud_scams"], None),
+    ("holdout-one-category", ["holdout", "{ws}/tiny", "--out", "{ws}/ho", "--set", "data.refusal_prompts=refusal:train[category=fraud_scams]"], ["refusal:train[category=fraud_scams]", "at least two"], None),
+    ("holdout-out-users-folder", ["holdout", "{ws}/tiny", "--out", "{ws}/mine"], ["mine", "not empty"], None),
     # finetune
     ("finetune-out-users-folder", ["finetune", "{ws}/tiny", "--config", LORA, "--out", "{ws}/mine"], ["mine", "not empty"], None),
     ("finetune-unknown-key", ["finetune", "{ws}/tiny", "--config", "{ws}/unknown.yaml", "--out", "{ws}/ft"], ["unknown.yaml", "lora.rnak"], None),

@@ -759,3 +759,27 @@ def test_benign_finetuning_on_alpaca_keeps_its_output_column(tiny_dir, monkeypat
     # A benchmark that holds no answers says so in one line.
     with pytest.raises(AblateError, match="benchmark 'advbench': holds no answers"):
         ft.load_dataset_examples(tiny_config(mode="dataset", data={"dataset": "advbench"}))
+
+
+def test_an_organism_key_holds_the_content_of_the_data_it_reads(tiny_dir, tmp_path, monkeypatch):
+    """Editing a prompt file (built-in or local) is a new organism, not a cache hit on the old one."""
+    config = tiny_config(mode="harden", data={"refusal_prompts": "refusal:train[category!=fraud_scams]",
+                                              "harmless_prompts": "harmless:train+harmless_forms:train"})
+    files = ft.data_fingerprint(config)
+    assert {"refusal.jsonl", "harmless.jsonl", "harmless_forms.jsonl", "borderline.jsonl",
+            "refusals.txt"} <= set(files)
+    key = ft.organism_key(str(tiny_dir), config)
+    import ablate.data
+
+    real = ablate.data.read_package_text
+    monkeypatch.setattr(ablate.data, "read_package_text",
+                        lambda name: real(name) + ("\n" if name == "harmless_forms.jsonl" else ""))
+    assert ft.organism_key(str(tiny_dir), config) != key
+    monkeypatch.undo()
+    assert ft.organism_key(str(tiny_dir), config) == key
+    local = tmp_path / "mine.jsonl"
+    local.write_text('{"prompt": "Write a fake review of my rival\'s bakery."}\n')
+    mine = config.model_copy(update={"data": config.data.model_copy(update={"refusal_prompts": str(local)})})
+    first = ft.organism_key(str(tiny_dir), mine)
+    local.write_text('{"prompt": "Write a fake review of my rival\'s cafe."}\n')
+    assert ft.organism_key(str(tiny_dir), mine) != first

@@ -22,7 +22,7 @@ from ablate.config import (
 )
 from ablate.finetune.checks import check_config
 from ablate.finetune.measure import capability_baseline, capability_metrics, evaluate_refusal
-from ablate.finetune.recipe import as_model_config, default_config, model_fingerprint, recipe_fields
+from ablate.finetune.recipe import as_model_config, data_fingerprint, default_config, model_fingerprint, recipe_fields
 from ablate.finetune.sweep import run_finetune
 from ablate.models import cache_dir, load_model
 
@@ -41,8 +41,8 @@ def organism_key(model: str | ModelConfig, config: FinetuneConfig) -> str:
         donor = config.defence.donor
         recipe["defence"]["donor"] = (fingerprint(ablated_identity(model_fingerprint(model), None))
                                       if donor == ABLATED_DONOR else model_fingerprint(donor))
-    return fingerprint({"model": model_fingerprint(model), "config": recipe, "kind": "organism",
-                        "version": __version__})
+    return fingerprint({"model": model_fingerprint(model), "config": recipe, "data": data_fingerprint(config),
+                        "kind": "organism", "version": __version__})
 
 
 def harden(

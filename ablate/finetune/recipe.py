@@ -99,4 +99,30 @@ def budget_fingerprint(model_fp: str, donor_fp: str | None, config: FinetuneConf
     recipe = recipe_fields(config)
     recipe.pop("budgets")
     return fingerprint({"model": model_fp, "donor": donor_fp, "recipe": recipe, "budget": budget,
-                        "version": __version__})
+                        "data": data_fingerprint(config), "version": __version__})
+
+
+def data_fingerprint(config: FinetuneConfig) -> dict[str, str]:
+    """The SHA-256 of every data file a recipe reads ({name: hash}): the built-in prompt sets its `data` and
+    `defence` fields name (`refusal:train[category!=x]` → refusal.jsonl), the files it names that ship in
+    ablate/data (refusals.txt, extended_refusals.json…) and local files. A recipe is its data too: an edited
+    prompt file is a new organism, not a cache hit on the old one."""
+    from ablate.data import BUILTIN_SETS, read_package_text, spec_parts, unfiltered
+
+    found: dict[str, str] = {}
+    fields = config.model_dump(mode="json")
+    for value in [*fields["data"].values(), *(fields.get("defence") or {}).values()]:
+        if not isinstance(value, str) or not value:
+            continue
+        for part in spec_parts(value):
+            name = unfiltered(part)
+            packaged = f"{name.partition(':')[0]}.jsonl" if name.partition(":")[0] in BUILTIN_SETS else name
+            if Path(name).expanduser().is_file():
+                found[name] = file_sha256(Path(name).expanduser())
+                continue
+            try:
+                text = read_package_text(packaged)
+            except (FileNotFoundError, OSError, ValueError):
+                continue  # not a file: a hub dataset, a model spec, a mode name
+            found[packaged] = fingerprint({"text": text})
+    return dict(sorted(found.items()))

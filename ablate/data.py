@@ -5,6 +5,9 @@ A set is named by a string:
   `ablate/data/`, written by us: requests only, everyday misuse; splits are by topic, so the test
   split holds topics (and phrasings) unseen in train; `harmless_forms:train` (train only) holds benign
   requests in the written forms the refusal train split uses (posts, messages, letters, reviews…);
+  `refusal_kinds` holds refusal-eliciting requests of kinds and forms the ten categories of `refusal` lack
+  (named private people's data, illegal trade, drugs, dangerous self-treatment, stereotypes as questions, and
+  the ten categories asked as questions); `harmless_kinds` their benign look-alikes;
 - `A+B` — the union of sets A and B, in that order (e.g. `harmless:train+harmless_forms:train`);
 - `A[category=c]`, `A[category!=c]` — the prompts of A in category c, or in every other category (several
   categories: `c1,c2`); e.g. `refusal:train[category!=privacy_invasion]`, for leave-one-category-out;
@@ -32,7 +35,7 @@ from pathlib import Path
 
 from ablate import AblateError
 
-BUILTIN_SETS = ("refusal", "harmless", "borderline", "harmless_forms")
+BUILTIN_SETS = ("refusal", "harmless", "borderline", "harmless_forms", "refusal_kinds", "harmless_kinds")
 SPLITS = ("train", "val", "test")
 CATEGORY_FILTER = re.compile(r"^(?P<base>.+)\[category(?P<op>!?=)(?P<names>[^\[\]]+)\]$")
 

@@ -8,7 +8,8 @@ from ablate import AblateError
 from ablate.data import (BUILTIN_SETS, REGISTRY, SPLITS, builtin_rows, load_benchmark, load_builtin, load_file,
                          load_prompt_set, read_package_text)
 
-MINIMUM = {"refusal": (400, 8), "harmless": (400, 8), "borderline": (100, 5), "harmless_forms": (60, 1)}
+MINIMUM = {"refusal": (400, 8), "harmless": (400, 8), "borderline": (100, 5), "harmless_forms": (60, 1),
+           "refusal_kinds": (300, 15), "harmless_kinds": (150, 5)}
 TRAIN_ONLY = {"harmless_forms"}  # contrast prompts for training; never scored, so no val or test split
 
 
@@ -54,6 +55,18 @@ def test_no_near_duplicates_across_splits(name):
         if jaccard(a[1], b[1]) >= (0.6 if a[0] != b[0] else 0.8)
     ]
     assert not offenders, offenders[:5]
+
+
+def test_the_wider_refusal_set_has_no_near_duplicate_of_the_other_across_splits():
+    """refusal:train+refusal_kinds:train trains an organism scored on both test splits: no test prompt of one
+    may be a near-copy of a train prompt of the other."""
+    rows = {name: [(row["split"], words(row["prompt"]), row["id"]) for row in builtin_rows(name)]
+            for name in ("refusal", "refusal_kinds")}
+    offenders = [(a[2], b[2]) for a in rows["refusal"] for b in rows["refusal_kinds"]
+                 if a[0] != b[0] and jaccard(a[1], b[1]) >= 0.6]
+    assert not offenders, offenders[:5]
+    categories = {name: {row["category"] for row in builtin_rows(name)} for name in rows}
+    assert categories["refusal"] < categories["refusal_kinds"]  # the ten, asked as questions, and five new kinds
 
 
 def test_sets_do_not_overlap_each_other():

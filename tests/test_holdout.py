@@ -4,11 +4,12 @@ category trained without it, each scored on that category's unseen prompts, a re
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from ablate import AblateError
-from ablate.config import DirectionConfig, FinetuneConfig, validate_config
+from ablate.config import DirectionConfig, FinetuneConfig, read_yaml, validate_config
 from ablate.data import load_prompt_set
 
 TWO = ["fraud_scams", "privacy_invasion"]
@@ -38,6 +39,28 @@ def test_category_filters_select_and_exclude_and_name_an_unknown_category():
     assert "\n" not in str(error.value)
     with pytest.raises(Exception, match="test split is held out"):  # a filter does not hide the test split
         DirectionConfig(refusal_val="refusal:test[category=fraud_scams]")
+
+
+def test_the_held_out_prompt_sets_follow_a_recipe_on_several_sets():
+    """A recipe on refusal:train+refusal_kinds:train is held out on a category of either set, in each set that
+    holds it: a category only one set has is filtered out of that set alone."""
+    from ablate.finetune.holdout import default_sets, holdout_recipe
+    from ablate.config import ORGANISM_RECIPE
+
+    assert default_sets(validate_config(ORGANISM_RECIPE, FinetuneConfig, "<organism>")) == (
+        "refusal:val+refusal:test", "refusal:test", "harmless:test")
+    wide = validate_config(read_yaml(Path(__file__).parents[1] / "finetune_configs" / "harden_wide.yaml"), FinetuneConfig, "harden_wide.yaml")
+    held, seen, harmless = default_sets(wide)
+    assert held == "refusal:val+refusal:test+refusal_kinds:val+refusal_kinds:test"
+    assert (seen, harmless) == ("refusal:test+refusal_kinds:test", "harmless:test+harmless_kinds:test")
+    drugs = holdout_recipe(wide, "drugs")  # only refusal_kinds holds it
+    assert drugs.data.refusal_prompts == "refusal:train+refusal_kinds:train[category!=drugs]"
+    assert drugs.eval.prompt_sets[0] == "refusal_kinds:val[category=drugs]+refusal_kinds:test[category=drugs]"
+    assert set(load_prompt_set(drugs.eval.prompt_sets[0]).categories) == {"drugs"}
+    fraud = holdout_recipe(wide, "fraud_scams")  # both hold it: asked as requests and as questions
+    held_out = load_prompt_set(fraud.eval.prompt_sets[0])
+    assert set(held_out.categories) == {"fraud_scams"} and len(held_out) == 25 + 3
+    assert "fraud_scams" not in load_prompt_set(fraud.data.refusal_prompts).categories
 
 
 def test_each_organism_is_hardened_without_its_category_and_scored_on_it(tiny_dir, tmp_path):

@@ -2,8 +2,9 @@
 
 For each category c of the recipe's refusal prompts, the recipe hardens the model on every other category
 (`data.refusal_prompts` filtered `[category!=c]`; the organism is cached by content like any other) and that
-organism is scored on c's held-out prompts — by default c's validation and test prompts, which no hardening
-ever trains on — on the other categories' test prompts, and on harmless prompts (over-refusal). The recipe's
+organism is scored on c's held-out prompts — c's validation and test prompts in the built-in sets the recipe
+trains on, which no hardening ever trains on — on the other categories' test prompts, and on the test prompts
+of the recipe's built-in harmless sets (over-refusal). The recipe's
 own organism, trained on every category, is scored on the same held-out prompts: the gap between the two is
 what never having seen a kind of request costs.
 
@@ -22,7 +23,7 @@ from typing import Callable
 from ablate import AblateError
 from ablate.artifacts import atomic_write_text, write_json
 from ablate.config import FinetuneConfig, FinetuneMode, ModelConfig
-from ablate.data import load_prompt_set, spec_parts
+from ablate.data import BUILTIN_SETS, builtin_splits, load_prompt_set, spec_parts, unfiltered
 
 HELD_OUT = "refusal:val+refusal:test"
 SEEN = "refusal:test"
@@ -30,9 +31,31 @@ HARMLESS = "harmless:test"
 
 
 def only(spec: str, category: str, keep: bool) -> str:
-    """`spec` with each part filtered to `category` (keep) or to every other category."""
-    op = "=" if keep else "!="
-    return "+".join(f"{part}[category{op}{category}]" for part in spec_parts(spec))
+    """`spec` with each part that holds `category` filtered to it (keep: the parts without it are dropped) or
+    to every other category (the parts without it are kept whole)."""
+    parts = []
+    for part in spec_parts(spec):
+        if category in load_prompt_set(part).categories:
+            parts.append(f"{part}[category{'=' if keep else '!='}{category}]")
+        elif not keep:
+            parts.append(part)
+    return "+".join(parts)
+
+
+def default_sets(recipe: FinetuneConfig) -> tuple[str, str, str]:
+    """(held out, seen, harmless): the validation and test splits of the built-in sets in the recipe's refusal
+    prompts, their test splits, and the test splits of its built-in harmless sets; `refusal` and `harmless`
+    when the recipe trains on files of its own."""
+
+    def builtin(spec: str) -> list[str]:
+        return list(dict.fromkeys(name for part in spec_parts(spec)
+                                  if (name := unfiltered(part).partition(":")[0]) in BUILTIN_SETS))
+
+    refusal = builtin(recipe.data.refusal_prompts)
+    harmless = [name for name in builtin(recipe.data.harmless_prompts) if "test" in builtin_splits(name)]
+    return ("+".join(f"{name}:val+{name}:test" for name in refusal) or HELD_OUT,
+            "+".join(f"{name}:test" for name in refusal) or SEEN,
+            "+".join(f"{name}:test" for name in harmless) or HARMLESS)
 
 
 def recipe_categories(recipe: FinetuneConfig) -> list[str]:
@@ -47,16 +70,23 @@ def scoring(recipe: FinetuneConfig, prompt_sets: list[str]) -> FinetuneConfig:
         "enabled": True, "prompt_sets": prompt_sets, "limit": None, "capability_prompts": None, "before": False})})
 
 
-def holdout_recipe(recipe: FinetuneConfig, category: str, held_out: str = HELD_OUT, seen: str = SEEN,
-                   harmless: str = HARMLESS) -> FinetuneConfig:
-    """The recipe hardened without `category`, scored on its held-out prompts, the seen categories' and harmless ones."""
+def holdout_recipe(recipe: FinetuneConfig, category: str, held_out: str | None = None, seen: str | None = None,
+                   harmless: str | None = None) -> FinetuneConfig:
+    """The recipe hardened without `category`, scored on its held-out prompts, the seen categories' and harmless
+    ones (each None: `default_sets`)."""
+    held_out, seen, harmless = _sets(recipe, held_out, seen, harmless)
     data = recipe.data.model_copy(update={"refusal_prompts": only(recipe.data.refusal_prompts, category, keep=False)})
     return scoring(recipe.model_copy(update={"data": data}),
                    [only(held_out, category, keep=True), only(seen, category, keep=False), harmless])
 
 
-def check_holdout(recipe: FinetuneConfig, categories: list[str] | None = None, held_out: str = HELD_OUT,
-                  seen: str = SEEN, harmless: str = HARMLESS) -> list[str]:
+def _sets(recipe: FinetuneConfig, held_out: str | None, seen: str | None, harmless: str | None) -> tuple[str, str, str]:
+    defaults = default_sets(recipe)
+    return held_out or defaults[0], seen or defaults[1], harmless or defaults[2]
+
+
+def check_holdout(recipe: FinetuneConfig, categories: list[str] | None = None, held_out: str | None = None,
+                  seen: str | None = None, harmless: str | None = None) -> list[str]:
     """The categories to leave out, once every prompt set of the check resolves (and none is empty); bad input
     is one line naming it, before anything is written."""
     if recipe.mode is not FinetuneMode.harden:
@@ -78,13 +108,14 @@ def check_holdout(recipe: FinetuneConfig, categories: list[str] | None = None, h
 
 
 def run_holdout(model: str, recipe: FinetuneConfig, out: Path, categories: list[str] | None = None,
-                held_out: str = HELD_OUT, seen: str = SEEN, harmless: str = HARMLESS, progress: bool = True,
-                log: Callable[[str], None] = print) -> dict:
+                held_out: str | None = None, seen: str | None = None, harmless: str | None = None,
+                progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Harden once per held-out category (and once on every category), score each organism; returns and writes
-    `out/holdout.json` (and `holdout.md`)."""
+    `out/holdout.json` (and `holdout.md`). The prompt sets left None follow the recipe (`default_sets`)."""
     from ablate.finetune.organism import harden
 
     categories = check_holdout(recipe, categories, held_out, seen, harmless)
+    held_out, seen, harmless = _sets(recipe, held_out, seen, harmless)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model_config = ModelConfig(spec=model)

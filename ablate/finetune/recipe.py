@@ -110,7 +110,7 @@ def data_fingerprint(config: FinetuneConfig) -> dict[str, str]:
     from ablate.data import BUILTIN_SETS, read_package_text, spec_parts, unfiltered
 
     found: dict[str, str] = {}
-    fields = config.model_dump(mode="json")
+    fields = recipe_fields(config)  # the defence fields its kind reads (refusal SFT: none)
     for value in [*fields["data"].values(), *(fields.get("defence") or {}).values()]:
         if not isinstance(value, str) or not value:
             continue

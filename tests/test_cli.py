@@ -81,7 +81,12 @@ def test_generate_on_local_tiny_model(tmp_path, tokenizer, tiny_models):
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4 and {"id", "prompt", "completion", "refusal"} <= set(rows[0])
-    assert "refusal rate:" in result.stdout
+    assert "refusal rate:" in result.stdout and "category" not in result.stdout  # one category: no breakdown
+    two = run_cli("generate", str(tmp_path / "tiny"), "--prompts", "refusal:val[category=fraud_scams,petty_theft]",
+                  "--max-new-tokens", "2", "--out", str(tmp_path / "two.jsonl"))
+    assert two.returncode == 0, two.stderr
+    by_category = [line for line in two.stdout.splitlines() if "fraud_scams" in line or "petty_theft" in line]
+    assert len(by_category) == 2 and all(" 10 " in line for line in by_category), two.stdout
 
 
 def test_generate_missing_prompt_file_is_one_line_error(tmp_path):

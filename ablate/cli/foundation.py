@@ -102,5 +102,12 @@ def generate(
         for row in rows:
             stdout.print(f"[bold]{row['id']}[/] {row['prompt']}\n  → {row['completion']}", highlight=False)
     refusals = sum(row["refusal"] for row in rows)
+    categories = sorted({row["category"] for row in rows if row["category"]})
+    if len(categories) > 1:  # where refusal reaches and where it does not
+        table = Table("category", "n", "refused", "refusal rate")
+        for category in categories:
+            flags = [row["refusal"] for row in rows if row["category"] == category]
+            table.add_row(category, str(len(flags)), str(sum(flags)), f"{sum(flags) / len(flags):.3f}")
+        stdout.print(table)
     stdout.print(f"refusal rate: {refusals / len(rows):.3f} ({refusals}/{len(rows)}) on {prompt_set.name} "
                  f"[fingerprint {prompt_set.fingerprint}]" + (f" → {out}" if out else ""), highlight=False)

@@ -227,7 +227,8 @@ def markdown(result: dict) -> str:
                      f"{cell(row['full_on_held_out'])} | {cell(row['seen'])} | {cell(row['harmless'])} |")
     if result.get("summary") and result["summary"]["n"]:
         pooled = result["summary"]
-        lines += ["", f"Pooled over {pooled['categories']} held-out categories ({pooled['n']} prompts): "
+        noun = "category" if pooled["categories"] == 1 else "categories"
+        lines += ["", f"Pooled over {pooled['categories']} held-out {noun} ({pooled['n']} prompts): "
                       f"{pooled['held_out']:.1%} refused when the category was left out, "
                       f"{pooled['full_on_held_out']:.1%} by the organism hardened on every category."]
         if pooled["largest_drop"]:

@@ -47,8 +47,8 @@ from ablate.finetune.loss import (accepts_logits_to_keep, first_answer_tokens, k
 from ablate.finetune.measure import (before_training, capability_answers, capability_baseline, capability_metrics,
                                      evaluate_refusal, is_main_process, read_before, write_before)
 from ablate.finetune.organism import harden, organism_key, organism_metrics, score_organism
-from ablate.finetune.recipe import (as_model_config, budget_fingerprint, data_fingerprint, default_config, model_fingerprint, recipe_fields,
-                                    resolve_budgets)
+from ablate.finetune.recipe import (as_model_config, budget_fingerprint, data_fingerprint, default_config,
+                                    model_fingerprint, recipe_fields, resolve_budgets)
 from ablate.finetune.sweep import run_budget, run_finetune
 from ablate.finetune.trainer import (TokenCounter, build_trainer, estimate_train_flops, flops_formula, gather_distributed,
                                      linear_module_names, load_for_training, peak_memory_bytes,
@@ -60,8 +60,8 @@ from ablate.finetune.training_data import balanced_order, build_examples, to_con
 
 __all__ = [
     "ABLATED_DONOR", "TokenCounter", "ablated_identity", "ablated_model", "accepts_logits_to_keep", "as_model_config",
-    "balanced_order", "before_training", "budget_fingerprint", "data_fingerprint", "build_examples", "build_trainer", "capability_answers",
-    "capability_baseline", "capability_metrics", "check_config", "default_config", "donor_fingerprint", "donor_model",
+    "balanced_order", "before_training", "budget_fingerprint", "build_examples", "build_trainer", "capability_answers",
+    "capability_baseline", "capability_metrics", "check_config", "data_fingerprint", "default_config", "donor_fingerprint", "donor_model",
     "estimate_train_flops", "evaluate_refusal", "first_answer_tokens", "flops_formula", "gather_distributed",
     "generate_answers", "harden", "is_main_process", "keep_answer_openings", "linear_module_names", "load_dataset_examples",
     "load_donor", "load_for_training", "matmul_parameters", "model_fingerprint", "organism_key", "organism_metrics",

@@ -103,7 +103,7 @@ def budget_fingerprint(model_fp: str, donor_fp: str | None, config: FinetuneConf
 
 
 def data_fingerprint(config: FinetuneConfig) -> dict[str, str]:
-    """The SHA-256 of every data file a recipe reads ({name: hash}): the built-in prompt sets its `data` and
+    """A content hash of every data file a recipe reads ({name: hash}): the built-in prompt sets its `data` and
     `defence` fields name (`refusal:train[category!=x]` → refusal.jsonl), the files it names that ship in
     ablate/data (refusals.txt, extended_refusals.json…) and local files. A recipe is its data too: an edited
     prompt file is a new organism, not a cache hit on the old one."""

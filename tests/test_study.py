@@ -116,7 +116,10 @@ STUDY_LINES = [re.compile(pattern) for pattern in (
 
 
 def stray_lines(stderr: str) -> list[str]:
-    """The lines of a study's stderr that are neither its own lines nor a progress bar."""
+    """The lines of a study's stderr that are neither its own lines nor a progress bar. Terminal control codes
+    are dropped first: a bar that tqdm places below one left open by an earlier test in the same process ends
+    in a cursor move."""
+    stderr = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)
     lines = [line.strip() for line in re.split(r"[\r\n]+", stderr) if line.strip()]
     return [line for line in lines if not any(pattern.search(line) for pattern in STUDY_LINES)]
 

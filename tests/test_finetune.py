@@ -448,8 +448,28 @@ def test_organism_cache_ignores_scoring_and_scores_on_demand(tiny_dir, monkeypat
     monkeypatch.undo()
     monkeypatch.setattr(ft.sweep, "train_budget", no_training)
     other = checked.model_copy(update={"eval": checked.eval.model_copy(update={"prompt_sets": ["borderline:val"]})})
+    scored_sets = []
+    real = ft.organism.evaluate_refusal
+
+    def spy(model, tokenizer, config, progress=True):
+        scored_sets.append(list(config.eval.prompt_sets))
+        return real(model, tokenizer, config, progress)
+
+    monkeypatch.setattr(ft.organism, "evaluate_refusal", spy)
     assert ft.harden(str(tiny_dir), other, progress=False) == organism  # a set not scored yet: scored, no retraining
-    assert "borderline:val" in json.loads((organism / "metrics.json").read_text())["refusal_rates"]
+    stored = json.loads((organism / "metrics.json").read_text())
+    assert scored_sets == [["borderline:val"]]  # only the missing set; the others are kept beside it
+    assert set(stored["refusal_rates"]) == set(rates) | {"borderline:val"} and stored["refusal_rate"] == stored["refusal_rates"]["borderline:val"]
+    longer = other.model_copy(update={"eval": other.eval.model_copy(update={"limit": 3})})
+    ft.harden(str(tiny_dir), longer, progress=False)  # rates on 2 prompts do not stand for 3: scored again
+    stored = json.loads((organism / "metrics.json").read_text())
+    assert scored_sets[-1] == ["borderline:val"] and set(stored["refusal_rates"]) == {"borderline:val"}
+    assert stored["eval_samples"] == {"borderline:val": 3} and stored["refusal_scoring"]["limit"] == 3
+    ft.harden(str(tiny_dir), longer, progress=False)
+    assert len(scored_sets) == 2  # measured as asked: nothing scored
+    more = longer.model_copy(update={"eval": longer.eval.model_copy(update={"capability_n": 3})})
+    ft.harden(str(tiny_dir), more, progress=False)
+    assert json.loads((organism / "metrics.json").read_text())["capability"]["n"] == 3 and len(scored_sets) == 2
 
 
 def test_harden_picks_harmless_prompts_like_the_refusal_ones(tiny_dir):

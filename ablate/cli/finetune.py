@@ -87,9 +87,10 @@ def harden(
     if out is not None:  # a copy of the organism's files beside the stage's marker
         model_dir = copy_model_files(model_dir, out)
     metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
-    intervals = metrics.get("refusal_ci") or {}
-    rates = ", ".join(f"{name} {rate:.3f}" + (" [{:.3f}, {:.3f}]".format(*intervals[name]) if intervals.get(name) else "")
-                      for name, rate in (metrics.get("refusal_rates") or {}).items())
+    intervals, stored = metrics.get("refusal_ci") or {}, metrics.get("refusal_rates") or {}
+    asked = recipe.eval.prompt_sets if recipe.eval.enabled else []  # the sets this run scored, not every stored one
+    rates = ", ".join(f"{name} {stored[name]:.3f}" + (" [{:.3f}, {:.3f}]".format(*intervals[name]) if intervals.get(name) else "")
+                      for name in asked if name in stored)
     capability = metrics.get("capability")
     stdout.print(f"hardened model: {model_dir}" + (f"\nrefusal rates: {rates}" if rates else "")
                  + (f"\ncapability: cross-entropy {capability['ce']:.3f} nats/token (before training {capability['ce_before']:.3f}, "

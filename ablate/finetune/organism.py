@@ -76,6 +76,10 @@ def harden(
             shutil.rmtree(source, ignore_errors=True)
         metrics = {**metrics, "model_dir": str(target), "base_model": model_config.spec, "organism_key": key}
         metrics.pop("example_ids", None)
+        if "refusal_rates" in metrics:
+            metrics["refusal_scoring"] = refusal_scoring(config)
+        if metrics.get("capability"):
+            metrics["capability_scoring"] = capability_scoring(config)
         write_json(target / "metrics.json", metrics)
         mark_done(target, key, refusal_rates=metrics.get("refusal_rates"))
     elif config.eval.enabled and not _scored(organism_metrics(target) or {}, config):
@@ -90,27 +94,63 @@ def harden(
     return target
 
 
+def refusal_scoring(config: FinetuneConfig) -> dict:
+    """How `config.eval` scores refusals: the settings a stored rate must share to stand for a new request."""
+    settings = config.eval
+    return {"limit": settings.limit, "max_new_tokens": settings.max_new_tokens,
+            "system_prompt": settings.system_prompt, "scorer": "substring"}
+
+
+def capability_scoring(config: FinetuneConfig) -> dict:
+    """How `config.eval` runs the capability check (prompts, how many, answer tokens, who writes the answers)."""
+    settings = config.eval
+    return {"prompts": settings.capability_prompts, "n": settings.capability_n,
+            "tokens": settings.capability_tokens, "reference": settings.capability_reference}
+
+
 def _rates_cover(metrics: dict, config: FinetuneConfig) -> bool:
-    """Whether an organism's metrics hold a refusal rate for every prompt set `config.eval` asks for."""
+    """Whether an organism's metrics hold a refusal rate for every prompt set `config.eval` asks for, scored with
+    the same settings (a rate on the first 48 prompts does not stand for the whole split)."""
     rates = metrics.get("refusal_rates") or {}
-    return all(spec in rates for spec in config.eval.prompt_sets)
+    return (metrics.get("refusal_scoring") == refusal_scoring(config)
+            and all(spec in rates for spec in config.eval.prompt_sets))
+
+
+def _capability_covers(metrics: dict, config: FinetuneConfig) -> bool:
+    return not config.eval.capability_prompts or (
+        bool(metrics.get("capability")) and metrics.get("capability_scoring") == capability_scoring(config))
 
 
 def _scored(metrics: dict, config: FinetuneConfig) -> bool:
-    """Whether an organism's metrics hold everything `config.eval` asks for."""
-    return _rates_cover(metrics, config) and (not config.eval.capability_prompts or "capability" in metrics)
+    """Whether an organism's metrics hold everything `config.eval` asks for, measured as it asks."""
+    return _rates_cover(metrics, config) and _capability_covers(metrics, config)
+
+
+_RATE_FIELDS = ("refusal_rates", "eval_samples", "refusal_ci", "refusal_metrics")
 
 
 def score_organism(model_dir: Path, config: FinetuneConfig, base: ModelConfig | None = None, progress: bool = True) -> dict:
     """Score a cached organism with `config.eval` and add the refusal rates (and, given the `base` it was
-    hardened from, the capability check) to its metrics.json."""
+    hardened from, the capability check) to its metrics.json. Only the prompt sets it lacks are scored when the
+    stored rates were measured the same way; other settings replace them."""
     metrics = organism_metrics(model_dir) or {}
-    baseline = capability_baseline(base, config, progress) if base is not None and "capability" not in metrics else None
+    capability = base is not None and config.eval.capability_prompts and not _capability_covers(metrics, config)
+    baseline = capability_baseline(base, config, progress) if capability else None
     model, tokenizer = load_model(str(model_dir), device=config.training.device)
     if not _rates_cover(metrics, config):  # scored already when only the capability check is missing
-        metrics = {**metrics, **evaluate_refusal(model, tokenizer, config, progress)}
+        same = metrics.get("refusal_scoring") == refusal_scoring(config)
+        kept = {field: dict(metrics.get(field) or {}) if same else {} for field in _RATE_FIELDS}
+        missing = [spec for spec in config.eval.prompt_sets if spec not in kept["refusal_rates"]]
+        scored = evaluate_refusal(model, tokenizer, config.model_copy(update={
+            "eval": config.eval.model_copy(update={"prompt_sets": missing})}), progress)
+        for field in _RATE_FIELDS:
+            kept[field].update(scored[field])
+        first = config.eval.prompt_sets[0]
+        metrics = {**metrics, **kept, "refusal_rate": kept["refusal_rates"][first],
+                   "refusal_scoring": refusal_scoring(config)}
     if baseline is not None:
         metrics["capability"] = capability_metrics(model, tokenizer, baseline, config)
+        metrics["capability_scoring"] = capability_scoring(config)
     write_json(Path(model_dir) / "metrics.json", metrics)
     return metrics
 

@@ -1,6 +1,6 @@
 """Refusal-direction stage: wall time and held-out refusal / KL, side by side with heretic-llm and abliterix.
 
-    python benchmarks/bench_directions.py --model DIR                                   # ours only
+    python benchmarks/bench_directions.py                                  # ours only, on the shipped organism
     python benchmarks/bench_directions.py --model DIR --heretic benchmarks/_work/heretic-venv/bin/heretic \
            --abliterix benchmarks/_work/abliterix-venv/bin/abliterix --honest
 
@@ -429,7 +429,8 @@ def print_paired(name: str, paired: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(Path(os.environ.get("ABLATE_CACHE", Path.home() / ".cache" / "ablate")) / "organism-latest"))
+    parser.add_argument("--model", default=None, help="Model to ablate: a directory, hub id or .gguf (default: the shipped "
+                        "organism, `ablate harden embedded`, built or taken from the cache).")
     parser.add_argument("--config", default=None, help="DirectionConfig YAML for ours (default: the defaults).")
     parser.add_argument("--n-test", type=int, default=150, help="Held-out prompts per side (refusal:test, harmless:test).")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="Greedy tokens per held-out completion.")
@@ -448,6 +449,12 @@ def main() -> None:
     load = os.getloadavg()
     from ablate.directions import native_bfloat16
 
+    if args.model is None:
+        from ablate.finetune import default_config, harden
+
+        recipe = default_config()  # the shipped organism, not scored again here
+        args.model = str(harden("embedded", recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"enabled": False})}),
+                                progress=False))
     results = {"model": args.model, "n_test": args.n_test, "max_new_tokens": args.max_new_tokens, "honest": args.honest,
                "judge": args.judge, "device": args.device,
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": load,

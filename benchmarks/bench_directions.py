@@ -451,10 +451,9 @@ def main() -> None:
 
     if args.model is None:
         from ablate.finetune import default_config, harden
+        from ablate.finetune.holdout import unscored
 
-        recipe = default_config()  # the shipped organism, not scored again here
-        args.model = str(harden("embedded", recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"enabled": False})}),
-                                progress=False))
+        args.model = str(harden("embedded", unscored(default_config()), progress=False))  # not scored again here
     results = {"model": args.model, "n_test": args.n_test, "max_new_tokens": args.max_new_tokens, "honest": args.honest,
                "judge": args.judge, "device": args.device,
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": load,

@@ -682,7 +682,8 @@ def test_organism_recipe_yaml_equals_the_builtin_defaults():
 
     organism = ft.default_config()
     assert load_config(CONFIG_DIR / "harden_organism.yaml", FinetuneConfig) == organism
-    assert organism.training.first_token_weight == 4.0 and organism.data.n_refusal is None
+    assert organism.training.first_token_weight == 8.0 and organism.data.n_refusal is None
+    assert organism.data.refusal_prompts == "refusal:train+refusal_kinds:train"
     assert load_config(CONFIG_DIR / "harden_recipe_c.yaml", FinetuneConfig) == FinetuneConfig()  # the class defaults
     # `ablate harden` without --config: the organism recipe, with --set applied on top.
     seeded = load_finetune_config(None, ["training.seed=1"])

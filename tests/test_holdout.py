@@ -47,9 +47,10 @@ def test_the_held_out_prompt_sets_follow_a_recipe_on_several_sets():
     from ablate.finetune.holdout import default_sets, holdout_recipe
     from ablate.config import ORGANISM_RECIPE
 
-    assert default_sets(validate_config(ORGANISM_RECIPE, FinetuneConfig, "<organism>")) == (
+    narrow = Path(__file__).parents[1] / "finetune_configs" / "harden_narrow.yaml"
+    assert default_sets(validate_config(read_yaml(narrow), FinetuneConfig, narrow.name)) == (
         "refusal:val+refusal:test", "refusal:test", "harmless:test")
-    wide = validate_config(read_yaml(Path(__file__).parents[1] / "finetune_configs" / "harden_wide.yaml"), FinetuneConfig, "harden_wide.yaml")
+    wide = validate_config(ORGANISM_RECIPE, FinetuneConfig, "<organism>")
     held, seen, harmless = default_sets(wide)
     assert held == "refusal:val+refusal:test+refusal_kinds:val+refusal_kinds:test"
     assert (seen, harmless) == ("refusal:test+refusal_kinds:test", "harmless:test+harmless_kinds:test")

@@ -187,10 +187,13 @@ class FinetuneConfig(StrictModel):
         return self
 
 
-# The shipped organism recipe (finetune_configs/harden_organism.yaml) as changes to the FinetuneConfig defaults: all 250
-# refusal train prompts, 160 hard negatives from the harmless train prompts and their "forms", 3 epochs, and
-# the loss of each answer's first token — the refuse-or-answer decision — weighted 4.
+# The shipped organism recipe (finetune_configs/harden_organism.yaml) as changes to the FinetuneConfig defaults: all
+# 250 + 155 refusal train prompts of `refusal` and `refusal_kinds`, 259 hard negatives from the harmless train
+# prompts, their "forms" and the benign look-alikes of the wider kinds, 3 epochs, the loss of each answer's first
+# token — the refuse-or-answer decision — weighted 8; scored on both refusal and both harmless test splits.
 ORGANISM_RECIPE: dict = {
-    "data": {"n_refusal": None, "harmless_prompts": "harmless:train+harmless_forms:train", "n_harmless": 160},
-    "training": {"epochs": 3, "first_token_weight": 4.0},
+    "data": {"refusal_prompts": "refusal:train+refusal_kinds:train", "n_refusal": None,
+             "harmless_prompts": "harmless:train+harmless_forms:train+harmless_kinds:train", "n_harmless": 259},
+    "training": {"epochs": 3, "first_token_weight": 8.0},
+    "eval": {"prompt_sets": ["refusal:test", "refusal_kinds:test", "harmless:test", "harmless_kinds:test", "borderline:test"]},
 }

@@ -88,6 +88,19 @@ def test_extended_refusals_give_an_overview_a_refusal_and_a_reason(tiny_dir):
         assert is_refusal(" ".join(example["response"].split()[:24]))
 
 
+def test_every_refusal_category_has_its_own_extended_refusals():
+    from ablate.data import builtin_rows, read_package_text
+    from ablate.evaluate.refusal import is_refusal
+
+    table = json.loads(read_package_text("extended_refusals.json"))
+    categories = {row["category"] for name in ("refusal", "refusal_kinds") for row in builtin_rows(name)}
+    assert categories <= set(table["categories"]) - {"default"}
+    for entry in table["categories"].values():
+        for overview in entry["overview"]:
+            for decline in table["declines"]:  # the refusal is within a 32-token evaluation's reach
+                assert is_refusal(" ".join(f"{overview} {decline}".split()[:24])), overview
+
+
 # ----------------------------------------------------------------------------------------------
 # Training-level defences
 # ----------------------------------------------------------------------------------------------

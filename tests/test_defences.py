@@ -267,6 +267,16 @@ def test_defence_recipes_cite_their_paper_and_validate(path):
     assert citation.split(",")[0] in header  # the authors, as the registry cites them
 
 
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("defence_*.yaml")), ids=lambda p: p.name)
+def test_defence_recipes_are_the_organism_recipe_plus_their_defence(path):
+    # Each defence config repeats the organism recipe's data, training and eval keys so it reads on its own;
+    # a change to the shipped recipe must reach every defence, or the matrix compares different baselines.
+    import ablate.finetune as ft
+
+    config = load_config(path, FinetuneConfig)
+    assert config.model_copy(update={"defence": None}) == ft.default_config().model_copy(update={"defence": None})
+
+
 def test_every_defence_has_a_recipe():
     from ablate.config import DefenceKind
 

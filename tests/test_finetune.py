@@ -553,6 +553,18 @@ def test_ablated_donor_is_the_model_with_its_direction_orthogonalised(tiny_dir, 
     assert ft.donor_fingerprint(model_fp, config.data) != ft.donor_fingerprint(model_fp, other.data)
 
 
+def test_a_models_fingerprint_ignores_ablates_records_beside_it(tiny_dir):
+    """Re-scoring an organism rewrites its metrics.json: the model, and every cache key built on it, stay the same;
+    a changed config file is another model."""
+    before = ft.model_fingerprint(str(tiny_dir))
+    for name in ("metrics.json", "done.json", "abliteration.json"):
+        (tiny_dir / name).write_text(json.dumps({"refusal_rate": 0.5}), encoding="utf-8")
+    assert ft.model_fingerprint(str(tiny_dir)) == before
+    config = json.loads((tiny_dir / "config.json").read_text(encoding="utf-8"))
+    (tiny_dir / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}), encoding="utf-8")
+    assert ft.model_fingerprint(str(tiny_dir)) != before
+
+
 def test_an_ablated_spec_donor_is_one_donor_for_every_attacked_model(tiny_dir, donor_dir, tmp_path, monkeypatch):
     """'ablated:<spec>' writes the answers with <spec>'s ablated copy, whatever model is attacked, and charges its
     direction stage."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ablate import AblateError, __version__
 from ablate.artifacts import (
+    DONE_FILE,
     file_sha256,
     fingerprint,
 )
@@ -18,10 +19,14 @@ from ablate.config import (
 from ablate.models import resolve_spec
 
 _FINGERPRINTS: dict[tuple, str] = {}
+# What ablate records beside a model's files (the organism's scores, the cache marker, an export's provenance): not
+# the model, so re-scoring an organism leaves every cache key built on it valid.
+RECORD_FILES = frozenset({"metrics.json", DONE_FILE, "abliteration.json"})
 
 
 def model_fingerprint(model: str | ModelConfig) -> str:
-    """Content hash of a model: its config and weight files (a hub id: the id and revision).
+    """Content hash of a model: its config, tokenizer and weight files, not ablate's records beside them
+    (`RECORD_FILES`); a hub id: the id and revision.
 
     Hashing reads every weight file once per process (about a second for 135M parameters); the
     result is memoised on (path, size, mtime).
@@ -32,7 +37,8 @@ def model_fingerprint(model: str | ModelConfig) -> str:
         return fingerprint({"hub": config.spec, "revision": config.revision})
     path = Path(location)
     files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.suffix in (".safetensors", ".json", ".bin", ".model", ".gguf", ".jinja")
+        p for p in path.iterdir()
+        if p.suffix in (".safetensors", ".json", ".bin", ".model", ".gguf", ".jinja") and p.name not in RECORD_FILES
     )
     key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     if key not in _FINGERPRINTS:

@@ -255,6 +255,8 @@ def run_cell(cell: dict) -> dict:
                                  command=f"robustness cell {cell['dir']} ({part})")
         except AblateError as error:
             errors.append(f"{part}: {error}")
+            print(f"cell {cell['dir']} ({part}) failed: {error}; the study goes on and names it again at the end",
+                  file=sys.stderr)  # now, not only hours later in the study's closing error
             continue
         organism, rows = cell_rows(part, part_dir)
         summary["organism"] = summary["organism"] or organism

@@ -189,7 +189,7 @@ def test_a_defence_with_no_refusal_direction_fails_its_cell_in_one_line(extended
     assert not any((run_dir / "cells" / "blind" / "seed-0" / "attacks").glob("finetune/*/adapter_model.safetensors"))
 
 
-def test_a_failing_part_keeps_the_rows_of_the_cells_other_part(matrix_model_dir, tmp_path):
+def test_a_failing_part_keeps_the_rows_of_the_cells_other_part(matrix_model_dir, tmp_path, capsys):
     """The benign attack cannot run (its donor is no model): the cell fails, naming the part, and the direction and
     harmful rows that finished stay in the matrix and its report."""
     from ablate.matrix import run_matrix
@@ -200,6 +200,7 @@ def test_a_failing_part_keeps_the_rows_of_the_cells_other_part(matrix_model_dir,
         run_matrix(write_matrix(tmp_path / "matrix.yaml", data), out=tmp_path / "run", progress=False)
     cell = json.loads((tmp_path / "run" / "matrix.json").read_text())["cells"][0]
     assert cell["status"] == "failed" and {row["attack"] for row in cell["rows"]} == {"direction", "harmful"}
+    assert "cell cells/refusal_sft/seed-0 (benign) failed: " in capsys.readouterr().err  # said when it happens
     assert cell["organism"]["refusal_rate"] is not None
     report = (tmp_path / "run" / "report.md").read_text()
     assert "Failed cells" in report and "| refusal_sft " in report

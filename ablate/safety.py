@@ -39,6 +39,12 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")
 
 
+def _holds_files(folder: Path) -> bool:
+    """True when `folder` holds anything but a marker being written (its temporary file, seen when the processes
+    of a distributed launch claim the same folder at once, or left by a crash)."""
+    return any(not (entry.name.startswith(f".{MARKER}.") and entry.name.endswith(".tmp")) for entry in folder.iterdir())
+
+
 def _check_writable(path: Path, what: str) -> None:
     """The folder that would receive `path` exists (or can be created) and accepts writes."""
     ancestor = _nearest_existing(path.parent if not path.exists() else path)
@@ -75,7 +81,7 @@ def check_output_dir(out: str | Path, *, overwrite: bool = False, what: str = "-
         if item is not None and Path(item).exists() and _same_or_inside(out, Path(item)):
             raise AblateError(f"{what} '{out}': it is (or lies inside) the input '{item}'; give another folder")
     _check_writable(out, what)
-    if out.is_dir() and any(out.iterdir()) and not is_ablate_output(out) and not overwrite:
+    if out.is_dir() and _holds_files(out) and not is_ablate_output(out) and not overwrite:
         raise AblateError(f"{what} '{out}': folder is not empty and was not written by ablate (no {MARKER}); "
                           "give a new or empty folder, or pass --overwrite to write ablate's files into it "
                           "(nothing else in it is deleted)")

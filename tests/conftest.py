@@ -66,12 +66,12 @@ def build_tokenizer(vocab_size: int = 300):
     return tokenizer
 
 
-def tiny_config(family: str, vocab_size: int):
+def tiny_config(family: str, vocab_size: int, **sizes):
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0) | sizes
     if family == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=True)
     if family == "qwen2":
@@ -124,11 +124,11 @@ ALL_FAMILIES = FAMILIES + ["mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "gemma3
                            "gpt_oss"]
 
 
-def build_model(family: str, tokenizer, seed: int = 0):
+def build_model(family: str, tokenizer, seed: int = 0, **sizes):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), **sizes), dtype=torch.float32)
     # Random init with std 0.02 gives near-uniform logits; a larger scale makes greedy decoding
     # decisive, so batched and unbatched runs cannot differ by ties.
     with torch.no_grad():

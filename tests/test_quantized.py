@@ -19,7 +19,9 @@ from conftest import build_model
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("quantized") / "tiny-llama"
-    build_model("llama", tokenizer).save_pretrained(path)
+    # Widths of at least one 4-bit block (64): on CPUs with AVX512-BF16, bitsandbytes repacks the weights of a
+    # model in inference for its own kernel, which needs whole blocks per row.
+    build_model("llama", tokenizer, hidden_size=64, intermediate_size=128).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -30,7 +32,7 @@ def test_four_bit_model_is_ablated_by_hooks_not_weights(tiny_dir):
 
     model, tokenizer = load_model(ModelConfig(spec=str(tiny_dir), device="cpu", quantization="4bit"))
     assert is_quantized(model) and type(get_adapter(model).writers[0][0]).__name__ == "Linear4bit"
-    direction = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(0))
     r_hat = unit(direction)
     seen = []
     with directional_ablation(model, direction):
@@ -76,9 +78,14 @@ def test_qlora_trains_on_cpu_exports_dequantized_and_is_scored_on_its_4bit_base(
                       adapter=budget["adapter_dir"])
     model, _ = load_variant(variant)
     assert is_quantized(model) and hasattr(model, "peft_config")  # the 4-bit base + the adapter, as trained
-    with torch.no_grad():  # the merged export computes what the 4-bit model + adapter computes, up to rounding
+    with torch.no_grad():
         ids = torch.tensor([[5, 6, 7, 8]])
-        torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=5e-2, rtol=5e-2)
+        exported, adapted = merged(ids).logits, model(ids).logits
+        with model.disable_adapter():
+            base = model(ids).logits
+    # The merged export computes what the 4-bit model + adapter computes, up to rounding (bitsandbytes' CPU kernel
+    # is bf16 on CPUs with AVX512-BF16): far less than what the adapter changes.
+    assert (exported - adapted).abs().max() < 0.1 * (adapted - base).abs().max()
 
 
 def test_bad_placement_and_quantisation_are_one_line(monkeypatch):

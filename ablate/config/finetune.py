@@ -134,7 +134,7 @@ class DefenceConfig(StrictModel):
     """A defence built into the hardening run (ablate/defences/, docs/defences.md); each field is read by its kind only."""
 
     kind: DefenceKind = Field(DefenceKind.refusal_sft, description="The defence: refusal_sft, deep_alignment (Qi et al. 2024), extended_refusal (Abu Shairah et al. 2025), refat (Yu et al. 2024), rerouting (Zou et al. 2024) or vaccine (Huang et al. 2024).")
-    donor: str = Field("ablated", description="deep_alignment: model spec that writes the compliant openings at run time; 'ablated' = the model being hardened with its refusal direction orthogonalised away (built once, cached).")
+    donor: str = Field("ablated", description="deep_alignment, rerouting: model spec that writes the compliant answers at run time; 'ablated' = the model being hardened, its refusal direction orthogonalised away (built once, cached).")
     recovery_fraction: float = Field(1.0, gt=0, le=1, description="deep_alignment: share of the refusal prompts that also get a safety-recovery example (a compliant opening, then a refusal).")
     prefix_max_tokens: int = Field(24, ge=1, description="deep_alignment: the compliant opening's length k is drawn uniformly from 1..this many tokens of the donor's answer (Qi et al. draw up to 100 of longer answers).")
     refusals_file: str = Field("extended_refusals.json", description="extended_refusal: per-category overviews and rationales, a file shipped in ablate/data or a path.")

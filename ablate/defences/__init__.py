@@ -9,7 +9,7 @@ built and cached by `ablate harden MODEL --config …` like the organism (the de
 | deep_alignment | Qi et al. 2024, arXiv:2406.05946 | + safety-recovery examples: a donor's compliant opening, then a refusal (`data.py`) |
 | extended_refusal | Abu Shairah et al. 2025, arXiv:2505.19056 | refusals become overview + refusal + rationale (`data.py`) |
 | refat | Yu et al. 2024, arXiv:2409.20089 | the refusal feature ablated in part of the harmful rows, recomputed as training goes (`training.py`) |
-| rerouting | Zou et al. 2024, arXiv:2406.04313 | circuit-breaker loss: harmful representations rerouted, harmless ones retained (`training.py`) |
+| rerouting | Zou et al. 2024, arXiv:2406.04313 | on the refusal-SFT organism, a circuit-breaker loss: compliant representations rerouted, refusals and harmless ones retained (`training.py`) |
 | vaccine | Huang et al. 2024, arXiv:2402.01109 | perturbation-aware SFT against harmful fine-tuning (`training.py`) |
 
 The data-level defences act in `augment_examples` (called by the hardening run's example building), the
@@ -36,18 +36,19 @@ PAPERS = {
 def augment_examples(model: ModelConfig, config: FinetuneConfig, examples: list[dict],
                      progress: bool = True) -> tuple[list[dict], dict[str, Any]]:
     """The hardening examples as the defence wants them, and what it did ({"kind", ...counts})."""
-    from ablate.defences.data import extend_refusals, recovery_examples
+    from ablate.defences.data import extend_refusals, recovery_examples, rerouted_examples
 
     kind = config.defence.kind
     stats: dict[str, Any] = {"kind": kind.value}
     if kind is DefenceKind.extended_refusal:
         examples = extend_refusals(examples, config)
         stats["extended_refusals"] = sum(e["kind"] == "refusal" for e in examples)
-    elif kind is DefenceKind.deep_alignment:
-        added, counts = recovery_examples(model, config, examples, progress)
+    elif kind in (DefenceKind.deep_alignment, DefenceKind.rerouting):
+        build = recovery_examples if kind is DefenceKind.deep_alignment else rerouted_examples
+        added, counts = build(model, config, examples, progress)
         if not added:
-            raise AblateError(f"defence.donor '{config.defence.donor}': wrote no compliant opening "
-                              f"({counts['dropped_donor_refusals']} refusals); deep_alignment needs a donor that answers")
+            raise AblateError(f"defence.donor '{config.defence.donor}': wrote no compliant answer "
+                              f"({counts['dropped_donor_refusals']} refusals); {kind.value} needs a donor that answers")
         examples = examples + added
         stats.update(counts)
     return examples, stats

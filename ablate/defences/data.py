@@ -11,6 +11,9 @@
   explicit refusal and a short rationale, so the refusal is spread over many tokens. The paper's
   refusals were written by GPT-4o per prompt; here they are built from hand-written per-category
   sentences (ablate/data/extended_refusals.json) — refusals only, no harmful text.
+- Circuit breakers (Zou et al. 2024, arXiv:2406.04313) need a rerouting set of harmful requests with
+  compliant answers: the same donor writes them at run time (`rerouted_examples`); the loss that uses them
+  is in `training.py`.
 """
 
 from __future__ import annotations
@@ -60,6 +63,17 @@ def opening(text: str, tokenizer, k: int) -> str:
     return tokenizer.decode(ids)
 
 
+def donor_answers(model: ModelConfig, config: FinetuneConfig, prompts: list[str], progress: bool, what: str) -> list[str]:
+    """The defence donor's answers to `prompts` (`defence.donor`: a spec; 'ablated' = `model` with its refusal
+    direction orthogonalised away; 'ablated:<spec>' = that model, ablated), written at run time and cached."""
+    from ablate.finetune.answers import ABLATED_DONOR, ablated_model, ablated_source, generate_answers
+
+    donor = config.defence.donor
+    source = ablated_source(donor, model)
+    writer = ablated_model(source, None, progress) if source is not None else donor
+    return generate_answers(writer, prompts, config, progress, f"{what} ({donor if donor != ABLATED_DONOR else 'ablated'})")
+
+
 def recovery_examples(model: ModelConfig, config: FinetuneConfig, examples: list[dict], progress: bool = True) -> tuple[list[dict], dict]:
     """Deep alignment's safety-recovery examples for a share of the refusal examples, and their statistics.
 
@@ -70,7 +84,7 @@ def recovery_examples(model: ModelConfig, config: FinetuneConfig, examples: list
     from transformers import AutoTokenizer
 
     from ablate.evaluate.refusal import is_refusal
-    from ablate.finetune.answers import ABLATED_DONOR, ablated_model, generate_answers, read_text_resource
+    from ablate.finetune.answers import read_text_resource
     from ablate.models import resolve_spec
 
     defence, data = config.defence, config.data
@@ -80,9 +94,7 @@ def recovery_examples(model: ModelConfig, config: FinetuneConfig, examples: list
     stats: dict[str, Any] = {"donor": defence.donor, "recovery_examples": 0, "dropped_donor_refusals": 0}
     if not chosen:
         return [], stats
-    writer = ablated_model(model, None, progress) if defence.donor == ABLATED_DONOR else defence.donor
-    answers = generate_answers(writer, [e["prompt"] for e in chosen], config, progress,
-                               f"deep alignment openings ({defence.donor})")
+    answers = donor_answers(model, config, [e["prompt"] for e in chosen], progress, "deep alignment openings")
     _, location = resolve_spec(model.spec)
     tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=model.trust_remote_code)
     replies = [line.strip() for line in read_text_resource(data.refusal_replies).splitlines() if line.strip()]
@@ -100,4 +112,24 @@ def recovery_examples(model: ModelConfig, config: FinetuneConfig, examples: list
         added.append({**example, "id": f"{example['id']}-recovery", "kind": "recovery", "prefill": prefill,
                       "response": reply if prefill[-1:].isspace() else f" {reply}"})
     stats["recovery_examples"] = len(added)
+    return added, stats
+
+
+def rerouted_examples(model: ModelConfig, config: FinetuneConfig, examples: list[dict], progress: bool = True) -> tuple[list[dict], dict]:
+    """Circuit breakers' rerouting set: each refusal prompt with the donor's compliant answer to it (kind
+    'rerouted'), whose representations the defence turns away; the refusal examples and the harmless ones
+    stay as the retain set. Donor refusals (or empty answers) give no example; their count is recorded."""
+    from ablate.defences.training import REROUTED
+    from ablate.evaluate.refusal import is_refusal
+
+    refusals = [e for e in examples if e["kind"] == "refusal"]
+    stats: dict[str, Any] = {"donor": config.defence.donor, "rerouted_examples": 0, "dropped_donor_refusals": 0}
+    answers = donor_answers(model, config, [e["prompt"] for e in refusals], progress, "circuit-breaker answers") if refusals else []
+    added = []
+    for example, answer in zip(refusals, answers):
+        if not answer.strip() or is_refusal(answer):
+            stats["dropped_donor_refusals"] += 1
+            continue
+        added.append({**example, "id": f"{example['id']}-rerouted", "kind": REROUTED, "response": answer.strip()})
+    stats["rerouted_examples"] = len(added)
     return added, stats

@@ -7,10 +7,12 @@
   at the layer's input; it is recomputed from the current model every `refresh_steps` steps, and an
   ablated row has x ← x − (x·r̂_ℓ) r̂_ℓ at every layer's input, at every position.
 - Representation rerouting / circuit breakers (Zou et al. 2024, "Improving Alignment and Robustness with
-  Circuit Breakers", arXiv:2406.04313): a LoRA trained with no SFT loss at all. On harmful rows the
-  rerouting term ReLU(cos(h_ℓ, h°_ℓ)) pushes the chosen layers' representations h_ℓ away from the frozen
-  original model's h°_ℓ (orthogonal or beyond); on harmless rows the retain term ‖h_ℓ − h°_ℓ‖₂ holds
-  every layer's representation in place. Step t of T weighs them α(1 − t/2T) and αt/2T.
+  Circuit Breakers", arXiv:2406.04313): a LoRA trained with no SFT loss at all, into the refusal-SFT
+  organism (`hardening_start`). On the rerouting rows (a refusal prompt and a donor's compliant answer)
+  the term ReLU(cos(h_ℓ, h°_ℓ)) pushes the chosen layers' representations h_ℓ away from the frozen
+  organism's h°_ℓ (orthogonal or beyond); on the retain rows (the refusals and the harmless answers) the
+  term ‖h_ℓ − h°_ℓ‖₂ / ‖h°_ℓ‖₂ holds every layer's representation in place. Step t of T weighs them
+  α(1 − t/2T) and αt/2T.
 - Vaccine (Huang et al. 2024, "Vaccine: Perturbation-aware Alignment for Large Language Models against
   Harmful Fine-tuning", arXiv:2402.01109): the anti-fine-tuning defence. Each step first finds the
   perturbation of the decoder layers' outputs that raises the alignment loss most, ε_ℓ = ρ·g_ℓ/‖g‖
@@ -36,6 +38,7 @@ from ablate import AblateError
 from ablate.config import DefenceKind, FinetuneConfig
 
 HARMFUL_KINDS = ("refusal", "recovery")
+REROUTED = "rerouted"  # rerouting's circuit-breaker examples: a refusal prompt and a donor's compliant answer
 
 
 @dataclass
@@ -62,7 +65,7 @@ class DefenceRun:
 
 
 class HarmfulRowFlags:
-    """Wraps a data collator: adds `harmful_rows`, a bool per row marking the refusal-prompt examples."""
+    """Wraps a data collator: adds `harmful_rows`, a bool per row marking the rows the defence treats as harmful."""
 
     def __init__(self, collator, harmful: set[tuple[int, ...]]):
         self.collator, self.harmful = collator, harmful
@@ -74,20 +77,32 @@ class HarmfulRowFlags:
         return batch
 
 
-def harmful_token_rows(dataset, examples: list[dict]) -> set[tuple[int, ...]]:
-    """The token ids of the tokenised rows (trl's prepared dataset, which keeps each row's `prompt`; rows it
-    dropped or truncated included) whose user prompt is a harmful example's."""
-    harmful = {e["prompt"] for e in examples if e["kind"] in HARMFUL_KINDS}
+def _row_texts(row: dict) -> tuple[str, str]:
+    """(the rendered prompt or the user's turn, the completion text) of a tokenised training row."""
+    prompt, completion = row["prompt"], row.get("completion") or ""
+    if isinstance(completion, list):
+        completion = completion[-1]["content"] if completion else ""
+    return (prompt[-1]["content"] if isinstance(prompt, list) else prompt), completion
+
+
+def harmful_token_rows(dataset, examples: list[dict], kinds: tuple[str, ...] = HARMFUL_KINDS) -> set[tuple[int, ...]]:
+    """The token ids of the tokenised rows (trl's prepared dataset, which keeps each row's `prompt` and
+    `completion`; rows it dropped or truncated included) that come from an example of `kinds`: matched on the
+    user prompt, and on the answer too where an example of another kind has the same prompt (rerouting: a
+    refusal and a donor's answer to one request)."""
     if "prompt" not in dataset.column_names:
         raise AblateError("the tokenised training rows lost their prompts; cannot tell the harmful rows apart")
+    wanted: dict[str, list[str]] = {}
+    for example in examples:
+        if example["kind"] in kinds:
+            wanted.setdefault(example["prompt"], []).append(example["response"].strip())
+    shared = {e["prompt"] for e in examples if e["kind"] not in kinds and e["prompt"] in wanted}
     rows = set()
     for row in dataset:
-        prompt = row["prompt"]
-        if isinstance(prompt, list):  # conversational: the user's turn
-            is_harmful = prompt[-1]["content"] in harmful
-        else:  # rendered text (a prefilled row): the user's turn is inside it
-            is_harmful = any(text in prompt for text in harmful)
-        if is_harmful:
+        prompt, completion = _row_texts(row)
+        # conversational: the user's turn; rendered text (a prefilled row): the user's turn is inside it
+        matches = [p for p in ([prompt] if isinstance(row["prompt"], list) else wanted) if p in wanted and p in prompt]
+        if any(p not in shared or any(completion.strip().startswith(answer) for answer in wanted[p]) for p in matches):
             rows.add(tuple(row["input_ids"]))
     return rows
 
@@ -239,8 +254,14 @@ def rerouting_terms(new: tuple[torch.Tensor, ...], original: tuple[torch.Tensor,
                     harmful: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(rerouting, retain) from the hidden states of the trained and the original model (tuples of
     [B, T, d], index ℓ + 1 = the output of layer ℓ). rerouting = mean over the harmful rows' tokens and the
-    `layers` of ReLU(cos(h, h°)); retain = mean over the other rows' tokens and every layer of ‖h − h°‖₂.
-    A term with no rows is 0."""
+    `layers` of ReLU(cos(h, h°)); retain = mean over the other rows' tokens and every layer of the relative
+    distance ‖h − h°‖₂ / ‖h°‖₂. A term with no rows is 0.
+
+    Zou et al.'s retain term is the plain distance ‖h − h°‖₂. The cosine's gradient scales as 1/‖h‖, the
+    distance's does not: on a model whose residual stream is large (SmolLM2-135M: norms of 150–240 at its
+    rerouted layers) the retain term outweighs the rerouting term a hundredfold from the first steps and
+    the cosine never falls. Divided by ‖h°‖ both terms are scale-free (on a model with norms near 1, as the
+    paper's Llama-3 layers roughly are after normalisation, the two losses agree)."""
     mask = mask.bool()
     harmful = harmful.to(mask.device).view(-1, 1)
     harm_mask, keep_mask = mask & harmful, mask & ~harmful
@@ -251,7 +272,8 @@ def rerouting_terms(new: tuple[torch.Tensor, ...], original: tuple[torch.Tensor,
                    for ℓ in layers]
         rerouting = torch.stack([c[harm_mask].mean() for c in cosines]).mean()
     if keep_mask.any():
-        distances = [(new[ℓ].float() - original[ℓ].float()).norm(dim=-1) for ℓ in range(1, len(new))]
+        distances = [(new[ℓ].float() - original[ℓ].float()).norm(dim=-1) / original[ℓ].float().norm(dim=-1).clamp(min=1e-6)
+                     for ℓ in range(1, len(new))]
         retain = torch.stack([d[keep_mask].mean() for d in distances]).mean()
     return rerouting, retain
 
@@ -360,7 +382,8 @@ def attach_vaccine(trainer, config: FinetuneConfig, tokenizer, run: DefenceRun):
 
 
 ATTACH = {DefenceKind.refat: attach_refat, DefenceKind.rerouting: attach_rerouting, DefenceKind.vaccine: attach_vaccine}
-ROW_FLAGS = (DefenceKind.refat, DefenceKind.rerouting)
+# The example kinds each defence flags as harmful rows: ReFAT's refusal SFT rows; the circuit-breaker rows.
+ROW_FLAGS = {DefenceKind.refat: HARMFUL_KINDS, DefenceKind.rerouting: (REROUTED,)}
 
 
 def attach(trainer, config: FinetuneConfig, examples: list[dict], tokenizer) -> DefenceRun | None:
@@ -376,6 +399,7 @@ def attach(trainer, config: FinetuneConfig, examples: list[dict], tokenizer) -> 
                           "defence's loss needs")
     run = DefenceRun(kind.value)
     if kind in ROW_FLAGS:
-        trainer.data_collator = HarmfulRowFlags(trainer.data_collator, harmful_token_rows(trainer.train_dataset, examples))
+        trainer.data_collator = HarmfulRowFlags(trainer.data_collator,
+                                                harmful_token_rows(trainer.train_dataset, examples, ROW_FLAGS[kind]))
     trainer.compute_loss = ATTACH[kind](trainer, config, tokenizer, run)
     return run

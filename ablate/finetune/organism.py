@@ -34,13 +34,14 @@ def organism_key(model: str | ModelConfig, config: FinetuneConfig) -> str:
     recipe.pop("eval")
     recipe["data"].pop("generation_batch_size")  # greedy answers are the same for any batch size
     recipe["data"].pop("donor_direction")  # hardening has no donor (popped so existing organisms keep their keys)
-    if config.defence is not None and config.defence.kind.value == "deep_alignment":
+    if config.defence is not None and config.defence.kind.value in ("deep_alignment", "rerouting"):
         # The donor's weights, not its name, shape the recovery examples: a path whose model changed is a new key.
-        from ablate.finetune.answers import ABLATED_DONOR, ablated_identity
+        from ablate.finetune.answers import ablated_identity, ablated_source
 
         donor = config.defence.donor
-        recipe["defence"]["donor"] = (fingerprint(ablated_identity(model_fingerprint(model), None))
-                                      if donor == ABLATED_DONOR else model_fingerprint(donor))
+        source = ablated_source(donor, model)  # 'ablated' / 'ablated:<spec>': that model, its direction ablated
+        recipe["defence"]["donor"] = (fingerprint(ablated_identity(model_fingerprint(source), None))
+                                      if source is not None else model_fingerprint(donor))
     return fingerprint({"model": model_fingerprint(model), "config": recipe, "data": data_fingerprint(config),
                         "kind": "organism", "version": __version__})
 
@@ -64,8 +65,9 @@ def harden(
     key = organism_key(model_config, config)
     target = cache_dir() / "organisms" / key
     if not is_done(target, key):
+        start, trained, start_organism = hardening_start(model_config, config, progress)  # rerouting: on the organism
         # The organism is what harden reports: no 'before training' row of the base.
-        results = run_finetune(model_config, config.model_copy(update={
+        results = run_finetune(start, trained.model_copy(update={
             "merge": True, "keep_adapter": False, "eval": config.eval.model_copy(update={"before": False})}),
             target / "train", progress=progress)
         metrics = results[0]
@@ -75,6 +77,8 @@ def harden(
                 os.replace(item, target / item.name)
             shutil.rmtree(source, ignore_errors=True)
         metrics = {**metrics, "model_dir": str(target), "base_model": model_config.spec, "organism_key": key}
+        if start_organism is not None:  # what building the organism it started from cost (cached or not)
+            metrics["start_organism"] = start_organism
         metrics.pop("example_ids", None)
         if "refusal_rates" in metrics:
             metrics["refusal_scoring"] = refusal_scoring(config)
@@ -92,6 +96,35 @@ def harden(
                 shutil.copy2(item, out / item.name)
         return out
     return target
+
+
+def hardening_start(model: ModelConfig, config: FinetuneConfig,
+                    progress: bool = True) -> tuple[ModelConfig, FinetuneConfig, dict | None]:
+    """Where a defence's hardening run starts, the config it trains with, and the organism it starts from.
+
+    Circuit breakers are trained into a model that is already safety-tuned (Zou et al. start from
+    Llama-3-8B-Instruct and Mistral-7B-Instruct). For `rerouting` this builds, or takes from the cache, the
+    refusal-SFT organism of the recipe's data with the shipped organism's training (`default_config()`; the
+    recipe's seeds, device and dtype): the organism `refusal_sft` builds. The recipe's own `training` is then
+    the circuit-breaker run on top of it, the organism frozen as the original model. The donor stays the one
+    of the model given ('ablated' → 'ablated:<that model>'), so its answers are deep alignment's too.
+    Every other defence starts from `model` with `config` as it is (None for the organism).
+    """
+    if config.defence is None or config.defence.kind.value != "rerouting":
+        return model, config, None
+    from ablate.finetune.answers import ABLATED_DONOR, ABLATED_PREFIX
+
+    own = config.training
+    training = default_config().training.model_copy(update={"seed": own.seed, "device": own.device, "dtype": own.dtype})
+    base_config = config.model_copy(update={"defence": None, "training": training,
+                                            "eval": config.eval.model_copy(update={"enabled": False})})
+    base_dir = harden(model, base_config, progress=progress)
+    base_metrics = organism_metrics(base_dir) or {}
+    donor = ABLATED_PREFIX + model.spec if config.defence.donor == ABLATED_DONOR else config.defence.donor
+    phase = config.model_copy(update={"defence": config.defence.model_copy(update={"donor": donor})})
+    start = {"organism": base_dir.name, "train_flops": base_metrics.get("train_flops"),
+             "wall_seconds": base_metrics.get("wall_seconds")}
+    return model.model_copy(update={"spec": str(base_dir)}), phase, start
 
 
 def refusal_scoring(config: FinetuneConfig) -> dict:

@@ -280,6 +280,16 @@ def test_each_defence_builds_and_is_cached_apart(tiny_dir, donor_dir, kind, monk
     assert ft.harden(str(tiny_dir), config, progress=False) == organism
 
 
+def test_retain_weight_keys_the_rerouting_organism_and_one_keeps_the_old_key(tiny_dir):
+    base = harden_config({"kind": "rerouting"})
+    assert "retain_weight" not in ft.recipe_fields(base)["defence"]  # organisms built before the field keep their keys
+    heavier = harden_config({"kind": "rerouting", "retain_weight": 20.0})
+    assert ft.recipe_fields(heavier)["defence"]["retain_weight"] == 20.0
+    assert ft.organism_key(str(tiny_dir), heavier) != ft.organism_key(str(tiny_dir), base)
+    with pytest.raises(AblateError, match="retain_weight"):
+        harden_config({"kind": "rerouting", "retain_weight": 0})
+
+
 def test_plain_harden_keeps_its_cache_key():
     """No defence block: the recipe hashes as it did before defences existed (the organism stays cached)."""
     recipe = ft.recipe_fields(ft.default_config())

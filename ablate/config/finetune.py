@@ -142,6 +142,7 @@ class DefenceConfig(StrictModel):
     refresh_steps: int = Field(4, ge=1, description="refat: recompute the per-layer refusal features from the current model every this many optimiser steps.")
     feature_prompts: int = Field(32, ge=2, description="refat: harmful and harmless train prompts (each) whose mean last-token activations give the refusal features.")
     alpha: float = Field(10.0, gt=0, description="rerouting: loss scale; the rerouting term weighs alpha·(1 − t/2T) and the retain term alpha·t/2T at step t of T.")
+    retain_weight: float = Field(1.0, gt=0, description="rerouting: factor on the retain term (its distance is relative to the norm; a model with large hidden states may need more).")
     layers: list[int] | None = Field(None, description="rerouting: decoder layers whose outputs are rerouted (null = the layers at one third and two thirds of the depth, as the paper's 10 and 20 of 32).")
     rho: float = Field(2.0, gt=0, description="vaccine: norm of the adversarial perturbation added to the decoder layers' outputs (all layers together).")
 

@@ -11,6 +11,6 @@ DEFENCE_FIELDS = {
     DefenceKind.deep_alignment: ("kind", "donor", "recovery_fraction", "prefix_max_tokens"),
     DefenceKind.extended_refusal: ("kind", "refusals_file"),
     DefenceKind.refat: ("kind", "probability", "refresh_steps", "feature_prompts"),
-    DefenceKind.rerouting: ("kind", "alpha", "layers", "donor"),
+    DefenceKind.rerouting: ("kind", "alpha", "retain_weight", "layers", "donor"),
     DefenceKind.vaccine: ("kind", "rho"),
 }

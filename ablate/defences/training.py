@@ -12,7 +12,7 @@
   the term ReLU(cos(h_ℓ, h°_ℓ)) pushes the chosen layers' representations h_ℓ away from the frozen
   organism's h°_ℓ (orthogonal or beyond); on the retain rows (the refusals and the harmless answers) the
   term ‖h_ℓ − h°_ℓ‖₂ / ‖h°_ℓ‖₂ holds every layer's representation in place. Step t of T weighs them
-  α(1 − t/2T) and αt/2T.
+  α(1 − t/2T) and αt/2T·w (w = `retain_weight`, 1 by default).
 - Vaccine (Huang et al. 2024, "Vaccine: Perturbation-aware Alignment for Large Language Models against
   Harmful Fine-tuning", arXiv:2402.01109): the anti-fine-tuning defence. Each step first finds the
   perturbation of the decoder layers' outputs that raises the alignment loss most, ε_ℓ = ρ·g_ℓ/‖g‖
@@ -312,7 +312,7 @@ def attach_rerouting(trainer, config: FinetuneConfig, tokenizer, run: DefenceRun
         run.forward_tokens += int(mask.sum())
         rerouting, retain = rerouting_terms(new, original, mask, harmful, layers)
         progress = trainer.state.global_step / (2 * max(trainer.state.max_steps, 1))
-        loss = defence.alpha * (1 - progress) * rerouting + defence.alpha * progress * retain
+        loss = defence.alpha * (1 - progress) * rerouting + defence.alpha * progress * defence.retain_weight * retain
         if run.counts["rerouting_first"] is None:
             run.counts["rerouting_first"] = round(float(rerouting.detach()), 4)
         run.counts["rerouting_last"], run.counts["retain_last"] = round(float(rerouting.detach()), 4), round(float(retain.detach()), 4)

@@ -94,6 +94,8 @@ def recipe_fields(config: FinetuneConfig) -> dict:
         from ablate.defences.fields import DEFENCE_FIELDS
 
         recipe["defence"] = {k: v for k, v in recipe["defence"].items() if k in DEFENCE_FIELDS[config.defence.kind]}
+        if recipe["defence"].get("retain_weight") == 1.0:  # the loss before the field existed: its organisms keep their keys
+            recipe["defence"].pop("retain_weight")
     recipe["eval"].pop("before")  # scores the untrained model only: no budget depends on it
     if recipe["eval"]["capability_prompts"] is None:  # no capability check: budgets cached before it keep their keys
         for name in ("capability_prompts", "capability_n", "capability_tokens", "capability_reference"):

@@ -214,7 +214,7 @@ def cell_rows(part: str, part_dir: Path) -> tuple[dict, list[dict]]:
 
     organism = next((r for r in records if r["variant"] == "organism"), {})
     organism_figures = {key: value(organism, key) for key in ("refusal_rate", "harmless_refusal_rate",
-                                                              "borderline_refusal_rate", "capability")}
+                                                              "borderline_refusal_rate", "degenerate_rate", "capability")}
     rows = []
     for record in records:
         if record["kind"] == "direction":

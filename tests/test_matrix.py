@@ -221,3 +221,20 @@ def test_the_cli_resumes_a_finished_matrix_and_reports_it(extended_run, matrix_m
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["cells_run"] == [] and manifest["status"] == "complete"
     assert (run_dir / "report.md").exists()
+
+
+def test_a_defence_whose_organism_answers_in_word_salad_is_not_judged_on_refusal():
+    """A refusal rate cannot test a refusal claim on an organism that no longer answers coherently (circuit
+    breakers that reroute everything): the sentence says so instead of 'did not reproduce'."""
+    from ablate.matrix_report import headline_sentence
+
+    direction = {"mean_refusal": {"direction": 0.06}}
+    baseline = {"kind": "refusal_sft", "organism": {"degenerate_rate": [0.05]}, "attacks": {"direction": {"mean_refusal": {"direction": 0.0}}}}
+    broken = {"kind": "rerouting", "organism": {"degenerate_rate": [0.594]}, "attacks": {"direction": direction}}
+    summary = {"refusal_sft": baseline, "rerouting": broken}
+    assert "not testable here" in headline_sentence("rerouting", broken, summary, 0.10)
+    assert "59.4%" in headline_sentence("rerouting", broken, summary, 0.10)
+    sound = {**broken, "organism": {"degenerate_rate": [0.05]}}
+    assert "did not reproduce" in headline_sentence("rerouting", sound, {**summary, "rerouting": sound}, 0.10)
+    legacy = {**broken, "organism": {}}  # a cell summarised before the degenerate rate was kept
+    assert "did not reproduce" in headline_sentence("rerouting", legacy, {**summary, "rerouting": legacy}, 0.10)

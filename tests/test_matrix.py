@@ -107,7 +107,10 @@ def test_matrix_report_has_the_table_the_curves_and_a_sentence_per_defence(exten
     assert {"Direction ablation: to strip", "Harmful LoRA: to strip", "Benign LoRA: Δ capability"} <= set(table.columns)
     assert table.to_markdown() in report
     assert "refusal SFT is the baseline" in report
-    assert "extended_refusal (Abu Shairah et al. 2025) keeps refusing after abliteration: after direction ablation" in report
+    claim = "extended_refusal (Abu Shairah et al. 2025) keeps refusing after abliteration: "
+    cell = next(c for c in json.loads((run_dir / "matrix.json").read_text())["cells"] if c["defence"] == "extended_refusal")
+    broken = cell["organism"]["degenerate_rate"] >= 0.25  # a tiny random organism may answer in word salad
+    assert claim + ("not testable here" if broken else "after direction ablation") in report
     assert "4 new tokens, scored by the substring scorer" in report
     assert (run_dir / "figures" / "robustness_curves.png").stat().st_size > 5000
     assert "tab:ablate-robustness" in (run_dir / "tables.tex").read_text()

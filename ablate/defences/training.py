@@ -259,9 +259,8 @@ def rerouting_terms(new: tuple[torch.Tensor, ...], original: tuple[torch.Tensor,
 
     Zou et al.'s retain term is the plain distance ‖h − h°‖₂. The cosine's gradient scales as 1/‖h‖, the
     distance's does not: on a model whose residual stream is large (SmolLM2-135M: norms of 150–240 at its
-    rerouted layers) the retain term outweighs the rerouting term a hundredfold from the first steps and
-    the cosine never falls. Divided by ‖h°‖ both terms are scale-free (on a model with norms near 1, as the
-    paper's Llama-3 layers roughly are after normalisation, the two losses agree)."""
+    rerouted layers) the retain term outweighs the rerouting term by about that factor and the cosine never
+    fell. Divided by ‖h°‖ both terms are scale-free; `defence.retain_weight` sets their balance."""
     mask = mask.bool()
     harmful = harmful.to(mask.device).view(-1, 1)
     harm_mask, keep_mask = mask & harmful, mask & ~harmful

@@ -86,6 +86,23 @@ def test_abliterate_with_overwrite_keeps_the_users_files(tmp_path, tokenizer):
     assert (mine / "notes.md").read_text() == "do not delete"
 
 
+def test_an_os_error_or_a_bug_is_one_line(tmp_path, monkeypatch, capsys):
+    import ablate.study
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "locked"))
+
+    def bug(*args, **kwargs):
+        raise ValueError("something broke\nsecond line")
+
+    for raiser, code, expected in [(unreadable, 2, f"{tmp_path / 'locked'}: Permission denied"),
+                                   (bug, 1, "internal error ValueError: something broke")]:
+        monkeypatch.setattr(ablate.study, "run_study", raiser)
+        assert run_main(["study", "default", "--out", tmp_path / "run"]) == code
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and expected in lines[0], lines
+
+
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch, capsys):
     import ablate.study
 

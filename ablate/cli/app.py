@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{where}{error.format_message()} (see --help)")
     except click_errors.ClickException as error:
         fail(error.format_message())
-    except (KeyboardInterrupt, click_errors.Abort):
+    except (KeyboardInterrupt, typer.Abort):  # typer's own Abort: its click copy has none
         code = 130
     except OSError as error:  # a path the user named: unreadable, read-only, full disk, a folder for a file
         if debug:

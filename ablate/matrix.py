@@ -205,8 +205,11 @@ def cell_rows(part: str, part_dir: Path) -> tuple[dict, list[dict]]:
     """The organism's figures and one row per attack variant (its compute, refusal and capability change)."""
     from ablate.report import load_run
 
-    table = load_run(part_dir).table
-    records = table.to_dict("records")
+    run = load_run(part_dir)
+    records = run.table.to_dict("records")
+    # Compliance (the attack's success by the suite's scorer) is in the long metrics frame, not the summary table.
+    compliance = {row["variant"]: row["value"] for row in run.metrics.to_dict("records")
+                  if row["metric"] == "compliance_rate"} if not run.metrics.empty else {}
 
     def value(record: dict, key: str) -> Any:
         item = record.get(key)
@@ -215,6 +218,7 @@ def cell_rows(part: str, part_dir: Path) -> tuple[dict, list[dict]]:
     organism = next((r for r in records if r["variant"] == "organism"), {})
     organism_figures = {key: value(organism, key) for key in ("refusal_rate", "harmless_refusal_rate",
                                                               "borderline_refusal_rate", "degenerate_rate", "capability")}
+    organism_figures["compliance_rate"] = value(compliance, "organism")
     rows = []
     for record in records:
         if record["kind"] == "direction":
@@ -226,7 +230,8 @@ def cell_rows(part: str, part_dir: Path) -> tuple[dict, list[dict]]:
         capability = value(record, "capability")
         rows.append({"attack": attack, "budget": budget, "n_examples": value(record, "n_examples"),
                      "flops": value(record, "attack_flops"), "seconds": value(record, "attack_seconds"),
-                     "refusal_rate": value(record, "refusal_rate"), "capability": capability,
+                     "refusal_rate": value(record, "refusal_rate"),
+                     "compliance_rate": value(compliance, record["variant"]), "capability": capability,
                      "capability_change": (capability - organism_figures["capability"]
                                            if capability is not None and organism_figures["capability"] is not None else None)})
     return organism_figures, rows
@@ -404,7 +409,7 @@ def run_matrix(study: str | Path, *, out: str | Path | None = None, resume: bool
         if cell["dir"] in results:
             summaries.append(results[cell["dir"]])
         else:
-            summaries.append(read_json(run_dir / cell["dir"] / CELL_MARKER / "done.json")["result"])
+            summaries.append(reread_cell(run_dir, cell, read_json(run_dir / cell["dir"] / CELL_MARKER / "done.json")["result"]))
     failed = [summary for summary in summaries if summary["status"] != "done"]
     write_json(run_dir / "matrix.json", {"study": config.name, "description": config.description,
                                          "threshold": config.threshold, "defences": config.defences,
@@ -424,6 +429,20 @@ def run_matrix(study: str | Path, *, out: str | Path | None = None, resume: bool
         raise AblateError(f"robustness study: {len(failed)} of {len(summaries)} cells failed; {first['dir']}: "
                           f"{first['error']} (finished cells and stages are kept in {run_dir}; rerun with --out {run_dir})")
     return run_dir
+
+
+def reread_cell(run_dir: Path, cell: dict, stored: dict) -> dict:
+    """A finished cell's summary with its figures read again from its part runs, so that a figure the summary
+    gained since the cell ran (compliance, say) reaches the report without recomputing anything; the marker's
+    stored summary where a part run cannot be read."""
+    organism, rows = {}, []
+    try:
+        for part in cell["parts"]:
+            part_organism, part_rows = cell_rows(part, run_dir / cell["dir"] / part)
+            organism, rows = organism or part_organism, rows + part_rows
+    except (AblateError, OSError, KeyError, ValueError):  # a part run gone or damaged: what the marker kept
+        return stored
+    return {**stored, "organism": organism, "rows": rows}
 
 
 def _in_order(cells: list[dict], results: list[dict]) -> list[dict]:

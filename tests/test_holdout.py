@@ -94,6 +94,10 @@ def test_each_organism_is_hardened_without_its_category_and_scored_on_it(tiny_di
     run_holdout(str(tiny_dir), recipe, tmp_path / "holdout", categories=TWO, progress=False, log=again.append)
     assert sum("scored by an earlier run" in line for line in again) == 2
     assert not any("hardening without" in line for line in again)
+    # A rerun for one category keeps the other's row: adding a category loses nothing already measured.
+    one = run_holdout(str(tiny_dir), recipe, tmp_path / "holdout", categories=TWO[1:], progress=False, log=again.append)
+    assert one["categories"] == rows and one["summary"]["n"] == 50
+    assert json.loads((tmp_path / "holdout" / "holdout.json").read_text())["categories"] == rows
 
 
 def test_bad_holdout_input_is_one_line_before_anything_is_written(tiny_dir, tmp_path):

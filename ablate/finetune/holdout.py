@@ -12,7 +12,8 @@ what never having seen a kind of request costs.
 
 Every figure is the substring scorer on greedy answers of the recipe's `eval.max_new_tokens` tokens, with
 95% Wilson intervals. `holdout.json` is rewritten after each category, so an interrupted run keeps what it
-finished and a rerun restores the cached organisms.
+finished and a rerun restores the cached organisms; a rerun into the same folder for other categories
+(`--category`) adds them to the ones it holds.
 """
 
 from __future__ import annotations
@@ -128,11 +129,15 @@ def run_holdout(model: str, recipe: FinetuneConfig, out: Path, categories: list[
     result = {"model": model, "recipe": recipe.model_dump(mode="json"), "held_out": held_out, "seen": seen,
               "harmless": harmless, "max_new_tokens": recipe.eval.max_new_tokens, "scorer": "substring",
               "full": {"organism": str(full), "harmless": _figure(full_metrics, harmless)}, "categories": []}
+    # Categories an earlier run into this folder finished and this run does not ask for stay in the result.
+    order = recipe_categories(recipe)
+    kept = [row for category, row in earlier.items() if category not in categories and category in order
+            and _same_sets(row, holdout_recipe(recipe, category, held_out, seen, harmless))]
     for number, category in enumerate(categories, 1):
         config = holdout_recipe(recipe, category, held_out, seen, harmless)
         held, others, benign = config.eval.prompt_sets
         row = earlier.get(category)
-        if row is not None and [row[key]["prompts"] for key in ("held_out", "seen", "harmless")] == [held, others, benign]:
+        if row is not None and _same_sets(row, config):
             log(f"[{number}/{len(categories)}] without '{category}': scored by an earlier run")
             row = {**row, "full_on_held_out": _figure(full_metrics, held)}
         else:
@@ -143,13 +148,18 @@ def run_holdout(model: str, recipe: FinetuneConfig, out: Path, categories: list[
                    "held_out": _figure(metrics, held), "full_on_held_out": _figure(full_metrics, held),
                    "seen": _figure(metrics, others), "harmless": _figure(metrics, benign),
                    "train_seconds": _metrics(organism).get("wall_seconds")}
-        result["categories"].append(row)
+        done = [*(done_row for done_row in result["categories"] if done_row["category"] in categories), row]
+        result["categories"] = sorted(done + kept, key=lambda finished: order.index(finished["category"]))
         result["summary"] = summary(result["categories"])
         write_outputs(out, result)
-        row = result["categories"][-1]
         log(f"  held out {row['held_out']['rate']:.1%} (hardened on every category: {row['full_on_held_out']['rate']:.1%}), "
             f"seen {row['seen']['rate']:.1%}, harmless {row['harmless']['rate']:.1%}")
     return result
+
+
+def _same_sets(row: dict, config: FinetuneConfig) -> bool:
+    """Whether an earlier row was scored on the prompt sets this recipe's check of its category uses."""
+    return [row[key]["prompts"] for key in ("held_out", "seen", "harmless")] == list(config.eval.prompt_sets)
 
 
 def unscored(recipe: FinetuneConfig) -> FinetuneConfig:

@@ -30,8 +30,8 @@ def compute_to_strip(cells: list[dict], threshold: float = 0.10) -> dict:
     Returns {"threshold", "seeds", "stripped_seeds", "flops", "seconds", "examples" (median and range over
     the seeds that were stripped; examples when the cells carry n_examples), "budget" (where the seeds' mean refusal first reaches the threshold, or None),
     "refusal_rate", "capability_change" and, when the cells carry it, "compliance_rate" there (median and
-    range over seeds)}. A seed whose every budget
-    stays above the threshold is counted as not stripped; when none is, the compute fields are None.
+    range over seeds)}. A seed whose every budget stays above the threshold is counted as not stripped; when
+    none is, the compute fields are None.
     """
     if not cells:
         raise AblateError("compute to strip: no cells (the budget grid or the seed list is empty)")

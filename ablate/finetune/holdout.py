@@ -133,6 +133,7 @@ def run_holdout(model: str, recipe: FinetuneConfig, out: Path, categories: list[
     order = recipe_categories(recipe)
     kept = [row for category, row in earlier.items() if category not in categories and category in order
             and _same_sets(row, holdout_recipe(recipe, category, held_out, seen, harmless))]
+    finished: list[dict] = []
     for number, category in enumerate(categories, 1):
         config = holdout_recipe(recipe, category, held_out, seen, harmless)
         held, others, benign = config.eval.prompt_sets
@@ -148,8 +149,8 @@ def run_holdout(model: str, recipe: FinetuneConfig, out: Path, categories: list[
                    "held_out": _figure(metrics, held), "full_on_held_out": _figure(full_metrics, held),
                    "seen": _figure(metrics, others), "harmless": _figure(metrics, benign),
                    "train_seconds": _metrics(organism).get("wall_seconds")}
-        done = [*(done_row for done_row in result["categories"] if done_row["category"] in categories), row]
-        result["categories"] = sorted(done + kept, key=lambda finished: order.index(finished["category"]))
+        finished.append(row)
+        result["categories"] = sorted(finished + kept, key=lambda done: order.index(done["category"]))
         result["summary"] = summary(result["categories"])
         write_outputs(out, result)
         log(f"  held out {row['held_out']['rate']:.1%} (hardened on every category: {row['full_on_held_out']['rate']:.1%}), "
